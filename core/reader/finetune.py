@@ -1,0 +1,185 @@
+"""Reader fine-tuning on single-context prompts (query + one retrieved item, or closed-book) with the gold answer as the
+assistant turn: LoRA adapters for pretrained models, every weight for the tiny random-weight reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..records import CorpusItem, Query, normalize_answer
+from .model import Reader, ReaderError, ScoreRequest, predictions
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+WEIGHTS_FILE = "trainable.safetensors"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """Training-loop settings (DESIGN.md: tiny reader AdamW lr 2e-3, ~600 steps, batch 16; LoRA lr 1e-4)."""
+
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+    closed_book_fraction: float = 0.2  # share of training prompts whose context is dropped, so one model serves both
+    eval_every: int = 100  # validation accuracy every this many steps (and after the last); 0: only after the last
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_dir: str | None = None  # resume from / save training state here (trainable weights as safetensors)
+    checkpoint_every: int = 100
+
+
+@dataclass
+class FinetuneHistory:
+    """What the caller logs: the loss of every step and validation accuracy at the evaluation steps."""
+
+    losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    trainable_parameters: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def accuracy(reader: Reader, requests: Sequence[ScoreRequest], image_root: str | os.PathLike) -> float:
+    """Fraction of requests whose best-scoring candidate is the query's label."""
+    preds = predictions(requests, reader.score(requests, image_root, progress=False))
+    return float(np.mean([normalize_answer(p) == normalize_answer(r.query.label) for p, r in zip(preds, requests)]))
+
+
+def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike,
+             config: FinetuneConfig, val_requests: Sequence[ScoreRequest] = ()) -> FinetuneHistory:
+    """Train the reader in place on (query, context) pairs; loss = cross-entropy of the gold answer's tokens.
+
+    With `reader.config.lora` set, fresh LoRA adapters are added (unless present) and only they train; with
+    `lora: None` every weight trains (the tiny reader, which has no pretrained weights to adapt).
+    """
+    if not examples:
+        raise ReaderError("finetune: no training examples")
+    if not 0.0 <= config.closed_book_fraction <= 1.0:
+        raise ReaderError(f"finetune: closed_book_fraction {config.closed_book_fraction} must lie in [0, 1]")
+    if reader.config.lora is not None and not hasattr(reader.model, "peft_config"):
+        reader.add_lora(reader.config.lora)
+    params = [p for p in reader.model.parameters() if p.requires_grad]
+    history = FinetuneHistory(trainable_parameters=sum(p.numel() for p in params))
+    log.info("fine-tuning the reader: %d examples, %d steps, %d trainable parameters", len(examples), config.steps,
+             history.trainable_parameters)
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * config.steps), config.steps)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    order: list[int] = []
+    first_step = 1
+    if config.checkpoint_dir and (Path(config.checkpoint_dir) / STATE_FILE).exists():
+        first_step, order = _load_checkpoint(Path(config.checkpoint_dir), config, reader, optimizer, schedule, rng,
+                                             history)
+        log.info("resuming reader fine-tuning at step %d from %s", first_step, config.checkpoint_dir)
+
+    def evaluate(step: int) -> None:
+        if val_requests:
+            history.val_steps.append(step)
+            history.val_accuracy.append(accuracy(reader, val_requests, image_root))
+            log.info("reader step %d: validation accuracy %.3f", step, history.val_accuracy[-1])
+
+    reader.model.train()
+    bar = tqdm(range(first_step, config.steps + 1), desc="reader fine-tune", unit="step", initial=first_step - 1,
+               total=config.steps)
+    for step in bar:
+        if len(order) < config.batch_size:
+            order.extend(rng.permutation(len(examples)).tolist())
+        picked, order = order[:config.batch_size], order[config.batch_size:]
+        closed = rng.random(len(picked)) < config.closed_book_fraction
+        batch = [(examples[i][0], None if drop else examples[i][1]) for i, drop in zip(picked, closed)]
+        loss = reader.answer_loss(batch, image_root)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        history.losses.append(loss.item())
+        bar.set_postfix(loss=f"{history.losses[-1]:.3f}")
+        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+            evaluate(step)
+            reader.model.train()
+        if config.checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
+            _save_checkpoint(Path(config.checkpoint_dir), step, order, config, reader, optimizer, schedule, rng,
+                             history)
+    evaluate(config.steps)
+    reader.model.eval()
+    return history
+
+
+def _resume_key(config: FinetuneConfig) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    return {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "eval_every")}
+
+
+def _save_checkpoint(out: Path, step: int, order: list[int], config: FinetuneConfig, reader: Reader, optimizer,
+                     schedule, rng, history: FinetuneHistory) -> None:
+    """Trainable weights (safetensors), optimizer/schedule/sampler state and history, replaced atomically."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    weights = {n: p.detach().cpu().contiguous() for n, p in reader.model.named_parameters() if p.requires_grad}
+    save_file(weights, str(tmp / WEIGHTS_FILE))
+    torch.save({"step": step, "order": order, "config": _resume_key(config), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
+    (tmp / HISTORY_FILE).write_text(json.dumps(history.to_json()), encoding="utf-8")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _load_checkpoint(src: Path, config: FinetuneConfig, reader: Reader, optimizer, schedule, rng,
+                     history: FinetuneHistory) -> tuple[int, list[int]]:
+    from safetensors.torch import load_file
+
+    state = torch.load(src / STATE_FILE, weights_only=False)
+    if state["config"] != _resume_key(config):
+        raise ReaderError(f"{src / STATE_FILE}: written by a run with settings {state['config']}, which differ from "
+                          f"{_resume_key(config)}; use another checkpoint_dir or the same settings")
+
+    weights = load_file(str(src / WEIGHTS_FILE))
+    params = dict(reader.model.named_parameters())
+    wrong = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
+    if wrong:
+        raise ReaderError(f"{src / WEIGHTS_FILE}: trainable parameters differ from this reader's (e.g. {wrong[:3]}); "
+                          f"the checkpoint was written with another model or LoRA setting")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    saved = json.loads((src / HISTORY_FILE).read_text(encoding="utf-8"))
+    history.losses[:] = saved["losses"]
+    history.val_steps[:] = saved["val_steps"]
+    history.val_accuracy[:] = saved["val_accuracy"]
+    return state["step"] + 1, list(state["order"])
