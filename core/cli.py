@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value by dotted path, e.g. retriever.distill.steps=100")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start the run directory afresh")
     p.add_argument("--run-dir", type=Path, help="override the run directory (default trained/<run name>)")
     p.add_argument("--report-dir", type=Path, help="override the report directory (default reports/<run name>)")
     p.set_defaults(func=_cmd_run)

@@ -1,0 +1,74 @@
+"""The `analyze-oracle` command: load prediction tables, compute the oracle analysis, write the report.
+
+Exit 0 on success, 2 on invalid input (message on stderr, nothing written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from .stats import INTERVALS
+from .tables import SHORT_POLICIES, TableError
+
+log = logging.getLogger("dxrag.analysis")
+
+EXAMPLES = textwrap.dedent("""\
+    examples:
+      analyze-oracle --contexts trained/run/contexts.parquet --out reports/run
+      analyze-oracle --contexts ctx.jsonl --answers answers.csv --reference rag --k 4 --out reports/x
+      analyze-oracle --contexts ctx.parquet --rerank rerank.jsonl --interval bootstrap --no-figures --out reports/y
+
+    The table formats and every output column are documented in reports/README.md.""")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="analyze-oracle", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Oracle analysis of retrieval-augmented predictions: consistency of the top-k single-context "
+                    "predictions, accuracy on consistent vs inconsistent queries, oracle@k, selectors and their "
+                    "gap closed. Reads JSONL, CSV or Parquet (by suffix); needs no model and no torch.")
+    p.add_argument("--contexts", required=True, type=Path, help="context-prediction table (one row per context)")
+    p.add_argument("--answers", type=Path, help="answer table: final answers of whole systems (e.g. closed-book)")
+    p.add_argument("--rerank", type=Path, help="rerank file (from lvlm-rerank): rankings for the lvlm selectors")
+    p.add_argument("--k", type=int, help="depth: ranks 1..k (default: each system's largest rank)")
+    p.add_argument("--reference", help="system whose top-k defines the consistent / inconsistent subsets "
+                                       "(default: the first system in the context table)")
+    p.add_argument("--short", choices=SHORT_POLICIES, default="error",
+                   help="queries with fewer than k ranks: error (default), drop them, or keep the ranks they have; "
+                        "always counted in summary.csv (n_short)")
+    p.add_argument("--interval", choices=INTERVALS, default="wilson", help="95%% intervals (default wilson)")
+    p.add_argument("--fusion-temperature", type=float, default=1.0,
+                   help="fusion selector weights = softmax(retrieval_score / T) (default 1)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of queries (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG/PDF figures")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .report import OracleReport
+
+    try:
+        report = OracleReport.from_tables(args.contexts, answers=args.answers, rerank=args.rerank, k=args.k,
+                                          reference=args.reference, short=args.short, interval=args.interval,
+                                          n_boot=args.n_boot, seed=args.seed,
+                                          fusion_temperature=args.fusion_temperature)
+    except TableError as e:
+        print(f"analyze-oracle: error: {e}", file=sys.stderr)
+        return 2
+    out = report.write(args.out, figures=not args.no_figures)
+    print(report.compact_table())
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""OracleReport: every number of the oracle analysis for a set of tables, and its exporters.
+
+DataFrames, Markdown, LaTeX, a compact terminal table, and `write(out_dir)` (CSV files, summary.md, provenance.json,
+figures), all from the same computed numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from . import stats
+from .consistency import QueryMetrics, query_metrics
+from .oracle import oracle_at_k
+from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
+from .tables import (QUERY_ID, SHORT_POLICIES, SYSTEM, AnswerTable, ContextTable, RerankTable, TableError,
+                     load_answers, load_contexts, load_rerank, rank_matrices)
+
+log = logging.getLogger(__name__)
+
+SUBSETS = ("consistent", "inconsistent", "all")
+CONTEXT_METHODS = ("top1", "majority", "fusion")  # how a context system is scored on the subsets
+CSV_FILES = ("per_query.csv", "summary.csv", "oracle_at_k.csv", "subsets.csv", "selectors.csv", "mcnemar.csv")
+
+
+@dataclass
+class _Scored:
+    """Per-query correctness of one (system, method) over global query codes."""
+
+    system: str
+    method: str  # "answer" for answer-table systems, else a context method
+    query: np.ndarray
+    correct: np.ndarray
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("dxrag", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@dataclass
+class OracleReport:
+    """The analysis of one context table (plus optional answer and rerank tables); build with `from_tables`."""
+
+    contexts: ContextTable
+    metrics: list[QueryMetrics]
+    selectors: dict[str, list[SelectorResult]]
+    scored: list[_Scored]
+    reference: str
+    interval: str
+    n_boot: int
+    seed: int
+    answers: AnswerTable | None = None
+    rerank: RerankTable | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    _frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_tables(cls, contexts: str | os.PathLike | ContextTable,
+                    answers: str | os.PathLike | AnswerTable | None = None,
+                    rerank: str | os.PathLike | RerankTable | None = None, k: int | None = None,
+                    reference: str | None = None, short: str = "error", interval: str = "wilson",
+                    n_boot: int = 1000, seed: int = 0, fusion_temperature: float = 1.0) -> "OracleReport":
+        """Loads (when given paths) and validates the tables, then computes every metric. Raises TableError.
+
+        `fusion_temperature` divides the retrieval scores before the softmax of the fusion selector (use the
+        pipeline's temperature to reproduce its fused answers)."""
+        if interval not in stats.INTERVALS:
+            raise TableError(f"interval {interval!r}: expected one of {stats.INTERVALS}")
+        if short not in SHORT_POLICIES:
+            raise TableError(f"short policy {short!r}: expected one of {SHORT_POLICIES}")
+        if not fusion_temperature > 0:
+            raise TableError(f"--fusion-temperature {fusion_temperature}: expected a positive number")
+        if n_boot < 1:
+            raise TableError(f"--n-boot {n_boot}: expected a positive number of bootstrap resamples")
+        ct = contexts if isinstance(contexts, ContextTable) else load_contexts(contexts)
+        at = answers if isinstance(answers, AnswerTable) or answers is None else load_answers(answers)
+        rt = rerank if isinstance(rerank, RerankTable) or rerank is None else load_rerank(rerank)
+        reference = reference if reference is not None else ct.systems[0]
+        if reference not in ct.systems:
+            raise TableError(f"reference system {reference!r} is not in {ct.path} (systems: {ct.systems})")
+        if rt is not None:
+            check_rerank_systems(ct, rt)
+        if at is not None:
+            _check_answer_labels(ct, at)
+        metrics = [query_metrics(m) for m in rank_matrices(ct, k=k, short=short)]
+        selectors = {qm.system: run_selectors(ct, qm, rt, fusion_temperature) for qm in metrics}
+        scored = []
+        for qm in metrics:
+            by_name = {s.name: s for s in selectors[qm.system]}
+            for method, sel in (("top1", "retriever"), ("majority", "majority"), ("fusion", "fusion")):
+                if sel in by_name:
+                    scored.append(_Scored(qm.system, method, qm.matrix.query, by_name[sel].correct))
+        if at is not None:
+            codes = pd.Index(ct.query_ids).get_indexer(at.frame[QUERY_ID].to_numpy())
+            for name in at.systems:
+                rows = (at.frame[SYSTEM] == name).to_numpy() & (codes >= 0)
+                scored.append(_Scored(name, "answer", codes[rows], at.frame["correct"].to_numpy()[rows]))
+            n_unknown = int((codes < 0).sum())
+            if n_unknown:
+                log.warning("%s: %d answer rows have a query_id absent from %s; they are left out", at.path,
+                            n_unknown, ct.path)
+        args = dict(contexts=str(ct.path), answers=str(at.path) if at else None, rerank=str(rt.path) if rt else None,
+                    k=k, reference=reference, short=short, interval=interval, n_boot=n_boot, seed=seed,
+                    fusion_temperature=fusion_temperature)
+        return cls(contexts=ct, metrics=metrics, selectors=selectors, scored=scored, reference=reference,
+                   interval=interval, n_boot=n_boot, seed=seed, answers=at, rerank=rt, arguments=args)
+
+    def _interval(self, successes: int, n: int, rng: np.random.Generator) -> tuple[float, float]:
+        return stats.proportion_interval(successes, n, self.interval, self.n_boot, rng)
+
+    def _rng(self, *key: str) -> np.random.Generator:
+        """A generator per table cell, so an interval does not depend on which other numbers were computed."""
+        digest = hashlib.sha256("\0".join(key).encode()).digest()
+        return np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little")])
+
+    def _acc(self, correct: np.ndarray, *key: str) -> tuple[float, float, float]:
+        n, s = len(correct), int(np.count_nonzero(correct))
+        lo, hi = self._interval(s, n, self._rng(*key))
+        return (s / n if n else float("nan")), lo, hi
+
+    # ------------------------------------------------------------------------------------------ frames
+
+    def per_query(self) -> pd.DataFrame:
+        """One row per (system, query): consistency, the top-1 and majority answers (normalised), correctness."""
+        return self._per_query_arrow().to_pandas()
+
+    def _per_query_arrow(self) -> pa.Table:
+        answers = pa.array(self.contexts.answers, pa.string())
+        query_ids = pa.array(self.contexts.query_ids, pa.string())
+        parts = []
+        for qm in self.metrics:
+            m = qm.matrix
+            n = qm.n_queries
+
+            def text(codes: np.ndarray) -> pa.Array:
+                return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), answers).cast(pa.string())
+
+            parts.append(pa.table({
+                "system": pa.array(np.full(n, m.system, dtype=object), pa.string()),
+                "query_id": query_ids.take(pa.array(m.query)),
+                "label": text(m.label),
+                "k": pa.array(np.full(n, m.k, dtype=np.int64)),
+                "n_ranks": qm.n_ranks.astype(np.int64),
+                "n_distinct": qm.n_distinct.astype(np.int64),
+                "consistent": qm.consistent,
+                "top1_prediction": text(qm.prediction_at(qm.top1_col)),
+                "top1_correct": qm.top1_correct,
+                "majority_prediction": text(qm.prediction_at(qm.majority_col)),
+                "majority_correct": qm.majority_correct,
+                "oracle_correct": qm.oracle_correct,
+                "first_correct_rank": qm.first_correct_rank.astype(np.int64),
+            }))
+        return pa.concat_tables(parts)
+
+    def _cached(self, name: str, build) -> pd.DataFrame:
+        if name not in self._frames:
+            self._frames[name] = build()
+        return self._frames[name].copy()
+
+    def summary(self) -> pd.DataFrame:
+        """One row per context system: size, depth, inconsistency and top-1 / majority / oracle accuracy."""
+        def build() -> pd.DataFrame:
+            rows = []
+            for qm in self.metrics:
+                m = qm.matrix
+                row: dict[str, Any] = dict(system=m.system, n_queries=qm.n_queries, k=m.k, n_short=m.n_short,
+                                           short_policy=m.short_policy,
+                                           inconsistent_rate=float(np.mean(~qm.consistent)),
+                                           mean_n_distinct=float(np.mean(qm.n_distinct)))
+                for name, correct in (("top1", qm.top1_correct), ("majority", qm.majority_correct),
+                                      ("oracle", qm.oracle_correct)):
+                    acc, lo, hi = self._acc(correct, "summary", m.system, name)
+                    row.update({f"{name}_acc": acc, f"{name}_acc_lo": lo, f"{name}_acc_hi": hi})
+                rows.append(row)
+            return pd.DataFrame(rows)
+        return self._cached("summary", build)
+
+    def oracle_at_k(self) -> pd.DataFrame:
+        """oracle@j for j = 1..k per context system, with its interval and the system's top-1 accuracy."""
+        def build() -> pd.DataFrame:
+            rows = []
+            for qm in self.metrics:
+                n = qm.n_queries
+                top1 = float(np.mean(qm.top1_correct))
+                for j, hits in enumerate(oracle_at_k(qm), 1):
+                    lo, hi = self._interval(int(hits), n, self._rng("oracle_at_k", qm.system, str(j)))
+                    rows.append(dict(system=qm.system, k=j, oracle_acc=hits / n, oracle_acc_lo=lo, oracle_acc_hi=hi,
+                                     top1_acc=top1))
+            return pd.DataFrame(rows)
+        return self._cached("oracle_at_k", build)
+
+    def _reference_consistency(self) -> np.ndarray:
+        """Per global query code: 1 consistent, 0 inconsistent, -1 not answered by the reference system."""
+        ref = next(qm for qm in self.metrics if qm.system == self.reference)
+        out = np.full(len(self.contexts.query_ids), -1, dtype=np.int8)
+        out[ref.matrix.query] = ref.consistent
+        return out
+
+    def subsets(self) -> pd.DataFrame:
+        """Accuracy of every scored system on the reference system's consistent / inconsistent queries."""
+        def build() -> pd.DataFrame:
+            ref = self._reference_consistency()
+            rows = []
+            for sc in self.scored:
+                state = ref[sc.query]
+                for subset in SUBSETS:
+                    member = state >= 0 if subset == "all" else state == (subset == "consistent")
+                    n, s = int(member.sum()), int((sc.correct & member).sum())
+                    lo, hi = stats.subset_interval(sc.correct, member, self.interval, self.n_boot,
+                                                   self._rng("subsets", sc.system, sc.method, subset))
+                    rows.append(dict(system=sc.system, method=sc.method, reference=self.reference, subset=subset,
+                                     n=n, acc=s / n if n else float("nan"), acc_lo=lo, acc_hi=hi))
+            return pd.DataFrame(rows)
+        return self._cached("subsets", build)
+
+    def selectors_frame(self) -> pd.DataFrame:
+        """Accuracy of each selector per context system and the share of the top-1-to-oracle gap it closes."""
+        def build() -> pd.DataFrame:
+            rows = []
+            for qm in self.metrics:
+                top1, oracle = float(np.mean(qm.top1_correct)), float(np.mean(qm.oracle_correct))
+                for sel in self.selectors[qm.system]:
+                    acc, lo, hi = self._acc(sel.correct, "selectors", qm.system, sel.name)
+                    rows.append(dict(system=qm.system, selector=sel.name, n=qm.n_queries, acc=acc, acc_lo=lo,
+                                     acc_hi=hi, gap_closed=gap_closed(acc, top1, oracle), n_fallback=sel.n_fallback))
+            return pd.DataFrame(rows)
+        return self._cached("selectors", build)
+
+    def mcnemar(self) -> pd.DataFrame:
+        """Exact McNemar test for every pair of scored (system, method) on the queries both answered."""
+        def build() -> pd.DataFrame:
+            n_q = len(self.contexts.query_ids)
+            dense = []
+            for sc in self.scored:
+                v = np.full(n_q, -1, dtype=np.int8)
+                v[sc.query] = sc.correct
+                dense.append(v)
+            rows = []
+            for i in range(len(self.scored)):
+                for j in range(i + 1, len(self.scored)):
+                    shared = (dense[i] >= 0) & (dense[j] >= 0)
+                    t = stats.mcnemar(dense[i][shared] == 1, dense[j][shared] == 1)
+                    a, b = self.scored[i], self.scored[j]
+                    rows.append(dict(system_a=a.system, method_a=a.method, system_b=b.system, method_b=b.method,
+                                     n=t.n, acc_a=t.acc_a, acc_b=t.acc_b, only_a=t.only_a, only_b=t.only_b,
+                                     p_value=t.p_value))
+            columns = ["system_a", "method_a", "system_b", "method_b", "n", "acc_a", "acc_b", "only_a", "only_b",
+                       "p_value"]
+            return pd.DataFrame(rows, columns=columns)
+        return self._cached("mcnemar", build)
+
+    def improvement(self, baseline: str, improved: str) -> pd.DataFrame:
+        """acc(improved) - acc(baseline) per method on the reference's subsets, over the queries both context
+        systems answered, with a paired query-bootstrap 95% interval."""
+        ref = self._reference_consistency()
+        rows = []
+        for method in CONTEXT_METHODS:
+            pair = {sc.system: sc for sc in self.scored if sc.method == method and sc.system in (baseline, improved)}
+            if len(pair) < 2:
+                continue
+            a = np.full(len(ref), -1, dtype=np.int8)
+            b = np.full(len(ref), -1, dtype=np.int8)
+            a[pair[baseline].query] = pair[baseline].correct
+            b[pair[improved].query] = pair[improved].correct
+            for subset in SUBSETS:
+                member = (a >= 0) & (b >= 0) & ((ref >= 0) if subset == "all" else ref == (subset == "consistent"))
+                ca, cb = a[member] == 1, b[member] == 1
+                lo, hi = stats.paired_difference_interval(ca, cb, self.n_boot,
+                                                          self._rng("improvement", baseline, improved, method, subset))
+                rows.append(dict(baseline=baseline, improved=improved, method=method, subset=subset,
+                                 n=int(member.sum()), diff=float(cb.mean() - ca.mean()) if member.any() else np.nan,
+                                 diff_lo=lo, diff_hi=hi))
+        return pd.DataFrame(rows)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """Every CSV table by file stem (per_query included)."""
+        return {"per_query": self.per_query(), "summary": self.summary(), "oracle_at_k": self.oracle_at_k(),
+                "subsets": self.subsets(), "selectors": self.selectors_frame(), "mcnemar": self.mcnemar()}
+
+    # ------------------------------------------------------------------------------------------ text exports
+
+    def compact_table(self) -> str:
+        """The terminal summary: one line per context system, then the selectors and the reference subsets."""
+        s = self.summary()
+        lines = [f"{'system':<16} {'queries':>8} {'k':>3} {'incons.':>7} {'top-1':>17} {'majority':>17} "
+                 f"{'oracle':>17}"]
+        for r in s.itertuples():
+            cells = [f"{getattr(r, f'{m}_acc'):.3f} [{getattr(r, f'{m}_acc_lo'):.3f},{getattr(r, f'{m}_acc_hi'):.3f}]"
+                     for m in ("top1", "majority", "oracle")]
+            lines.append(f"{r.system:<16} {r.n_queries:>8} {r.k:>3} {r.inconsistent_rate:>7.3f} "
+                         + " ".join(f"{c:>17}" for c in cells))
+        sel = self.selectors_frame()
+        lines.append("")
+        lines.append(f"{'system':<16} {'selector':<22} {'acc':>6} {'gap closed':>10} {'fallbacks':>9}")
+        for r in sel.itertuples():
+            gap = "   n/a" if np.isnan(r.gap_closed) else f"{r.gap_closed:>6.2f}"
+            lines.append(f"{r.system:<16} {r.selector:<22} {r.acc:>6.3f} {gap:>10} {r.n_fallback:>9}")
+        sub = self.subsets().set_index(["system", "method", "subset"])["acc"]
+        lines.append("")
+        lines.append(f"accuracy on the consistent / inconsistent queries of {self.reference!r}")
+        lines.append(f"{'system':<16} {'method':<9} {'consistent':>10} {'inconsistent':>12} {'all':>6}")
+        for system, method in dict.fromkeys((sc.system, sc.method) for sc in self.scored):
+            acc = [sub[(system, method, subset)] for subset in SUBSETS]
+            lines.append(f"{system:<16} {method:<9} {acc[0]:>10.3f} {acc[1]:>12.3f} {acc[2]:>6.3f}")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """summary.md: the headline numbers as three short Markdown tables (accuracies with 95% intervals)."""
+        s = self.summary()
+        systems = pd.DataFrame({
+            "system": s["system"], "queries": s["n_queries"], "k": s["k"], "short": s["n_short"],
+            "inconsistent": s["inconsistent_rate"].map("{:.3f}".format),
+            **{label: _with_interval(s, m) for label, m in (("top-1", "top1"), ("majority", "majority"),
+                                                             ("oracle@k", "oracle"))}})
+        sub = self.subsets()
+        cell = pd.Series(_with_interval(sub, ""), index=sub.index) + " (n=" + sub["n"].astype(str) + ")"
+        subsets = (sub.assign(cell=cell).pivot(index=["system", "method"], columns="subset", values="cell")
+                   .reindex(list(dict.fromkeys((sc.system, sc.method) for sc in self.scored)))
+                   .reindex(columns=list(SUBSETS)).reset_index())
+        sel = self.selectors_frame()
+        selectors = pd.DataFrame({"system": sel["system"], "selector": sel["selector"],
+                                  "accuracy": _with_interval(sel, ""),
+                                  "gap closed": sel["gap_closed"].map(lambda g: "n/a" if np.isnan(g) else f"{g:.2f}"),
+                                  "fallbacks": sel["n_fallback"]})
+        parts = ["# Oracle analysis", "",
+                 f"Contexts: `{self.contexts.path}`; intervals: {self.interval} 95%. Column meanings: "
+                 f"reports/README.md.", "", "## Systems (top-k single-context predictions)", "", _markdown(systems),
+                 "", f"## Accuracy on the consistent and inconsistent queries of `{self.reference}`", "",
+                 _markdown(subsets), "", "## Selectors (gap closed = (selector - top-1) / (oracle - top-1))", "",
+                 _markdown(selectors), ""]
+        return "\n".join(parts)
+
+    def to_latex(self) -> str:
+        """The summary and selector tables as LaTeX tabulars (booktabs)."""
+        s = self.summary()
+        summary = pd.DataFrame({
+            "System": s["system"], "Queries": s["n_queries"], "k": s["k"],
+            "Inconsistent": s["inconsistent_rate"].map("{:.3f}".format),
+            **{label: _with_interval(s, m) for label, m in (("Top-1", "top1"), ("Majority", "majority"),
+                                                             ("Oracle", "oracle"))}})
+        sel = self.selectors_frame()
+        selectors = pd.DataFrame({"System": sel["system"], "Selector": sel["selector"],
+                                  "Accuracy": sel["acc"].map("{:.3f}".format),
+                                  "Gap closed": sel["gap_closed"].map(lambda g: "--" if np.isnan(g) else f"{g:.2f}")})
+        return _latex(summary) + "\n" + _latex(selectors)
+
+    def provenance(self) -> dict[str, Any]:
+        inputs = {}
+        for role, table in (("contexts", self.contexts), ("answers", self.answers), ("rerank", self.rerank)):
+            if table is not None:
+                inputs[role] = {"path": str(Path(table.path).resolve()), "sha256": _sha256(Path(table.path))}
+        return {"inputs": inputs, "arguments": self.arguments, "versions": _versions()}
+
+    # ------------------------------------------------------------------------------------------ writing
+
+    def write(self, out_dir: str | os.PathLike, figures: bool = True) -> Path:
+        """Writes every CSV, summary.md, provenance.json and (optionally) figures/ into out_dir.
+
+        Everything is built in a temporary sibling directory first; a new out_dir appears in one rename, and in an
+        existing one each file is replaced atomically (other files there are left alone).
+        """
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            pacsv.write_csv(self._per_query_arrow(), tmp / "per_query.csv")
+            for name, frame in (("summary", self.summary()), ("oracle_at_k", self.oracle_at_k()),
+                                ("subsets", self.subsets()), ("selectors", self.selectors_frame()),
+                                ("mcnemar", self.mcnemar())):
+                frame.to_csv(tmp / f"{name}.csv", index=False)
+            (tmp / "summary.md").write_text(self.to_markdown(), encoding="utf-8")
+            (tmp / "provenance.json").write_text(json.dumps(self.provenance(), indent=2) + "\n", encoding="utf-8")
+            if figures:
+                from .figures import write_figures
+
+                write_figures(self, tmp / "figures")
+            if not out.exists():
+                os.replace(tmp, out)
+                return out
+            for src in sorted(tmp.rglob("*")):
+                dst = out / src.relative_to(tmp)
+                if src.is_dir():
+                    dst.mkdir(exist_ok=True)
+                else:
+                    os.replace(src, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def _check_answer_labels(ct: ContextTable, at: AnswerTable) -> None:
+    """An answer row's label must match the context table's label for the same query (after normalisation)."""
+    codes = pd.Index(ct.query_ids).get_indexer(at.frame[QUERY_ID].to_numpy())
+    query_label = np.full(len(ct.query_ids), -1, dtype=np.int64)
+    query_label[ct.run_query] = ct.run_label
+    known = codes >= 0
+    ctx_label = np.array(ct.answers, dtype=object)[query_label[codes[known]]]
+    ans_label = at.frame["label"].to_numpy()[known]
+    norm = np.array([str(x).strip().casefold() for x in ans_label], dtype=object)
+    bad = np.flatnonzero(norm != ctx_label)
+    if len(bad):
+        r = int(np.flatnonzero(known)[bad[0]])
+        raise at.raw.fail(r, "label", f"{ans_label[bad[0]]!r} differs from the label {ctx_label[bad[0]]!r} of the "
+                                      f"same query in {ct.path}; a query has one gold label")
+
+
+def _with_interval(df: pd.DataFrame, prefix: str) -> list[str]:
+    """'0.750 [0.301, 0.954]' from the columns <prefix>_acc, _acc_lo, _acc_hi (acc, acc_lo, acc_hi without prefix)."""
+    stem = f"{prefix}_acc" if prefix else "acc"
+    return ["n/a" if np.isnan(a) else f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
+            for a, lo, hi in zip(df[stem], df[f"{stem}_lo"], df[f"{stem}_hi"])]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "" if np.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def _latex_escape(text: str) -> str:
+    text = text.replace("\\", "\x00")
+    for ch in "&%_#${}":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\x00", r"\textbackslash{}")
+
+
+def _latex(df: pd.DataFrame) -> str:
+    lines = [r"\begin{tabular}{l" + "r" * (len(df.columns) - 1) + "}", r"\toprule",
+             " & ".join(_latex_escape(str(c)) for c in df.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex_escape(_fmt(v)) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)

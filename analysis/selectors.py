@@ -1,0 +1,127 @@
+"""Selectors: rules that pick one answer per query from a system's top-k contexts, and their gap closed.
+
+retriever (rank 1), confidence (highest max-probability), majority, fusion (retrieval-score-weighted probabilities),
+oracle, and lvlm:<model> (a rerank file's choice). Each returns per-query correctness aligned with the RankMatrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .consistency import QueryMetrics
+from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable
+
+BUILTIN = ("retriever", "confidence", "majority", "fusion", "oracle")
+_BLOCK = 1 << 20  # (query × answer) cells of the fusion accumulator per block of queries
+
+
+@dataclass
+class SelectorResult:
+    name: str
+    correct: np.ndarray  # bool per query
+    n_fallback: int = 0  # queries where the selector could not choose and rank 1 was used
+
+
+def gap_closed(acc: float, top1: float, oracle: float) -> float:
+    """(selector - top1) / (oracle - top1); NaN when the oracle gains nothing over top-1."""
+    return float("nan") if oracle == top1 else (acc - top1) / (oracle - top1)
+
+
+def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
+    """The context whose reader distribution has the highest maximum (ties -> best rank); None without probs."""
+    m = qm.matrix
+    if table.probs is None:
+        return None
+    present = m.present
+    maxp = table.probs.row_max()[np.maximum(m.row, 0)]
+    if np.isnan(maxp[present]).any():
+        return None
+    col = np.argmax(np.where(present, maxp, -np.inf), axis=1)
+    return SelectorResult("confidence", m.correct[np.arange(len(col)), col])
+
+
+def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> SelectorResult | None:
+    """Argmax over answers of sum_j w_j p_j(answer), w = softmax(retrieval score / temperature) over the k contexts
+    (DESIGN.md inference). Ties go to the alphabetically first normalised answer. None without probs or scores."""
+    m = qm.matrix
+    probs = table.probs
+    if probs is None or m.score is None or table.probs_answer is None:
+        return None
+    present = m.present
+    if np.isnan(m.score[present]).any() or not probs.valid[m.row[present]].all():
+        return None
+    score = np.where(present, m.score, -np.inf)
+    w = np.exp((score - score.max(axis=1, keepdims=True)) / temperature)
+    w /= w.sum(axis=1, keepdims=True)
+    n_answers = len(table.answers)
+    n = len(qm.n_ranks)
+    choice = np.empty(n, dtype=np.int64)
+    per_block = max(1, _BLOCK // max(n_answers, m.k))
+    for q0 in range(0, n, per_block):  # blocks of queries bound the memory of the entry-level arrays
+        q1 = min(n, q0 + per_block)
+        qi, col = np.nonzero(present[q0:q1])
+        rows = m.row[q0:q1][qi, col]
+        start, lengths = probs.offsets[rows], probs.offsets[rows + 1] - probs.offsets[rows]
+        entry = np.repeat(start - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        weight = np.repeat(w[q0:q1][qi, col], lengths) * probs.values[entry]
+        key = np.repeat(qi, lengths) * n_answers + table.probs_answer[entry]
+        fused = np.bincount(key, weights=weight, minlength=(q1 - q0) * n_answers)
+        choice[q0:q1] = fused.reshape(q1 - q0, n_answers).argmax(axis=1)
+    return SelectorResult("fusion", choice == m.label)
+
+
+def rerank_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable) -> list[SelectorResult]:
+    """One result per selector of the rerank file for this system: the first rank of its ranking; failed, missing
+    or out-of-range rankings fall back to rank 1 and are counted."""
+    m = qm.matrix
+    df = rerank.frame
+    rows = df.index[df[SYSTEM] == m.system].to_numpy()
+    if not len(rows):
+        return []
+    codes = pd.Index(table.query_ids).get_indexer(df[QUERY_ID].to_numpy()[rows])
+    unknown = np.flatnonzero(codes < 0)
+    if len(unknown):
+        r = int(rows[unknown[0]])
+        raise rerank.raw.fail(r, QUERY_ID, f"{df[QUERY_ID].iloc[r]!r} is not a query of the context table "
+                                           f"{table.path}")
+    local_of = np.full(len(table.query_ids), -1, dtype=np.int64)
+    local_of[m.query] = np.arange(len(m.query))
+    out = []
+    sub = df.iloc[rows].assign(_local=local_of[codes])
+    for name, group in sub.groupby(SELECTOR, sort=True):
+        group = group[group["_local"] >= 0]  # queries dropped by --short drop
+        col = qm.top1_col.copy()
+        chosen = np.array([r[0] - 1 if r else -1 for r in group[RANKING]], dtype=np.int64)
+        failed = (group[ERROR].str.strip() != "").to_numpy() if ERROR in group else np.zeros(len(group), bool)
+        local = group["_local"].to_numpy()
+        valid = ~failed & (chosen >= 0) & (chosen < m.k)
+        valid[valid] &= m.present[local[valid], chosen[valid]]
+        col[local[valid]] = chosen[valid]
+        n_fallback = len(qm.top1_col) - int(valid.sum())
+        out.append(SelectorResult(str(name), m.correct[np.arange(len(col)), col], n_fallback))
+    return out
+
+
+def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | None = None,
+                  fusion_temperature: float = 1.0) -> list[SelectorResult]:
+    """Every available selector for one system (confidence and fusion need probs / retrieval scores)."""
+    results = [SelectorResult("retriever", qm.top1_correct)]
+    for extra in (confidence(table, qm), SelectorResult("majority", qm.majority_correct),
+                  fusion(table, qm, fusion_temperature)):
+        if extra is not None:
+            results.append(extra)
+    if rerank is not None:
+        results.extend(rerank_selectors(table, qm, rerank))
+    results.append(SelectorResult("oracle", qm.oracle_correct))
+    return results
+
+
+def check_rerank_systems(table: ContextTable, rerank: RerankTable) -> None:
+    unknown = ~rerank.frame[SYSTEM].isin(table.systems).to_numpy()
+    if unknown.any():
+        r = int(np.argmax(unknown))
+        raise rerank.raw.fail(r, SYSTEM, f"{rerank.frame[SYSTEM].iloc[r]!r} is not a system of the context table "
+                                         f"(systems: {table.systems})")

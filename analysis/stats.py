@@ -1,0 +1,110 @@
+"""Statistics for per-query accuracies: Wilson and query-clustered bootstrap intervals, the exact McNemar test.
+
+Every metric here is a mean of one 0/1 value per query, so resampling queries keeps a query's k rows together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+Z95 = 1.959963984540054
+INTERVALS = ("wilson", "bootstrap")
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (nan, nan) when n == 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def bootstrap_cells(counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Query-clustered bootstrap on cell counts: queries fall into cells (e.g. (in subset, correct)); resampling n
+    queries with replacement is exactly a multinomial draw of the cell counts. Returns (n_boot, n_cells)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    if n == 0:
+        return np.zeros((n_boot, len(counts)), dtype=np.int64)
+    return rng.multinomial(n, counts / n, size=n_boot)
+
+
+def bootstrap_ratio(num_cells: np.ndarray, den_cells: np.ndarray, counts: np.ndarray, n_boot: int,
+                    rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of sum(draw[num_cells]) / sum(draw[den_cells]) over bootstrap draws of cell counts."""
+    draws = bootstrap_cells(counts, n_boot, rng)
+    num = draws[:, num_cells].sum(axis=1)
+    den = draws[:, den_cells].sum(axis=1)
+    ok = den > 0
+    if not ok.any():
+        return float("nan"), float("nan")
+    ratio = num[ok] / den[ok]
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def proportion_interval(successes: int, n: int, method: str, n_boot: int = 1000,
+                        rng: np.random.Generator | None = None) -> tuple[float, float]:
+    """95% interval of an accuracy from `successes` correct queries of `n` (wilson or query bootstrap)."""
+    if method == "wilson":
+        return wilson(successes, n)
+    if method == "bootstrap":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        return bootstrap_ratio(np.array([1]), np.array([0, 1]), np.array([n - successes, successes]), n_boot, rng)
+    raise ValueError(f"interval {method!r}: expected one of {INTERVALS}")
+
+
+def subset_interval(correct: np.ndarray, member: np.ndarray, method: str, n_boot: int = 1000,
+                    rng: np.random.Generator | None = None) -> tuple[float, float]:
+    """Interval of the accuracy on the queries with `member` True. The bootstrap resamples all queries, so the
+    subset's size varies between draws as it would in a new sample."""
+    correct, member = np.asarray(correct, bool), np.asarray(member, bool)
+    n, s = int(member.sum()), int((correct & member).sum())
+    if method == "wilson":
+        return wilson(s, n)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    cells = np.array([int((~member).sum()), n - s, s])  # outside, in & wrong, in & right
+    return bootstrap_ratio(np.array([2]), np.array([1, 2]), cells, n_boot, rng)
+
+
+def paired_difference_interval(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 1000,
+                               rng: np.random.Generator | None = None, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of acc(b) - acc(a) on the same queries, resampling queries (the pair of a
+    query's outcomes stays together: a multinomial draw over the four (a, b) outcome cells)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if not len(a):
+        return float("nan"), float("nan")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    cells = np.array([(~a & ~b).sum(), (a & ~b).sum(), (~a & b).sum(), (a & b).sum()])
+    draws = bootstrap_cells(cells, n_boot, rng)
+    diff = (draws[:, 2] - draws[:, 1]) / len(a)
+    lo, hi = np.quantile(diff, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test on paired per-query correctness: b = only A right, c = only B right."""
+
+    n: int
+    acc_a: float
+    acc_b: float
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
+    """Two-sided exact binomial test on the discordant pairs (p = 1 when there are none)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = len(a)
+    p = 1.0 if only_a + only_b == 0 else float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return McNemar(n=n, acc_a=float(a.mean()) if n else float("nan"), acc_b=float(b.mean()) if n else float("nan"),
+                   only_a=only_a, only_b=only_b, p_value=p)

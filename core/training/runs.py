@@ -1,0 +1,126 @@
+"""Run directories: provenance (resolved config, package versions, seed, git hash), stage markers for `--resume`,
+atomic file writes and training checkpoints (safetensors for weights, torch.load(weights_only=True) for optimizer
+state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("dxrag", "torch", "torchvision", "transformers", "peft", "open_clip_torch", "faiss-cpu", "numpy",
+            "pandas", "safetensors")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def provenance(config: dict[str, Any], seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"config": config, "seed": seed, "git": git_hash(), "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+
+
+class RunDir:
+    """A run's directory: `stage_done(name)` / `mark_done(name, info)` let `--resume` skip finished stages."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    def _marker(self, stage: str) -> Path:
+        return self.path / "stages" / f"{stage}.json"
+
+    def stage_done(self, stage: str) -> bool:
+        return self._marker(stage).is_file()
+
+    def stage_info(self, stage: str) -> dict[str, Any]:
+        return json.loads(self._marker(stage).read_text(encoding="utf-8"))
+
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self._marker(stage), {"stage": stage, "finished": time.time(), **(info or {})})
+
+
+def save_checkpoint(path: Path, tensors: dict, optimizer_state: dict | None, state: dict[str, Any]) -> None:
+    """One training checkpoint directory, written atomically: weights.safetensors, optimizer.pt, state.json."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict | None, dict[str, Any]]:
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors = load_file(str(path / "weights.safetensors"))
+    opt = path / "optimizer.pt"
+    optimizer_state = torch.load(opt, weights_only=True) if opt.exists() else None
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    return tensors, optimizer_state, state

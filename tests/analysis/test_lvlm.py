@@ -1,0 +1,182 @@
+"""lvlm-rerank against a loopback chat-completions server with faults: 429 then success, persistent 500, a timeout
+then success, malformed and partial replies; then the cache makes a rerun free, and analyze-oracle reads the file."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dxrag.analysis.cli import main as analyze
+from dxrag.analysis.lvlm import main as lvlm_rerank
+from dxrag.analysis.lvlm import parse_ranking
+from dxrag.analysis.tables import load_rerank, write_table
+from dxrag.core.dataset import DatasetWriter
+from dxrag.core.records import CorpusItem, Query
+
+pytest.importorskip("openai")
+KEY = "sk-test-secret-0123456789"
+
+# Per query (keyed by a marker in its question): what the server does on each successive request.
+SCRIPT = {
+    "case-1": [(429, None), (200, 'Sure! ```json\n{"ranking": [2, 1, 3]}\n``` Hope this helps.')],
+    "case-2": [(500, None)] * 10,
+    "case-3": [("sleep", None), (200, "[1, 2, 3]")],
+    "case-4": [(200, "I cannot rank these images.")],
+    "case-5": [(200, '{"ranking": ["Case 3", 3, 9]}')],  # duplicate and out of range: filled in retriever order
+}
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.calls: dict[str, int] = {}
+        self.auth: set[str] = set()
+        self.lock = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path.endswith("/chat/completions")
+        self.server.auth.add(self.headers.get("Authorization", ""))
+        text = json.dumps(body["messages"])
+        case = next(c for c in SCRIPT if c in text)
+        with self.server.lock:
+            n = self.server.calls.get(case, 0)
+            self.server.calls[case] = n + 1
+        status, content = SCRIPT[case][min(n, len(SCRIPT[case]) - 1)]
+        if status == "sleep":
+            time.sleep(1.5)  # longer than the client's --timeout
+            status, content = 200, "[2, 1, 3]"  # never read: the client timed out and retried
+        if status != 200:
+            payload = json.dumps({"error": {"message": "fault", "type": "server_error"}}).encode()
+        else:
+            payload = json.dumps({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}}).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+
+@pytest.fixture
+def server():
+    srv = ChatServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def make_dataset(root: Path) -> tuple[Path, Path]:
+    from dxrag.core.dataset import DatasetMeta
+
+    out = root / "ds"
+    rows = []
+    with DatasetWriter(out) as w:
+        for i in range(1, 6):
+            q = f"q{i}"
+            w.queries["test"].append(Query(id=q, image=w.add_image(q, Image.new("RGB", (8, 8), (i * 40, 0, 0))),
+                                           question=f"Grade? (case-{i})", candidates=("A", "B", "C"), label="A"))
+            for rank in (1, 2, 3):
+                cid = f"c{i}{rank}"
+                w.corpus.append(CorpusItem(id=cid, image=w.add_image(cid, Image.new("RGB", (8, 8), (0, rank * 60, 0))),
+                                           text=f"report {cid}", label="ABC"[rank - 1]))
+                rows.append(dict(system="rag", query_id=q, rank=rank, label="A", prediction="ABC"[rank - 1],
+                                 item_id=cid))
+        w.meta = DatasetMeta(name="tiny", task="classification", labels=["A", "B", "C"])
+    contexts = root / "ctx.csv"
+    write_table(pd.DataFrame(rows), contexts)
+    return out, contexts
+
+
+def test_parse_ranking_is_robust():
+    assert parse_ranking('```json\n{"ranking": [2, 3, 1]}\n```', 3) == [2, 3, 1]
+    assert parse_ranking("Best first: [3, 1]. Explanation follows.", 3) == [3, 1, 2]
+    assert parse_ranking('{"order": [1]} then {"ranking": ["2", "candidate 2", 7, 0]}', 3) == [2, 1, 3]
+    assert parse_ranking("no numbers in brackets 1 2 3", 3) is None
+    assert parse_ranking("", 3) is None
+
+
+def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys):
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    out = tmp_path / "rerank.jsonl"
+    args = ["--contexts", str(contexts), "--dataset", str(dataset), "--model", "mock-vlm",
+            "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-key-env", "TEST_KEY",
+            "--out", str(out), "--concurrency", "3", "--max-retries", "2", "--backoff", "0.01", "--timeout", "0.5"]
+    assert lvlm_rerank(args) == 0
+    first_log = capsys.readouterr()
+    assert server.auth == {f"Bearer {KEY}"}
+    df = load_rerank(out).frame.set_index("query_id")
+    assert df.loc["q1", "ranking"] == [2, 1, 3] and df.loc["q1", "error"] == ""  # 429, then success
+    assert df.loc["q2", "ranking"] == [] and "HTTP 500" in df.loc["q2", "error"]  # 1 try + 2 retries, all 500
+    assert df.loc["q3", "ranking"] == [1, 2, 3] and df.loc["q3", "error"] == ""  # timed out once, then answered
+    assert "no ranking" in df.loc["q4", "error"]
+    assert df.loc["q5", "ranking"] == [3, 1, 2]
+    assert set(df["selector"]) == {"lvlm:mock-vlm"}
+    assert server.calls["case-1"] == 2 and server.calls["case-2"] == 3 and server.calls["case-3"] >= 2
+    raw = pd.read_json(out, lines=True).set_index("query_id")
+    assert raw.loc["q1", "prompt_tokens"] == 100 and raw["completion_tokens"].sum() == 4 * 7
+    assert "tokens: 400 prompt, 28 completion" in first_log.out
+
+    # Rerun: every answered request comes from the cache; only the failed one goes out again.
+    calls = dict(server.calls)
+    assert lvlm_rerank(args) == 0
+    second_log = capsys.readouterr()
+    assert {c: server.calls[c] - calls[c] for c in calls} == {"case-1": 0, "case-2": 3, "case-3": 0, "case-4": 0,
+                                                              "case-5": 0}
+    assert "4 from cache" in second_log.out and "tokens: 0 prompt, 0 completion" in second_log.out
+    assert load_rerank(out).frame.set_index("query_id").loc["q1", "ranking"] == [2, 1, 3]
+
+    # The key appears nowhere: not in output, logs, or cache.
+    cache_text = "".join(p.read_text() for p in (tmp_path / "rerank.jsonl.cache").glob("*.json"))
+    assert cache_text and KEY not in cache_text
+    for text in (out.read_text(), first_log.out, first_log.err, second_log.out, second_log.err):
+        assert KEY not in text
+
+    # analyze-oracle reads the file: q1 -> rank 2 (B, wrong), q3 -> rank 1 (A, right), q5 -> rank 3 (C, wrong);
+    # q2 and q4 failed -> rank 1 (right). Accuracy 3/5 with 2 fallbacks.
+    report = tmp_path / "report"
+    assert analyze(["--contexts", str(contexts), "--rerank", str(out), "--out", str(report), "--no-figures"]) == 0
+    sel = pd.read_csv(report / "selectors.csv").set_index("selector")
+    assert sel.loc["lvlm:mock-vlm", "acc"] == pytest.approx(3 / 5)
+    assert sel.loc["lvlm:mock-vlm", "n_fallback"] == 2
+
+
+def test_missing_key_and_unknown_item(tmp_path, monkeypatch, capsys):
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    base = ["--contexts", str(contexts), "--dataset", str(dataset), "--model", "m", "--out",
+            str(tmp_path / "r.jsonl"), "--base-url", "http://127.0.0.1:9/v1"]
+    assert lvlm_rerank(base + ["--api-key-env", "NO_SUCH_KEY"]) == 2
+    assert "NO_SUCH_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("TEST_KEY", KEY)
+    frame = pd.read_csv(contexts)
+    frame.loc[4, "item_id"] = "nope"
+    write_table(frame, contexts)
+    assert lvlm_rerank(base + ["--api-key-env", "TEST_KEY"]) == 2
+    err = capsys.readouterr().err
+    assert f"{contexts}:6:" in err and "'item_id'" in err and not (tmp_path / "r.jsonl").exists()

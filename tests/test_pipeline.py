@@ -1,0 +1,131 @@
+"""The end-to-end job on a small embedded dataset: tables, metrics, report, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dxrag.core.config import ConfigError, load_config
+from dxrag.core.pipeline import SYSTEMS, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small variant of configs/embedded.yaml: a minute on 2 cores instead of a few.
+SMALL = {
+    "run": "small",
+    "data.synth": {"n_patients": 30, "n_corpus": 240, "n_train": 120, "n_val": 30, "n_test": 40},
+    "retriever.pretrain.epochs": 2,
+    "reader.finetune.steps": 40,
+    "reader.finetune.eval_every": 0,
+    "distill.steps": 12,
+    "distill.batch_size": 16,
+    "distill.candidates": 8,
+    "distill.refresh_every": 4,
+    "distill.checkpoint_every": 4,
+    "figures": False,
+}
+
+
+def _sets(overrides: dict) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        out += ["--set", f"{key}={json.dumps(value)}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    cfg = load_config(REPO / "configs" / "embedded.yaml", SMALL)
+    summary = run_pipeline(cfg, base / "trained", base / "reports")
+    return base, summary
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tables_and_metrics(small_run):
+    base, summary = small_run
+    contexts = _rows(Path(summary["contexts"]))
+    answers = _rows(Path(summary["answers"]))
+    assert {r["system"] for r in answers} == set(SYSTEMS)
+    assert {r["system"] for r in contexts} == {"rag", "joint"}
+    assert len(answers) == 3 * 40
+    assert len(contexts) == 2 * 40 * 4  # top-2 per head, 2 heads
+    assert {r["rank"] for r in contexts} == {1, 2, 3, 4}
+    assert {r["head"] for r in contexts} == {"image", "text"}
+    for r in contexts[:20]:
+        assert abs(sum(r["probs"].values()) - 1) < 1e-4
+        assert r["prediction"] == max(r["probs"], key=r["probs"].get)
+    assert set(summary["metrics"]) == set(SYSTEMS)
+    for m in summary["metrics"].values():
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    run_json = json.loads((base / "trained" / "run.json").read_text())
+    assert run_json["seed"] == 0 and "torch" in run_json["versions"] and run_json["config"]["run"] == "small"
+    assert (base / "trained" / "heads" / "text.safetensors").exists()
+    assert (base / "reports" / "summary.csv").exists()
+
+
+def test_rerun_skips_everything(small_run):
+    base, summary = small_run
+    cfg = load_config(REPO / "configs" / "embedded.yaml", SMALL)
+    again = run_pipeline(cfg, base / "trained", base / "reports")
+    assert again["metrics"] == summary["metrics"]
+    assert again["timings"]["reader"] < summary["timings"]["reader"]
+
+
+def test_other_config_is_refused(small_run):
+    base, _ = small_run
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {**SMALL, "distill.steps": 13})
+    with pytest.raises(ConfigError, match="differs at distill.steps"):
+        run_pipeline(cfg, base / "trained", base / "reports")
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'stepz'; valid keys: .*steps"):
+        load_config(REPO / "configs" / "embedded.yaml", {"distill.stepz": 3})
+    with pytest.raises(ConfigError, match=r"distill.steps: expected int, got str"):
+        load_config(REPO / "configs" / "embedded.yaml", {"distill.steps": "many"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reader: [1, 2]\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*reader: expected a mapping"):
+        load_config(bad)
+
+
+def test_killed_run_resumes_to_the_same_result(small_run, tmp_path):
+    """Kill a run during retriever distillation, resume it, and compare with the uninterrupted run."""
+    base, summary = small_run
+    run_dir = tmp_path / "trained"
+    cmd = [sys.executable, "-m", "dxrag.core.cli", "run", "--config", str(REPO / "configs" / "embedded.yaml"),
+           "--run-dir", str(run_dir), "--report-dir", str(tmp_path / "reports"), *_sets(SMALL)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "distill-text" / "state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first distillation checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "stages" / "distill-text.json").exists()
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Same predictions; probabilities equal up to float noise (the reader's batches are composed differently after a
+    # restart, and batched scores equal one-at-a-time scores to ~1e-7, not bit for bit).
+    for name in ("contexts.jsonl", "answers.jsonl"):
+        resumed, straight = _rows(run_dir / "predictions" / name), _rows(Path(summary[name.split(".")[0]]))
+        assert len(resumed) == len(straight)
+        for a, b in zip(resumed, straight):
+            assert {k: v for k, v in a.items() if k not in ("probs", "retrieval_score")} == \
+                   {k: v for k, v in b.items() if k not in ("probs", "retrieval_score")}
+            assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
+            if "retrieval_score" in a:
+                assert a["retrieval_score"] == pytest.approx(b["retrieval_score"], abs=1e-5)
