@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dxrag_test_support import SMALL
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -24,9 +26,12 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_synth_dir(tmp_path_factory) -> Path:
-    """A small variant for fast end-to-end tests."""
-    from dxrag.core.data.synth import generate
+def small_run(tmp_path_factory):
+    """One finished pipeline run of the small config: (base dir with trained/ and reports/, the run summary)."""
+    from dxrag.core.config import load_config
+    from dxrag.core.pipeline import run_pipeline
 
-    return generate(tmp_path_factory.mktemp("synth-small") / "synth", seed=1, n_patients=40, n_corpus=200,
-                    n_train=120, n_val=40, n_test=60)
+    base = tmp_path_factory.mktemp("run")
+    cfg = load_config(REPO / "configs" / "embedded.yaml", SMALL)
+    summary = run_pipeline(cfg, base / "trained", base / "reports")
+    return base, summary

@@ -15,38 +15,9 @@ import pytest
 from dxrag.core.config import ConfigError, load_config
 from dxrag.core.pipeline import SYSTEMS, run_pipeline
 
+from dxrag_test_support import SMALL, _sets
+
 REPO = Path(__file__).resolve().parents[1]
-
-# A small variant of configs/embedded.yaml: a minute on 2 cores instead of a few.
-SMALL = {
-    "run": "small",
-    "data.synth": {"n_patients": 30, "n_corpus": 240, "n_train": 120, "n_val": 30, "n_test": 40},
-    "retriever.pretrain.epochs": 2,
-    "reader.finetune.steps": 40,
-    "reader.finetune.eval_every": 0,
-    "distill.steps": 12,
-    "distill.batch_size": 16,
-    "distill.candidates": 8,
-    "distill.refresh_every": 4,
-    "distill.checkpoint_every": 4,
-    "figures": False,
-}
-
-
-def _sets(overrides: dict) -> list[str]:
-    out = []
-    for key, value in overrides.items():
-        out += ["--set", f"{key}={json.dumps(value)}"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("run")
-    cfg = load_config(REPO / "configs" / "embedded.yaml", SMALL)
-    summary = run_pipeline(cfg, base / "trained", base / "reports")
-    return base, summary
-
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
