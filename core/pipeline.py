@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import distributed
 from .config import ConfigError, RunConfig, load_config
 from .dataset import Dataset, load_dataset
 from .records import Answer, ContextPrediction, CorpusItem, Query, normalize_answer
@@ -68,26 +69,22 @@ def fuse(probs: np.ndarray, scores: np.ndarray, tau: float) -> np.ndarray:
 class PredictionLog:
     """Append-only JSONL of prediction rows, written as they are produced; a rerun skips finished queries.
 
-    A row is a JSON object with `kind` ("context" or "answer") and the record's fields. A torn last line (the process
-    was killed mid-write) is dropped on open."""
+    Each process writes its own `log-<rank>.jsonl` in `directory`; finished queries are read from every log there, so
+    a rerun continues whatever the number of processes. A row is a JSON object with `kind` ("context" or "answer")
+    and the record's fields; the answer row is written last and marks the query finished. A torn last line (the
+    process was killed mid-write) is dropped."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[tuple[str, str]] = set()  # (system, query_id) with their answer row written
-        self.rows: list[dict] = []
-        if path.exists():
-            data = path.read_bytes()
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"log-{distributed.rank()}.jsonl"
+        if self.path.exists():
+            data = self.path.read_bytes()
             cut = data.rfind(b"\n") + 1
             if cut < len(data):
-                with open(path, "r+b") as f:
+                with open(self.path, "r+b") as f:
                     f.truncate(cut)
-            for line in data[:cut].decode("utf-8").splitlines():
-                row = json.loads(line)
-                self.rows.append(row)
-                if row["kind"] == "answer":
-                    self.done.add((row["system"], row["query_id"]))
-        self._f = open(path, "a", encoding="utf-8")
+        self.done = {(r["system"], r["query_id"]) for r in read_logs(directory) if r["kind"] == "answer"}
+        self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, contexts: Iterable[ContextPrediction], answer: Answer) -> None:
         """One query of one system: its context rows, then the answer row that marks it finished."""
@@ -95,11 +92,21 @@ class PredictionLog:
         lines.append(json.dumps({"kind": "answer", **answer.to_json()}))
         self._f.write("\n".join(lines) + "\n")
         self._f.flush()
-        self.rows.extend(json.loads(x) for x in lines)
         self.done.add((answer.system, answer.query_id))
 
     def close(self) -> None:
         self._f.close()
+
+
+def read_logs(directory: Path) -> list[dict]:
+    """Every complete row of every process's prediction log in `directory`, for queries whose answer row exists."""
+    rows: list[dict] = []
+    for path in sorted(directory.glob("log-*.jsonl")):
+        text = path.read_text(encoding="utf-8")
+        complete = text[: text.rfind("\n") + 1]
+        rows.extend(json.loads(line) for line in complete.splitlines())
+    finished = {(r["system"], r["query_id"]) for r in rows if r["kind"] == "answer"}
+    return [r for r in rows if (r["system"], r["query_id"]) in finished]
 
 
 # ---------------------------------------------------------------------------------------------------------- the job
@@ -199,8 +206,10 @@ class Pipeline:
                                           seed=self.cfg.seed, checkpoint_dir=self.run / "checkpoints" / "reader",
                                           checkpoint_every=ft.checkpoint_every),
                            val_requests=val_requests)
-        reader.save(saved)
-        self.run.mark_done("reader", {"examples": len(examples), "history": history.to_json()})
+        if distributed.is_main():
+            reader.save(saved)
+            self.run.mark_done("reader", {"examples": len(examples), "history": history.to_json()})
+        distributed.barrier()
         return reader
 
     def distill(self, ds: Dataset, encoder, retriever, reader, pixels, exclude) -> dict[str, Any]:
@@ -222,14 +231,16 @@ class Pipeline:
             history = train_head(task, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.refresh_every,
                                  seed=self.cfg.seed, checkpoint_dir=self.run / "checkpoints" / f"distill-{head}",
                                  checkpoint_every=cfg.checkpoint_every)
-            tower.save(path)
-            self.run.mark_done(f"distill-{head}", {"history": history})
+            if distributed.is_main():
+                tower.save(path)
+                self.run.mark_done(f"distill-{head}", {"history": history})
+            distributed.barrier()
             towers[head] = tower
         for head in ("image", "text"):  # a head left out of training stays the untrained retriever
             towers.setdefault(head, QueryTower(encoder, head, alpha=cfg.alpha))
         return towers
 
-    def predict(self, ds: Dataset, retriever, reader, pixels, frozen, exclude, towers) -> PredictionLog:
+    def predict(self, ds: Dataset, retriever, reader, pixels, frozen, exclude, towers) -> list[dict]:
         from tqdm.auto import tqdm
 
         from .reader.model import ScoreRequest
@@ -237,16 +248,17 @@ class Pipeline:
         cfg = self.cfg.inference
         queries = ds.queries[cfg.split]
         items = ds.corpus_by_id()
-        plog = PredictionLog(self.run / "predictions" / "log.jsonl")
+        plog = PredictionLog(self.run / "predictions")
         hits = {
             "rag": retriever.search({h: frozen[cfg.split] for h in ("image", "text")}, cfg.top_n, exclude[cfg.split]),
             "joint": retriever.search({h: towers[h].embed(pixels[cfg.split]) for h in ("image", "text")},
                                       cfg.top_n, exclude[cfg.split]),
         }
         tau = self.cfg.distill.tau_retriever
-        todo = [(s, qi) for s in SYSTEMS for qi in range(len(queries)) if (s, queries[qi].id) not in plog.done]
+        todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
+                                  if (s, queries[qi].id) not in plog.done])
         chunk = max(1, self.cfg.reader.batch_size // (2 * cfg.top_n))
-        bar = tqdm(total=len(todo), desc="per-context predictions", unit="query")
+        bar = tqdm(total=len(todo), desc="per-context predictions", unit="query", disable=not distributed.is_main())
         try:
             for start in range(0, len(todo), chunk):
                 part = todo[start:start + chunk]
@@ -278,16 +290,17 @@ class Pipeline:
         finally:
             bar.close()
             plog.close()
-        return plog
+        distributed.barrier()  # every process's share is written
+        return read_logs(self.run / "predictions")
 
-    def write_tables(self, plog: PredictionLog) -> tuple[Path, Path]:
+    def write_tables(self, rows: list[dict]) -> tuple[Path, Path]:
         import pandas as pd
 
         from ..analysis.tables import write_table
 
         out = self.run / "predictions"
-        ctx = [{k: v for k, v in r.items() if k != "kind"} for r in plog.rows if r["kind"] == "context"]
-        ans = [{k: v for k, v in r.items() if k != "kind"} for r in plog.rows if r["kind"] == "answer"]
+        ctx = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "context"]
+        ans = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "answer"]
         contexts = pd.DataFrame(ctx).sort_values(["system", "query_id", "rank"], kind="stable")
         answers = pd.DataFrame(ans).sort_values(["system", "query_id"], kind="stable")
         write_table(contexts, out / CONTEXTS_FILE)
@@ -295,6 +308,16 @@ class Pipeline:
         return out / CONTEXTS_FILE, out / ANSWERS_FILE
 
     # -------------------------------------------------------------- driver
+
+    @staticmethod
+    def _main_first(fn, *args):
+        """Run a stage on the main process while the others wait, then let them load its result from disk."""
+        if distributed.is_main():
+            result = fn(*args)
+            distributed.barrier()
+            return result
+        distributed.barrier()
+        return fn(*args)
 
     def _timed(self, name: str, fn, *args):
         t = time.perf_counter()
@@ -310,18 +333,20 @@ class Pipeline:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         t0 = time.perf_counter()
-        ds = self._timed("data", self.dataset)
-        encoder = self._timed("encoder", self.encoder, ds)
-        retriever = self._timed("index", self.retriever, ds, encoder)
+        ds = self._timed("data", self._main_first, self.dataset)
+        encoder = self._timed("encoder", self._main_first, self.encoder, ds)
+        retriever = self._timed("index", self._main_first, self.retriever, ds, encoder)
         splits = list(dict.fromkeys(s for s in ("train", "val", self.cfg.inference.split) if s in ds.queries))
         pixels = {s: encoder.preprocess_images([ds.image_path(q.image) for q in ds.queries[s]]) for s in splits}
         frozen = {s: encoder.encode_image_tensor(p) for s, p in pixels.items()}  # the untrained query embeddings
         exclude = {s: same_image_exclusions(ds, ds.queries[s]) for s in splits}
         reader = self._timed("reader", self.reader, ds, retriever, frozen, exclude)
         towers = self._timed("distill", self.distill, ds, encoder, retriever, reader, pixels, exclude)
-        plog = self._timed("predict", self.predict, ds, retriever, reader, pixels, frozen, exclude, towers)
-        contexts, answers = self.write_tables(plog)
-        metrics = evaluate(plog, ds)
+        rows = self._timed("predict", self.predict, ds, retriever, reader, pixels, frozen, exclude, towers)
+        if not distributed.is_main():
+            return {}
+        contexts, answers = self.write_tables(rows)
+        metrics = evaluate(rows, ds)
         summary = {"run_dir": str(self.run.path), "contexts": str(contexts), "answers": str(answers),
                    "metrics": metrics, "timings": self.timings}
         if self.cfg.report:
@@ -340,12 +365,12 @@ class Pipeline:
         return str(self.report_dir)
 
 
-def evaluate(plog: PredictionLog, ds: Dataset) -> dict[str, dict[str, float]]:
+def evaluate(rows: list[dict], ds: Dataset) -> dict[str, dict[str, float]]:
     """Accuracy and macro-F1 of every system's final answer; for VQA, accuracy on closed questions."""
     labels = [normalize_answer(x) for x in ds.meta.labels]
     out: dict[str, dict[str, float]] = {}
     by_system: dict[str, list[tuple[str, str]]] = {}
-    for r in plog.rows:
+    for r in rows:
         if r["kind"] == "answer":
             by_system.setdefault(r["system"], []).append((normalize_answer(r["label"]),
                                                          normalize_answer(r["prediction"])))
@@ -379,9 +404,13 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
     made with another config is refused unless `overwrite` (then started afresh)."""
     import shutil
 
+    distributed.init()
     run_dir = Path(run_dir or Path("trained") / cfg.run)
     report_dir = Path(report_dir or Path("reports") / cfg.run)
     saved = run_dir / "run.json"
+    if not distributed.is_main():  # the main process checks and prepares the run directory
+        distributed.barrier()
+        return Pipeline(cfg, run_dir, report_dir).run_all()
     if saved.exists():
         previous = json.loads(saved.read_text(encoding="utf-8"))["config"]
         diffs = _config_diff(previous, cfg.to_dict())
@@ -397,7 +426,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
         raise ConfigError(f"{run_dir}: nothing to resume (no run.json); run without --resume to start it")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
-        atomic_write_json(saved, provenance(cfg.to_dict(), cfg.seed, {"run_dir": str(run_dir)}))
+        atomic_write_json(saved, provenance(cfg.to_dict(), cfg.seed, {"run_dir": str(run_dir),
+                                                                      "world_size": distributed.world_size()}))
+    distributed.barrier()
     pipeline = Pipeline(cfg, run_dir, report_dir)
     summary = pipeline.run_all()
     summary["compact"] = getattr(pipeline, "compact", None)
@@ -430,5 +461,8 @@ def run_from_args(args) -> int:
 
         print(f"dxrag: error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
+    finally:
+        distributed.close()
+    if distributed.is_main():
+        print(format_summary(summary))
     return 0

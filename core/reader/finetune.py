@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..records import CorpusItem, Query, normalize_answer
 from .model import Reader, ReaderError, ScoreRequest, predictions
 
@@ -109,9 +110,10 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
         picked, order = order[:config.batch_size], order[config.batch_size:]
         closed = rng.random(len(picked)) < config.closed_book_fraction
         batch = [(examples[i][0], None if drop else examples[i][1]) for i, drop in zip(picked, closed)]
-        loss = reader.answer_loss(batch, image_root)
+        loss = reader.answer_loss(distributed.shard(batch), image_root)  # under torchrun: this rank's share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(params)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -121,7 +123,8 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             evaluate(step)
             reader.model.train()
-        if config.checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
+        if (config.checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0
+                and distributed.is_main()):
             _save_checkpoint(Path(config.checkpoint_dir), step, order, config, reader, optimizer, schedule, rng,
                              history)
     evaluate(config.steps)
@@ -160,7 +163,7 @@ def _load_checkpoint(src: Path, config: FinetuneConfig, reader: Reader, optimize
                      history: FinetuneHistory) -> tuple[int, list[int]]:
     from safetensors.torch import load_file
 
-    state = torch.load(src / STATE_FILE, weights_only=False)
+    state = torch.load(src / STATE_FILE, weights_only=True)
     if state["config"] != _resume_key(config):
         raise ReaderError(f"{src / STATE_FILE}: written by a run with settings {state['config']}, which differ from "
                           f"{_resume_key(config)}; use another checkpoint_dir or the same settings")

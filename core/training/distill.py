@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..records import CorpusItem, Query
 from .runs import load_checkpoint, save_checkpoint
 
@@ -43,10 +44,11 @@ class ReaderJudge:
     def gold_logprobs(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         missing = sorted({(int(q), str(i)) for q, row in zip(query_idx, item_ids) for i in row} - self.cache.keys())
         if missing:
-            requests = [self._request(self.queries[q], self.items[i]) for q, i in missing]
+            mine = distributed.shard(missing)  # under torchrun each process scores its share, then all share all
+            requests = [self._request(self.queries[q], self.items[i]) for q, i in mine]
             scores = self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
-            for (q, i), req, lp in zip(missing, requests, scores):
-                self.cache[(q, i)] = float(lp[req.answers.index(self.queries[q].label)])
+            gold = [float(lp[req.answers.index(req.query.label)]) for req, lp in zip(requests, scores)]
+            self.cache.update(zip(missing, distributed.gather_shards(gold, len(missing))))
             self.calls += len(missing)
         return np.array([[self.cache[(int(q), str(i))] for i in row] for q, row in zip(query_idx, item_ids)],
                         dtype=np.float32)
@@ -119,7 +121,8 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
         start, history = state["step"], state["history"]
         log.info("resuming distillation of the %s head at step %d", task.tower.head, start)
     task.tower.train(True)
-    bar = tqdm(range(start, steps), desc=f"distil {task.tower.head} head", unit="step", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=f"distil {task.tower.head} head", unit="step", initial=start, total=steps,
+               disable=not distributed.is_main())
     for step in bar:
         if step % refresh_every == 0 and step > 0:
             task.refresh_snapshot()
@@ -133,7 +136,7 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
         history["loss"].append(float(loss.item()))
         bar.set_postfix(kl=f"{loss.item():.4f}", reader_calls=task.judge.calls)
         done = step + 1
-        if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps):
+        if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps) and distributed.is_main():
             tensors = {f"tower.{k}": v for k, v in task.tower.trainable.state_dict().items()}
             tensors.update({f"snapshot.{k}": v for k, v in task.snapshot.trainable.state_dict().items()})
             save_checkpoint(checkpoint_dir, tensors, optimizer.state_dict(), {"step": done, "history": history})
