@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from .fsutil import replace_dir
 from .records import CorpusItem, Query
 
 SPLITS = ("train", "val", "test")
@@ -323,13 +324,7 @@ class DatasetWriter:
             self.meta.checksums = {f: sha256_file(tmp / f) for f in files}
             (tmp / META_FILE).write_text(yaml.safe_dump(self.meta.to_yaml(), sort_keys=False), encoding="utf-8")
             load_dataset(tmp)  # never publish a dataset our own loader rejects
-            if self.out.exists():
-                old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-                os.replace(self.out, old)
-                os.replace(tmp, self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, self.out)
+            replace_dir(tmp, self.out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

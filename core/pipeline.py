@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,8 +17,9 @@ import numpy as np
 from . import distributed
 from .config import ConfigError, RunConfig, load_config
 from .dataset import Dataset, load_dataset
-from .records import Answer, ContextPrediction, CorpusItem, Query, normalize_answer
-from .training.runs import RunDir, atomic_write_json, atomic_write_text, provenance
+from .records import Answer, ContextPrediction, Query, normalize_answer
+from .fsutil import atomic_write_json
+from .training.runs import RunDir, provenance
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,17 @@ def same_image_exclusions(ds: Dataset, queries: Sequence[Query]) -> list[set[str
     for item in ds.corpus:
         by_path.setdefault(item.image, set()).add(item.id)
     return [set(by_path.get(q.image, ())) for q in queries]
+
+
+def closed_questions(ds: Dataset) -> Dataset:
+    """The dataset with only the queries the reader can score: those with at least two candidate answers (VQA sets
+    keep open questions with free-text answers; the pipeline evaluates the closed ones)."""
+    kept = {split: [q for q in qs if len(q.candidates) >= 2] for split, qs in ds.queries.items()}
+    for split, qs in ds.queries.items():
+        if len(kept[split]) < len(qs):
+            log.info("%s: %d of %d %s queries are open questions without candidate answers; left out",
+                     ds.root, len(qs) - len(kept[split]), len(qs), split)
+    return dataclasses.replace(ds, queries=kept)
 
 
 def interleave(hits: dict[str, list[tuple[str, float]]], order: Sequence[str]) -> list[tuple[str, str, float]]:
@@ -333,7 +344,7 @@ class Pipeline:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         t0 = time.perf_counter()
-        ds = self._timed("data", self._main_first, self.dataset)
+        ds = closed_questions(self._timed("data", self._main_first, self.dataset))
         encoder = self._timed("encoder", self._main_first, self.encoder, ds)
         retriever = self._timed("index", self._main_first, self.retriever, ds, encoder)
         splits = list(dict.fromkeys(s for s in ("train", "val", self.cfg.inference.split) if s in ds.queries))

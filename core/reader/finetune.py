@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query, normalize_answer
 from .model import Reader, ReaderError, ScoreRequest, predictions
 
@@ -142,21 +141,13 @@ def _save_checkpoint(out: Path, step: int, order: list[int], config: FinetuneCon
     """Trainable weights (safetensors), optimizer/schedule/sampler state and history, replaced atomically."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     weights = {n: p.detach().cpu().contiguous() for n, p in reader.model.named_parameters() if p.requires_grad}
-    save_file(weights, str(tmp / WEIGHTS_FILE))
-    torch.save({"step": step, "order": order, "config": _resume_key(config), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
-    (tmp / HISTORY_FILE).write_text(json.dumps(history.to_json()), encoding="utf-8")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        torch.save({"step": step, "order": order, "config": _resume_key(config), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
+        (tmp / HISTORY_FILE).write_text(json.dumps(history.to_json()), encoding="utf-8")
 
 
 def _load_checkpoint(src: Path, config: FinetuneConfig, reader: Reader, optimizer, schedule, rng,

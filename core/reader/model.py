@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dataset import Dataset, DatasetError, open_image
+from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query
 from .prompts import PROMPT_WORDS, PromptRenderer, prompt_images
 
@@ -42,6 +41,7 @@ TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>")
 TINY_TEMPLATE_WORDS = ("system", "user", "assistant")
 UNK_TOKEN = "[UNK]"
+TINY_IMAGE_PIXELS = 56 * 56
 
 
 class ReaderError(ValueError):
@@ -157,7 +157,9 @@ def build_tiny_processor(texts: Iterable[str], answers: Iterable[str]):
     backend.add_tokens([AddedToken(a, single_word=True, normalized=False) for a in answers])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK_TOKEN, pad_token="<|endoftext|>",
                                         eos_token="<|im_end|>", padding_side="left")
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+    # Every image is resized to about 56x56 pixels (4 LLM tokens), large radiographs included.
+    images = Qwen2VLImageProcessor(min_pixels=TINY_IMAGE_PIXELS, max_pixels=TINY_IMAGE_PIXELS)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
                             video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_CHAT_TEMPLATE)
 
 
@@ -281,21 +283,9 @@ class Reader:
         """Write the reader atomically: the full model and processor, or only the LoRA adapters (safetensors) plus
         the processor when adapters are attached (load with `ReaderConfig(model=<base>, adapter=out_dir)`)."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.processor.save_pretrained(tmp)
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     # ------------------------------------------------------------------------------------------------ encoding

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..dataset import Dataset
+from ..fsutil import atomic_dir, replace_dir  # noqa: F401 (replace_dir: used by encoders)
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +171,7 @@ def write_index(out_dir: str | os.PathLike, ids: Sequence[str], chunks: Iterable
     if not ids:
         raise ValueError("write_index: no corpus items to index")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         vectors = np.lib.format.open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=(len(ids), dim))
         filled = 0
         for chunk in chunks:
@@ -199,10 +196,6 @@ def write_index(out_dir: str | os.PathLike, ids: Sequence[str], chunks: Iterable
         faiss.write_index(index, str(tmp / INDEX_FILE))
         (tmp / IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2), encoding="utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return CorpusIndex(out, index, ids, manifest)
 
 
@@ -389,13 +382,3 @@ def _as_queries(query_embs: np.ndarray, dim: int) -> np.ndarray:
         raise ValueError(f"query embeddings must have shape (n, {dim}), got {np.shape(query_embs)}")
     return q
 
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory to `out`; an existing `out` is replaced only once `tmp` is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
