@@ -195,8 +195,10 @@ class OracleReport:
                 m = qm.matrix
                 row: dict[str, Any] = dict(system=m.system, n_queries=qm.n_queries, k=m.k, n_short=m.n_short,
                                            short_policy=m.short_policy,
-                                           inconsistent_rate=float(np.mean(~qm.consistent)),
-                                           mean_n_distinct=float(np.mean(qm.n_distinct)))
+                                           inconsistent_rate=float(np.mean(~qm.consistent)))
+                _, lo, hi = self._acc(~qm.consistent, "summary", m.system, "inconsistent")
+                row.update(inconsistent_rate_lo=lo, inconsistent_rate_hi=hi,
+                           mean_n_distinct=float(np.mean(qm.n_distinct)))
                 for name, correct in (("top1", qm.top1_correct), ("majority", qm.majority_correct),
                                       ("oracle", qm.oracle_correct)):
                     acc, lo, hi = self._acc(correct, "summary", m.system, name)

@@ -124,6 +124,7 @@ def test_reference_and_k_options(fixture_files):
     # depth 2: rag q1 AA, q2 AB, q3 BC, q4 AA -> top1 1/4, oracle 2/4 (q1, q2), inconsistent 2/4
     assert s.loc["rag", "k"] == 2 and s.loc["rag", "oracle_acc"] == pytest.approx(2 / 4)
     assert s.loc["rag", "inconsistent_rate"] == pytest.approx(2 / 4)
+    assert (s.loc["rag", "inconsistent_rate_lo"], s.loc["rag", "inconsistent_rate_hi"]) == pytest.approx(wilson(2, 4))
     sub = report.subsets()
     closed = sub[(sub["system"] == "closed")].set_index("subset")
     # joint at depth 2: q1 AB incons., q2 BB cons., q3 CA incons., q4 CC cons. closed: q1 ok q2 no q3 ok q4 no
