@@ -19,6 +19,7 @@ examples:
   dxrag data synth --out data/synth-hard --set anatomy_jitter=0.4 --set misleading_fraction=0.1
   dxrag data medmnist --flag breastmnist --npz ../shared/data/breastmnist/breastmnist.npz --out data/breastmnist
   dxrag data vqa-rad --root ../shared/data/vqa-rad --out data/vqa-rad
+  dxrag data corpus --jsonl roco.jsonl --queries-from data/retinamnist --out data/retinamnist-roco
   dxrag data validate data/synth
   dxrag run --config configs/embedded.yaml           # the main job (make demo)
   dxrag run --config configs/breastmnist.yaml --resume
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.set_defaults(func=_cmd_validate)
 
-    from .data import medmnist, vqarad
+    from .data import corpus, medmnist, vqarad
 
     p = dsub.add_parser("medmnist", help="convert a 2D MedMNIST dataset (local npz, or download when online)")
     medmnist.add_arguments(p)
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("vqa-rad", help="convert VQA-RAD (MEVF json layout)")
     vqarad.add_arguments(p)
     p.set_defaults(func=vqarad.run)
+
+    p = dsub.add_parser("corpus", help="pair an external image-text corpus (JSONL: id, img_path, text) with the "
+                                       "queries of a dataset directory")
+    corpus.add_arguments(p)
+    p.set_defaults(func=corpus.run)
 
     p = sub.add_parser("run", help="run the pipeline of a config: data, retriever, reader, joint training, "
                                    "predictions, analysis",

@@ -43,6 +43,7 @@ class RetrieverSettings:
     pretrain: PretrainSettings | None = None  # contrastive stage on the corpus (the embedded default only)
     index: str = "flat"  # flat | ivf | hnsw
     batch_size: int = 256
+    device: str = "cpu"  # encoder and query towers: cpu, cuda, cuda:1, auto (cuda when available)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ReaderFinetune:
     warmup: float = 0.1
     weight_decay: float = 0.0
     closed_book_fraction: float = 0.2
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory for large readers
     contexts_per_head: int = 2  # training prompts: each training query with its top-n items of each head
     eval_every: int = 200
     checkpoint_every: int = 100
@@ -73,6 +75,7 @@ class ReaderSettings:
     device: str = "auto"
     batch_size: int = 64
     max_length: int | None = None
+    max_pixels: int | None = None  # cap on each image's pixels in the reader's processor; None: the model's own
     lora: LoraConfig | None = None  # None: train every weight (the tiny reader starts from random weights)
     finetune: ReaderFinetune = field(default_factory=ReaderFinetune)
     tiny: dict[str, Any] = field(default_factory=dict)  # TinyReaderSettings overrides

@@ -154,10 +154,11 @@ class Pipeline:
         from .retrieval.encoders import Encoder, PretrainConfig, pretrain_contrastive
 
         cfg = self.cfg.retriever
+        device = _resolve_device(cfg.device)
         saved = self.run / "encoder"
         if self.run.stage_done("encoder"):
-            return Encoder.load(f"local-dir:{saved}")
-        encoder = Encoder.load(cfg.encoder, pretrained=cfg.pretrained)
+            return Encoder.load(f"local-dir:{saved}", device=device)
+        encoder = Encoder.load(cfg.encoder, pretrained=cfg.pretrained, device=device)
         info: dict[str, Any] = {"encoder": cfg.encoder}
         if cfg.pretrain is not None:
             p = cfg.pretrain
@@ -168,7 +169,7 @@ class Pipeline:
             info["pretrain_losses"] = losses
         encoder.save(saved)
         self.run.mark_done("encoder", info)
-        return Encoder.load(f"local-dir:{saved}")
+        return Encoder.load(f"local-dir:{saved}", device=device)
 
     def retriever(self, ds: Dataset, encoder):
         from .retrieval.retriever import Retriever, build_retriever
@@ -193,6 +194,7 @@ class Pipeline:
             lora = LoraSettings(r=kw["r"], alpha=kw["alpha"], dropout=kw["dropout"],
                                 **({"target_modules": kw["target_modules"]} if "target_modules" in kw else {}))
         base = ReaderConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
+                            max_pixels=cfg.max_pixels,
                             batch_size=cfg.batch_size, lora=lora, seed=self.cfg.seed,
                             tiny=TinyReaderSettings(**cfg.tiny))
         if self.run.stage_done("reader"):
@@ -214,6 +216,7 @@ class Pipeline:
                            FinetuneConfig(steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
                                           weight_decay=ft.weight_decay, warmup_fraction=ft.warmup,
                                           closed_book_fraction=ft.closed_book_fraction, eval_every=ft.eval_every,
+                                          gradient_checkpointing=ft.gradient_checkpointing,
                                           seed=self.cfg.seed, checkpoint_dir=self.run / "checkpoints" / "reader",
                                           checkpoint_every=ft.checkpoint_every),
                            val_requests=val_requests)
@@ -374,6 +377,15 @@ class Pipeline:
         report.write(self.report_dir, figures=self.cfg.figures)
         self.compact = report.compact_table()
         return str(self.report_dir)
+
+
+def _resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu; any other torch device name as it is."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, dict[str, float]]:

@@ -39,6 +39,7 @@ class FinetuneConfig:
     closed_book_fraction: float = 0.2  # share of training prompts whose context is dropped, so one model serves both
     eval_every: int = 100  # validation accuracy every this many steps (and after the last); 0: only after the last
     grad_clip: float | None = 1.0
+    gradient_checkpointing: bool = False  # recompute the language model's activations in backward (7B on one GPU)
     seed: int = 0
     checkpoint_dir: str | None = None  # resume from / save training state here (trainable weights as safetensors)
     checkpoint_every: int = 100
@@ -76,6 +77,9 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
         raise ReaderError(f"finetune: closed_book_fraction {config.closed_book_fraction} must lie in [0, 1]")
     if reader.config.lora is not None and not hasattr(reader.model, "peft_config"):
         reader.add_lora(reader.config.lora)
+    if config.gradient_checkpointing:
+        # non-reentrant: gradients reach the adapters although the prompt embeddings themselves need none
+        reader.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in reader.model.parameters() if p.requires_grad]
     history = FinetuneHistory(trainable_parameters=sum(p.numel() for p in params))
     log.info("fine-tuning the reader: %d examples, %d steps, %d trainable parameters", len(examples), config.steps,

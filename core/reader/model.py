@@ -84,6 +84,7 @@ class ReaderConfig:
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     max_length: int | None = None  # prompt + answer tokens; None: the model's max_position_embeddings
+    max_pixels: int | None = None  # images are resized to at most this many pixels; None: the processor's setting
     batch_size: int = 64
     scoring: str = "auto"  # auto (single-token when every candidate is one token), first_token, full
     lora: LoraSettings | None = None
@@ -258,7 +259,8 @@ class Reader:
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(config.model)
+            sizes = {"max_pixels": config.max_pixels} if config.max_pixels else {}
+            processor = AutoProcessor.from_pretrained(config.model, **sizes)
             model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
         if config.adapter:
