@@ -30,10 +30,14 @@ class DataConfig:
 
 @dataclass
 class PretrainSettings:
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
+    image_weight: float = 1.0  # weight of the image<->image InfoNCE term (0: image<->text only)
+    image_temperature: float = 0.2
+    augment_noise: float = 0.3
+    augment_shift: int = 1
 
 
 @dataclass

@@ -164,8 +164,7 @@ class Pipeline:
             p = cfg.pretrain
             losses = pretrain_contrastive(encoder, [ds.image_path(c.image) for c in ds.corpus],
                                           [c.text for c in ds.corpus],
-                                          PretrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                                                         weight_decay=p.weight_decay, seed=self.cfg.seed))
+                                          PretrainConfig(seed=self.cfg.seed, **dataclasses.asdict(p)))
             info["pretrain_losses"] = losses
         encoder.save(saved)
         self.run.mark_done("encoder", info)

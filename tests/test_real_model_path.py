@@ -139,8 +139,6 @@ def _biomedclip_shaped_encoder(out: Path) -> Path:
     return model_dir
 
 
-@pytest.mark.xfail(strict=True, reason="Encoder.save does not write the HF tokenizer of an HF-text-tower model "
-                                       "(BiomedCLIP), so the pipeline's encoder stage cannot reload what it saved")
 def test_biomedclip_shaped_encoder_survives_the_encoder_stage_round_trip(tmp_path):
     """The pipeline's encoder stage saves the loaded encoder and reloads it as `local-dir:`; a model with an HF text
     tower must come back with its tokenizer and give the same text embeddings."""

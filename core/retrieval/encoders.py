@@ -184,6 +184,9 @@ class Encoder:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"model_name": self.name,
                                                                  "weights_hash": self.weights_hash})
+            if isinstance(self.tokenizer, open_clip.tokenizer.HFTokenizer):
+                # open_clip reads the HF tokenizer of a `local-dir:` model (BiomedCLIP's PubMedBERT) from the directory
+                self.tokenizer.tokenizer.save_pretrained(tmp)
             replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

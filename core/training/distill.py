@@ -74,6 +74,10 @@ class DistillTask:
         if self.snapshot is None:
             self.refresh_snapshot()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.tower.trainable_parameters()).device
+
     def refresh_snapshot(self) -> None:
         self.snapshot = copy.deepcopy(self.tower).eval()
         self.snapshot.requires_grad_(False)
@@ -81,17 +85,17 @@ class DistillTask:
     def retrieve(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-K candidate ids (B, K) and their snapshot scores, from the frozen snapshot of the head."""
         with torch.no_grad():
-            q = self.snapshot(self.pixels[batch]).numpy()
+            q = self.snapshot(self.pixels[batch].to(self.device)).cpu().numpy()
         scores, ids = self.index.search(q, self.candidates, [self.exclude[i] for i in batch])
         return ids, scores
 
     def loss(self, batch: np.ndarray, ids: np.ndarray, prior: np.ndarray, gold: np.ndarray) -> torch.Tensor:
-        q = self.tower(self.pixels[batch])  # (B, d), the only path with gradients
+        q = self.tower(self.pixels[batch].to(self.device))  # (B, d), the only path with gradients
         docs = self.docs[torch.from_numpy(self.index.rows(ids.reshape(-1)))].view(*ids.shape, -1)  # (B, K, d)
-        log_p_ret = F.log_softmax(torch.einsum("bd,bkd->bk", q, docs) / self.tau_retriever, dim=-1)
-        gold_logits = torch.from_numpy(gold) / self.tau_gold
+        log_p_ret = F.log_softmax(torch.einsum("bd,bkd->bk", q, docs.to(self.device)) / self.tau_retriever, dim=-1)
+        gold_logits = torch.from_numpy(gold).to(self.device) / self.tau_gold
         if self.prior_tilt:
-            gold_logits = gold_logits + self.prior_tilt * torch.from_numpy(prior) / self.tau_retriever
+            gold_logits = gold_logits + self.prior_tilt * torch.from_numpy(prior).to(self.device) / self.tau_retriever
         p_gold = F.softmax(gold_logits, dim=-1)
         return F.kl_div(log_p_ret, p_gold, reduction="batchmean")  # KL(P_gold ‖ P_ret)
 
