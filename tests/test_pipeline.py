@@ -118,3 +118,30 @@ def test_two_processes_give_the_same_tables(small_run, tmp_path):
     assert sorted(p.name for p in (run_dir / "predictions").glob("log-*.jsonl")) == ["log-0.jsonl", "log-1.jsonl"]
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     _assert_same_tables(run_dir, summary)
+
+
+def test_helpers_exclusions_interleave_fuse(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
+    from dxrag.core.pipeline import closed_questions, fuse, interleave, same_image_exclusions
+    from dxrag.core.records import CorpusItem, Query
+
+    with DatasetWriter(tmp_path / "d") as w:
+        for i in range(3):
+            rel = w.add_image(f"c{i}", Image.new("RGB", (4, 4), (i, 0, 0)))
+            w.corpus.append(CorpusItem(f"c{i}", rel, "t", "a", {"source_split": "train", "source_index": i}))
+        w.queries["train"] += [Query("q0", "images/c1.png", "?", ("a", "b"), "a",
+                                     {"source_split": "train", "source_index": 1}),
+                               Query("q1", "images/c2.png", "?", (), "free text", {"answer_type": "open"})]
+        w.meta = DatasetMeta(name="d", task="vqa", labels=["a", "b"],
+                             extra={"same_image_keys": ["source_split", "source_index"]})
+    ds = load_dataset(tmp_path / "d")
+    assert same_image_exclusions(ds, ds.queries["train"]) == [{"c1"}, set()]
+    assert [q.id for q in closed_questions(ds).queries["train"]] == ["q0"]
+    ranked = interleave({"image": [("c0", 0.9), ("c1", 0.8)], "text": [("c2", 0.3)]}, ["image", "text"])
+    assert ranked == [("image", "c0", 0.9), ("text", "c2", 0.3), ("image", "c1", 0.8)]
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert fuse(probs, np.array([0.5, 0.5]), 0.1) == pytest.approx([0.5, 0.5])
+    assert fuse(probs, np.array([0.9, 0.3]), 0.2) == pytest.approx([1 / (1 + np.exp(-3)), 1 - 1 / (1 + np.exp(-3))])
