@@ -387,24 +387,28 @@ def _resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def evaluate(rows: list[dict], ds: Dataset) -> dict[str, dict[str, float]]:
-    """Accuracy and macro-F1 of every system's final answer; for VQA, accuracy on closed questions."""
+def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
+    """Accuracy (Wilson 95% interval) and macro-F1 of every system's final answer (for VQA sets: the closed
+    questions), and joint vs rag with an exact McNemar test on the same queries."""
+    from ..analysis.stats import mcnemar, wilson
+
     labels = [normalize_answer(x) for x in ds.meta.labels]
-    out: dict[str, dict[str, float]] = {}
-    by_system: dict[str, list[tuple[str, str]]] = {}
-    for r in rows:
-        if r["kind"] == "answer":
-            by_system.setdefault(r["system"], []).append((normalize_answer(r["label"]),
-                                                         normalize_answer(r["prediction"])))
-    for system, pairs in by_system.items():
-        y, p = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
-        f1s = []
-        for c in labels:
-            tp = np.sum((p == c) & (y == c))
-            denom = np.sum(p == c) + np.sum(y == c)
-            if np.sum(y == c):
-                f1s.append(2 * tp / denom if denom else 0.0)
-        out[system] = {"n": len(pairs), "accuracy": float(np.mean(y == p)), "macro_f1": float(np.mean(f1s))}
+    out: dict[str, Any] = {}
+    correct: dict[str, dict[str, bool]] = {}
+    for system in dict.fromkeys(r["system"] for r in rows if r["kind"] == "answer"):
+        answers = [r for r in rows if r["kind"] == "answer" and r["system"] == system]
+        y = np.array([normalize_answer(r["label"]) for r in answers])
+        p = np.array([normalize_answer(r["prediction"]) for r in answers])
+        f1s = [2 * np.sum((p == c) & (y == c)) / (np.sum(p == c) + np.sum(y == c)) for c in labels if np.sum(y == c)]
+        lo, hi = wilson(int(np.sum(y == p)), len(y))
+        out[system] = {"n": len(y), "accuracy": float(np.mean(y == p)), "accuracy_lo": lo, "accuracy_hi": hi,
+                       "macro_f1": float(np.mean(f1s))}
+        correct[system] = {r["query_id"]: bool(a == b) for r, a, b in zip(answers, y, p)}
+    if "joint" in correct and "rag" in correct:
+        shared = sorted(correct["joint"].keys() & correct["rag"].keys())
+        test = mcnemar(np.array([correct["joint"][q] for q in shared]), np.array([correct["rag"][q] for q in shared]))
+        out["joint_vs_rag"] = {"n": test.n, "only_joint": test.only_a, "only_rag": test.only_b,
+                               "p_value": test.p_value}
     return out
 
 
@@ -459,9 +463,15 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = ["", "dxrag run finished in %.0f s" % summary["wall_s"], ""]
-    lines.append(f"{'system':<14}{'n':>6}{'accuracy':>10}{'macro-F1':>10}")
-    for system, m in summary["metrics"].items():
-        lines.append(f"{system:<14}{m['n']:>6}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}")
+    metrics = dict(summary["metrics"])
+    paired = metrics.pop("joint_vs_rag", None)
+    lines.append(f"{'system':<14}{'n':>6}  {'accuracy [95% CI]':<22}{'macro-F1':>9}")
+    for system, m in metrics.items():
+        acc = f"{m['accuracy']:.3f} [{m['accuracy_lo']:.3f},{m['accuracy_hi']:.3f}]"
+        lines.append(f"{system:<14}{m['n']:>6}  {acc:<22}{m['macro_f1']:>9.3f}")
+    if paired:
+        lines.append(f"joint vs rag (exact McNemar): {paired['only_joint']} queries only joint gets right, "
+                     f"{paired['only_rag']} only rag, p = {paired['p_value']:.3g}")
     if summary.get("compact"):
         lines += ["", summary["compact"]]
     lines += ["", f"run directory: {summary['run_dir']}", f"prediction tables: {summary['contexts']}, "

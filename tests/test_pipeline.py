@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dxrag.core.config import ConfigError, load_config
@@ -36,9 +37,17 @@ def test_tables_and_metrics(small_run):
     for r in contexts[:20]:
         assert abs(sum(r["probs"].values()) - 1) < 1e-4
         assert r["prediction"] == max(r["probs"], key=r["probs"].get)
-    assert set(summary["metrics"]) == set(SYSTEMS)
-    for m in summary["metrics"].values():
-        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    assert set(summary["metrics"]) == {*SYSTEMS, "joint_vs_rag"}
+    for system in SYSTEMS:
+        m = summary["metrics"][system]
+        assert 0 <= m["accuracy_lo"] <= m["accuracy"] <= m["accuracy_hi"] <= 1 and 0 <= m["macro_f1"] <= 1
+        by_query = {r["query_id"]: r for r in answers if r["system"] == system}
+        assert m["accuracy"] == pytest.approx(np.mean([r["label"] == r["prediction"] for r in by_query.values()]))
+    paired = summary["metrics"]["joint_vs_rag"]
+    right = {s: {r["query_id"] for r in answers if r["system"] == s and r["label"] == r["prediction"]}
+             for s in ("joint", "rag")}
+    assert (paired["only_joint"], paired["only_rag"]) == (len(right["joint"] - right["rag"]),
+                                                           len(right["rag"] - right["joint"]))
     run_json = json.loads((base / "trained" / "run.json").read_text())
     assert run_json["seed"] == 0 and "torch" in run_json["versions"] and run_json["config"]["run"] == "small"
     assert (base / "trained" / "heads" / "text.safetensors").exists()
