@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except DatasetError as e:
+    except ValueError as e:
+        # dxrag's own input errors (DatasetError, ConfigError, ReaderError, IndexMismatchError, TableError) name the
+        # file and field at fault: show the message, not a traceback. Anything else is a bug and keeps its traceback.
+        if not type(e).__module__.startswith("dxrag."):
+            raise
         print(f"dxrag: error: {e}", file=sys.stderr)
         return 2
 

@@ -345,6 +345,7 @@ class Pipeline:
         torch.manual_seed(self.cfg.seed)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        reused = sorted(p.stem for p in (self.run / "stages").glob("*.json"))
         t0 = time.perf_counter()
         ds = closed_questions(self._timed("data", self._main_first, self.dataset))
         encoder = self._timed("encoder", self._main_first, self.encoder, ds)
@@ -361,7 +362,7 @@ class Pipeline:
         contexts, answers = self.write_tables(rows)
         metrics = evaluate(rows, ds)
         summary = {"run_dir": str(self.run.path), "contexts": str(contexts), "answers": str(answers),
-                   "metrics": metrics, "timings": self.timings}
+                   "metrics": metrics, "timings": self.timings, "reused_stages": reused}
         if self.cfg.report:
             summary["report"] = self._timed("report", self.report, contexts, answers)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -462,7 +463,10 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = ["", "dxrag run finished in %.0f s" % summary["wall_s"], ""]
+    lines = ["", "dxrag run finished in %.0f s" % summary["wall_s"]]
+    if summary.get("reused_stages"):
+        lines[-1] += f" (reused from the run directory: {', '.join(summary['reused_stages'])})"
+    lines.append("")
     metrics = dict(summary["metrics"])
     paired = metrics.pop("joint_vs_rag", None)
     lines.append(f"{'system':<14}{'n':>6}  {'accuracy [95% CI]':<22}{'macro-F1':>9}")
@@ -488,11 +492,6 @@ def run_from_args(args) -> int:
         cfg = load_config(args.config, _parse_sets(args.set))
         summary = run_pipeline(cfg, args.run_dir, args.report_dir, resume=args.resume,
                                overwrite=getattr(args, "overwrite", False))
-    except ConfigError as e:
-        import sys
-
-        print(f"dxrag: error: {e}", file=sys.stderr)
-        return 2
     finally:
         distributed.close()
     if distributed.is_main():

@@ -154,3 +154,16 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert fuse(probs, np.array([0.5, 0.5]), 0.1) == pytest.approx([0.5, 0.5])
     assert fuse(probs, np.array([0.9, 0.3]), 0.2) == pytest.approx([1 / (1 + np.exp(-3)), 1 - 1 / (1 + np.exp(-3))])
+
+
+def test_cli_reports_input_errors_without_traceback(tmp_path, capsys):
+    from dxrag.core.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill: {steps: many}\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "distill.steps: expected int" in capsys.readouterr().err
+    missing = tmp_path / "nope"
+    assert main(["run", "--config", str(REPO / "configs" / "embedded.yaml"), "--run-dir", str(tmp_path / "t"),
+                 "--report-dir", str(tmp_path / "r"), "--set", "data.kind=dir", "--set", f"data.path={missing}"]) == 2
+    assert f"{missing}: not a directory" in capsys.readouterr().err
