@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from . import stats
+from ..core.dataset import sha256_file
 from .consistency import QueryMetrics, query_metrics
 from .oracle import oracle_at_k
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
@@ -45,14 +46,6 @@ class _Scored:
     method: str  # "answer" for answer-table systems, else a context method
     query: np.ndarray
     correct: np.ndarray
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -380,7 +373,7 @@ class OracleReport:
         inputs = {}
         for role, table in (("contexts", self.contexts), ("answers", self.answers), ("rerank", self.rerank)):
             if table is not None:
-                inputs[role] = {"path": str(Path(table.path).resolve()), "sha256": _sha256(Path(table.path))}
+                inputs[role] = {"path": str(Path(table.path).resolve()), "sha256": sha256_file(Path(table.path))}
         return {"inputs": inputs, "arguments": self.arguments, "versions": _versions()}
 
     # ------------------------------------------------------------------------------------------ writing
