@@ -204,7 +204,7 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
     run_dir = tmp_path / "trained"
     summary = run_pipeline(cfg, run_dir, tmp_path / "reports")
 
-    assert set(summary["metrics"]) == set(SYSTEMS)
+    assert set(summary["metrics"]) == {*SYSTEMS, "joint_vs_rag"}
     answers = [json.loads(line) for line in (run_dir / "predictions" / "answers.jsonl").read_text().splitlines()]
     contexts = [json.loads(line) for line in (run_dir / "predictions" / "contexts.jsonl").read_text().splitlines()]
     n_test = len(ds.queries["test"])
