@@ -23,6 +23,7 @@ examples:
   dxrag data validate data/synth
   dxrag run --config configs/embedded.yaml           # the main job (make demo)
   dxrag run --config configs/breastmnist.yaml --resume
+  dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 4   # is joint - rag robust across seeds?
 """
 
 
@@ -68,6 +69,12 @@ def _describe(path: Path, decode_images: bool = False) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_from_args
 
     return run_from_args(args)
 
@@ -126,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="override the run directory (default trained/<run name>)")
     p.add_argument("--report-dir", type=Path, help="override the report directory (default reports/<run name>)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="run a config over several seeds and report how robust joint - rag is",
+                       epilog="example:\n  dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 4\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path("configs/embedded.yaml"))
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="one run per seed: trained/<run>-seed<N>")
+    p.add_argument("--same-data", action="store_true",
+                   help="vary only the model seed (default: the synthetic data's seed varies too)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, as for `run`")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 
