@@ -22,6 +22,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available (under torchrun: this process's GPU, set by `init`), else cpu; any other torch
+    device name as it is."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def init() -> None:
     """Join the process group torchrun set up (no-op for a single process)."""
     if world_size() == 1:

@@ -154,7 +154,7 @@ class Pipeline:
         from .retrieval.encoders import Encoder, PretrainConfig, pretrain_contrastive
 
         cfg = self.cfg.retriever
-        device = _resolve_device(cfg.device)
+        device = distributed.resolve_device(cfg.device)
         saved = self.run / "encoder"
         if self.run.stage_done("encoder"):
             return Encoder.load(f"local-dir:{saved}", device=device)
@@ -377,15 +377,6 @@ class Pipeline:
         report.write(self.report_dir, figures=self.cfg.figures)
         self.compact = report.compact_table()
         return str(self.report_dir)
-
-
-def _resolve_device(name: str) -> str:
-    """`auto` -> cuda when available, else cpu; any other torch device name as it is."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dataset import Dataset, DatasetError, open_image
+from .. import distributed
 from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query
 from .prompts import PROMPT_WORDS, PromptRenderer, prompt_images
@@ -199,12 +200,6 @@ def build_tiny_model(processor, settings: TinyReaderSettings, seed: int = 0):
 # ------------------------------------------------------------------------------------------------------------ reader
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -249,7 +244,7 @@ class Reader:
     @classmethod
     def from_config(cls, config: ReaderConfig, dataset: Dataset | None = None) -> "Reader":
         """Build the tiny reader (`model: tiny`, vocabulary from `dataset`) or load one with `from_pretrained`."""
-        device = _resolve_device(config.device)
+        device = torch.device(distributed.resolve_device(config.device))
         dtype = _resolve_dtype(config.dtype, device)
         if config.model == "tiny":
             if dataset is None:

@@ -64,9 +64,6 @@ class RunDir:
     def stage_done(self, stage: str) -> bool:
         return self._marker(stage).is_file()
 
-    def stage_info(self, stage: str) -> dict[str, Any]:
-        return json.loads(self._marker(stage).read_text(encoding="utf-8"))
-
     def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
         atomic_write_json(self._marker(stage), {"stage": stage, "finished": time.time(), **(info or {})})
 
