@@ -14,7 +14,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..core.fsutil import atomic_write_text
 from .tables import (ERROR, ITEM_ID, QUERY_ID, RANKING, SELECTOR, SYSTEM, TableError, load_contexts, rank_matrices,
                      write_table)
 
@@ -115,10 +115,7 @@ class ResponseCache:
             return None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=self.root)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f)
-        os.replace(tmp, self.root / f"{key}.json")
+        atomic_write_text(self.root / f"{key}.json", json.dumps(value))
 
 
 @dataclass

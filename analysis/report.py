@@ -11,10 +11,8 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pyarrow.csv as pacsv
 
 from . import stats
 from ..core.dataset import sha256_file
+from ..core.training.runs import versions
 from .consistency import QueryMetrics, query_metrics
 from .oracle import oracle_at_k
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
@@ -48,14 +47,7 @@ class _Scored:
     correct: np.ndarray
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("dxrag", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+ANALYSIS_PACKAGES = ("dxrag", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn")
 
 
 @dataclass
@@ -374,7 +366,7 @@ class OracleReport:
         for role, table in (("contexts", self.contexts), ("answers", self.answers), ("rerank", self.rerank)):
             if table is not None:
                 inputs[role] = {"path": str(Path(table.path).resolve()), "sha256": sha256_file(Path(table.path))}
-        return {"inputs": inputs, "arguments": self.arguments, "versions": _versions()}
+        return {"inputs": inputs, "arguments": self.arguments, "versions": versions(ANALYSIS_PACKAGES)}
 
     # ------------------------------------------------------------------------------------------ writing
 

@@ -63,11 +63,12 @@ class ReaderFinetune:
     steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
-    warmup: float = 0.1
+    warmup_fraction: float = 0.1
     weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
     closed_book_fraction: float = 0.2
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory for large readers
-    contexts_per_head: int = 2  # training prompts: each training query with its top-n items of each head
+    contexts_per_head: int = 2  # training prompts: each training query with its top-n items of each head (pipeline)
     eval_every: int = 200
     checkpoint_every: int = 100
 

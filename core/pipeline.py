@@ -212,12 +212,9 @@ class Pipeline:
         val_hits = retriever.search({"image": frozen["val"]}, 1, exclude["val"])["image"] if val else []
         val_requests = [ScoreRequest(q, items[row[0][0]]) for q, row in zip(val, val_hits) if row]
         history = finetune(reader, examples, ds.root,
-                           FinetuneConfig(steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
-                                          weight_decay=ft.weight_decay, warmup_fraction=ft.warmup,
-                                          closed_book_fraction=ft.closed_book_fraction, eval_every=ft.eval_every,
-                                          gradient_checkpointing=ft.gradient_checkpointing,
-                                          seed=self.cfg.seed, checkpoint_dir=self.run / "checkpoints" / "reader",
-                                          checkpoint_every=ft.checkpoint_every),
+                           FinetuneConfig(**{k: v for k, v in dataclasses.asdict(ft).items()
+                                             if k != "contexts_per_head"},
+                                          seed=self.cfg.seed, checkpoint_dir=str(self.run / "checkpoints" / "reader")),
                            val_requests=val_requests)
         if distributed.is_main():
             reader.save(saved)
@@ -364,19 +361,19 @@ class Pipeline:
         summary = {"run_dir": str(self.run.path), "contexts": str(contexts), "answers": str(answers),
                    "metrics": metrics, "timings": self.timings, "reused_stages": reused}
         if self.cfg.report:
-            summary["report"] = self._timed("report", self.report, contexts, answers)
+            summary["report"], summary["compact"] = self._timed("report", self.report, contexts, answers)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         atomic_write_json(self.run / "metrics.json", summary)
         return summary
 
-    def report(self, contexts: Path, answers: Path) -> str:
+    def report(self, contexts: Path, answers: Path) -> tuple[str, str]:
+        """Write the oracle report; returns its directory and the compact terminal table."""
         from ..analysis.report import OracleReport
 
         report = OracleReport.from_tables(contexts, answers=answers, reference="rag",
                                            fusion_temperature=self.cfg.distill.tau_retriever)
         report.write(self.report_dir, figures=self.cfg.figures)
-        self.compact = report.compact_table()
-        return str(self.report_dir)
+        return str(self.report_dir), report.compact_table()
 
 
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
@@ -447,10 +444,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
         atomic_write_json(saved, provenance(cfg.to_dict(), cfg.seed, {"run_dir": str(run_dir),
                                                                       "world_size": distributed.world_size()}))
     distributed.barrier()
-    pipeline = Pipeline(cfg, run_dir, report_dir)
-    summary = pipeline.run_all()
-    summary["compact"] = getattr(pipeline, "compact", None)
-    return summary
+    return Pipeline(cfg, run_dir, report_dir).run_all()
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from .config import load_config
 from .fsutil import atomic_dir
 from .pipeline import run_pipeline
+from .records import normalize_answer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _seed_row(seed: int, run_dir: Path) -> tuple[dict[str, Any], list[tuple[bool
                                       fusion_temperature=config["distill"]["tau_retriever"])
     acc = report.subsets().set_index(["system", "method", "subset"])["acc"]
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
-    right = {(r["system"], r["query_id"]): r["label"].strip().casefold() == r["prediction"].strip().casefold()
+    right = {(r["system"], r["query_id"]): normalize_answer(r["label"]) == normalize_answer(r["prediction"])
              for r in rows}
     pairs = [(right[("joint", q)], right[("rag", q)]) for s, q in sorted(right) if s == "joint"]
     row = {

@@ -162,7 +162,7 @@ def test_qwen2vl_config_is_the_reference_setting():
     cfg = load_config(CONFIG)
     assert cfg.reader.model == "Qwen/Qwen2-VL-7B-Instruct" and cfg.reader.dtype == "bfloat16"
     assert (cfg.reader.lora.r, cfg.reader.lora.alpha, cfg.reader.lora.dropout) == (8, 16, 0.0)
-    assert (cfg.reader.finetune.lr, cfg.reader.finetune.warmup, cfg.reader.finetune.contexts_per_head) == \
+    assert (cfg.reader.finetune.lr, cfg.reader.finetune.warmup_fraction, cfg.reader.finetune.contexts_per_head) == \
         (1e-4, 0.1, 2)
     assert cfg.retriever.encoder.startswith("hf-hub:") and cfg.retriever.pretrain is None
     d = cfg.distill

@@ -12,7 +12,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..fsutil import atomic_dir, atomic_write_json
 
@@ -33,9 +33,10 @@ def git_hash() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def versions() -> dict[str, str | None]:
+def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Python, platform and the installed version of each package (None when not installed). Torch-free."""
     found: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
