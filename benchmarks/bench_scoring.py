@@ -103,16 +103,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from dxrag.core.reader.finetune import FinetuneConfig, finetune
-    from dxrag.core.reader.model import Reader, ReaderConfig, ScoreRequest
+    from dxrag.core.reader.finetune import finetune
+    from dxrag.core.reader.model import Reader, ScoreRequest
+    from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ds = make_dataset(Path(tmp) / "data", n_corpus=100, n_queries=max(60, args.requests // 2), seed=0)
-        reader = Reader.from_config(ReaderConfig(model="tiny", device="cpu", batch_size=64), dataset=ds)
+        reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu", batch_size=64), dataset=ds)
         by_label = {k: [c for c in ds.corpus if c.label == k] for k in LABELS}
         train = [(q, by_label[q.label][i % 20]) for i, q in enumerate(ds.queries["train"])]
-        finetune(reader, train, ds.root, FinetuneConfig(steps=args.train_steps, eval_every=0))
+        finetune(reader, train, ds.root, FinetuneSettings(steps=args.train_steps, eval_every=0))
 
         rng = np.random.default_rng(1)
         queries = ds.queries["test"]

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .reader.settings import ReaderSettings
+
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the file and the key at fault and what would be valid."""
@@ -48,42 +50,6 @@ class RetrieverSettings:
     index: str = "flat"  # flat | ivf | hnsw
     batch_size: int = 256
     device: str = "cpu"  # encoder and query towers: cpu, cuda, cuda:1, auto (cuda when available)
-
-
-@dataclass
-class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: Any = None  # None: the language model's linear layers
-
-
-@dataclass
-class ReaderFinetune:
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 2e-3
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    closed_book_fraction: float = 0.2
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory for large readers
-    contexts_per_head: int = 2  # training prompts: each training query with its top-n items of each head (pipeline)
-    eval_every: int = 200
-    checkpoint_every: int = 100
-
-
-@dataclass
-class ReaderSettings:
-    model: str = "tiny"  # tiny | a hub name | a local directory
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_size: int = 64
-    max_length: int | None = None
-    max_pixels: int | None = None  # cap on each image's pixels in the reader's processor; None: the model's own
-    lora: LoraConfig | None = None  # None: train every weight (the tiny reader starts from random weights)
-    finetune: ReaderFinetune = field(default_factory=ReaderFinetune)
-    tiny: dict[str, Any] = field(default_factory=dict)  # TinyReaderSettings overrides
 
 
 @dataclass
@@ -124,6 +90,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _key(where: str, key: str) -> str:
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -173,8 +143,8 @@ def build(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        raise ConfigError(f"{where.rstrip(':')}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], _key(where, k)) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -205,7 +175,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: expected a mapping at top level")
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
-    cfg = build(RunConfig, data, where)
+    cfg = build(RunConfig, data, f"{where}:")
     _check(cfg, where)
     return cfg
 
@@ -224,7 +194,9 @@ def _check(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: inference.rank_order must list 'image' and 'text' once each")
     if cfg.retriever.index not in ("flat", "ivf", "hnsw"):
         raise ConfigError(f"{where}: retriever.index {cfg.retriever.index!r} is not one of ['flat', 'ivf', 'hnsw']")
-    if not 0 <= cfg.reader.finetune.closed_book_fraction <= 1:
-        raise ConfigError(f"{where}: reader.finetune.closed_book_fraction must lie in [0, 1]")
+    try:
+        cfg.reader.check()
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if cfg.inference.split not in ("train", "val", "test"):
         raise ConfigError(f"{where}: inference.split must be train, val or test")

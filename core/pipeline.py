@@ -182,25 +182,16 @@ class Pipeline:
         return retriever
 
     def reader(self, ds: Dataset, retriever, frozen: dict[str, np.ndarray], exclude: dict[str, list[set[str]]]):
-        from .reader.finetune import FinetuneConfig, finetune
-        from .reader.model import LoraSettings, Reader, ReaderConfig, ScoreRequest, TinyReaderSettings
+        from .reader.finetune import finetune
+        from .reader.model import Reader, ScoreRequest
 
         cfg = self.cfg.reader
         saved = self.run / "reader"
-        lora = None
-        if cfg.lora is not None:
-            kw = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if v is not None}
-            lora = LoraSettings(r=kw["r"], alpha=kw["alpha"], dropout=kw["dropout"],
-                                **({"target_modules": kw["target_modules"]} if "target_modules" in kw else {}))
-        base = ReaderConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, max_length=cfg.max_length,
-                            max_pixels=cfg.max_pixels,
-                            batch_size=cfg.batch_size, lora=lora, seed=self.cfg.seed,
-                            tiny=TinyReaderSettings(**cfg.tiny))
         if self.run.stage_done("reader"):
-            if lora is not None:
-                return Reader.from_config(dataclasses.replace(base, adapter=str(saved), lora=None), ds)
-            return Reader.from_config(dataclasses.replace(base, model=str(saved)), ds)
-        reader = Reader.from_config(base, ds)
+            if cfg.lora is not None:
+                return Reader.from_config(dataclasses.replace(cfg, adapter=str(saved), lora=None), ds, self.cfg.seed)
+            return Reader.from_config(dataclasses.replace(cfg, model=str(saved)), ds, self.cfg.seed)
+        reader = Reader.from_config(cfg, ds, self.cfg.seed)
         ft = cfg.finetune
         items = ds.corpus_by_id()
         train = ds.queries["train"]
@@ -211,11 +202,8 @@ class Pipeline:
         val = ds.queries.get("val", [])
         val_hits = retriever.search({"image": frozen["val"]}, 1, exclude["val"])["image"] if val else []
         val_requests = [ScoreRequest(q, items[row[0][0]]) for q, row in zip(val, val_hits) if row]
-        history = finetune(reader, examples, ds.root,
-                           FinetuneConfig(**{k: v for k, v in dataclasses.asdict(ft).items()
-                                             if k != "contexts_per_head"},
-                                          seed=self.cfg.seed, checkpoint_dir=str(self.run / "checkpoints" / "reader")),
-                           val_requests=val_requests)
+        history = finetune(reader, examples, ds.root, ft, val_requests=val_requests, seed=self.cfg.seed,
+                           checkpoint_dir=self.run / "checkpoints" / "reader")
         if distributed.is_main():
             reader.save(saved)
             self.run.mark_done("reader", {"examples": len(examples), "history": history.to_json()})

@@ -178,16 +178,17 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
 
     from dxrag.core.config import load_config
     from dxrag.core.pipeline import SYSTEMS, run_pipeline
-    from dxrag.core.reader.model import Reader, ReaderConfig
+    from dxrag.core.reader.model import Reader
+    from dxrag.core.reader.settings import ReaderSettings
     from dxrag.core.retrieval.encoders import TINY_MODEL, Encoder
 
     data = build_corpus_dataset(roco["jsonl"], roco["queries"], tmp_path / "retinamnist-roco")
     ds = load_dataset(data)
     encoder_dir = Encoder.load(TINY_MODEL).save(tmp_path / "clip")
-    reader_dir = Reader.from_config(ReaderConfig(model="tiny", device="cpu", dtype="float32"), ds).save(
+    reader_dir = Reader.from_config(ReaderSettings(model="tiny", device="cpu", dtype="float32"), ds).save(
         tmp_path / "qwen2vl")
     base_weights = {k: v.clone() for k, v in
-                    Reader.from_config(ReaderConfig(model=str(reader_dir), device="cpu")).hf_model.state_dict().items()}
+                    Reader.from_config(ReaderSettings(model=str(reader_dir), device="cpu")).hf_model.state_dict().items()}
     overrides = {
         "threads": 1, "figures": False,
         "data.path": str(data),
@@ -224,7 +225,7 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
     assert keys and all("lora_" in k for k in keys)
     history = json.loads((run_dir / "stages" / "reader.json").read_text())["history"]
     assert 0 < history["trainable_parameters"] < sum(v.numel() for v in base_weights.values()) / 2
-    reloaded = Reader.from_config(ReaderConfig(model=str(reader_dir), device="cpu")).hf_model.state_dict()
+    reloaded = Reader.from_config(ReaderSettings(model=str(reader_dir), device="cpu")).hf_model.state_dict()
     assert all(torch.equal(reloaded[k], v) for k, v in base_weights.items())
 
     config = json.loads((run_dir / "run.json").read_text())["config"]

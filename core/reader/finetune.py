@@ -19,30 +19,13 @@ from .. import distributed
 from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query, normalize_answer
 from .model import Reader, ReaderError, ScoreRequest, predictions
+from .settings import FinetuneSettings
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
 HISTORY_FILE = "history.json"
-
-
-@dataclass
-class FinetuneConfig:
-    """Training-loop settings (DESIGN.md: tiny reader AdamW lr 2e-3, ~600 steps, batch 16; LoRA lr 1e-4)."""
-
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.1
-    closed_book_fraction: float = 0.2  # share of training prompts whose context is dropped, so one model serves both
-    eval_every: int = 100  # validation accuracy every this many steps (and after the last); 0: only after the last
-    grad_clip: float | None = 1.0
-    gradient_checkpointing: bool = False  # recompute the language model's activations in backward (7B on one GPU)
-    seed: int = 0
-    checkpoint_dir: str | None = None  # resume from / save training state here (trainable weights as safetensors)
-    checkpoint_every: int = 100
 
 
 @dataclass
@@ -65,7 +48,8 @@ def accuracy(reader: Reader, requests: Sequence[ScoreRequest], image_root: str |
 
 
 def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike,
-             config: FinetuneConfig, val_requests: Sequence[ScoreRequest] = ()) -> FinetuneHistory:
+             config: FinetuneSettings, val_requests: Sequence[ScoreRequest] = (), seed: int = 0,
+             checkpoint_dir: str | os.PathLike | None = None) -> FinetuneHistory:
     """Train the reader in place on (query, context) pairs; loss = cross-entropy of the gold answer's tokens.
 
     With `reader.config.lora` set, fresh LoRA adapters are added (unless present) and only they train; with
@@ -89,14 +73,14 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * config.steps), config.steps)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     order: list[int] = []
     first_step = 1
-    if config.checkpoint_dir and (Path(config.checkpoint_dir) / STATE_FILE).exists():
-        first_step, order = _load_checkpoint(Path(config.checkpoint_dir), config, reader, optimizer, schedule, rng,
-                                             history)
-        log.info("resuming reader fine-tuning at step %d from %s", first_step, config.checkpoint_dir)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt and (ckpt / STATE_FILE).exists():
+        first_step, order = _load_checkpoint(ckpt, config, seed, reader, optimizer, schedule, rng, history)
+        log.info("resuming reader fine-tuning at step %d from %s", first_step, ckpt)
 
     def evaluate(step: int) -> None:
         if val_requests:
@@ -126,42 +110,42 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             evaluate(step)
             reader.model.train()
-        if (config.checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0
-                and distributed.is_main()):
-            _save_checkpoint(Path(config.checkpoint_dir), step, order, config, reader, optimizer, schedule, rng,
-                             history)
+        if ckpt and config.checkpoint_every and step % config.checkpoint_every == 0 and distributed.is_main():
+            _save_checkpoint(ckpt, step, order, config, seed, reader, optimizer, schedule, rng, history)
     evaluate(config.steps)
     reader.model.eval()
     return history
 
 
-def _resume_key(config: FinetuneConfig) -> dict:
+def _resume_key(config: FinetuneSettings, seed: int) -> dict:
     """The settings a resumed run must share with the interrupted one."""
-    return {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "eval_every")}
+    key = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "eval_every", "contexts_per_head")}
+    return {**key, "seed": seed}
 
 
-def _save_checkpoint(out: Path, step: int, order: list[int], config: FinetuneConfig, reader: Reader, optimizer,
-                     schedule, rng, history: FinetuneHistory) -> None:
+def _save_checkpoint(out: Path, step: int, order: list[int], config: FinetuneSettings, seed: int, reader: Reader,
+                     optimizer, schedule, rng, history: FinetuneHistory) -> None:
     """Trainable weights (safetensors), optimizer/schedule/sampler state and history, replaced atomically."""
     from safetensors.torch import save_file
 
     weights = {n: p.detach().cpu().contiguous() for n, p in reader.model.named_parameters() if p.requires_grad}
     with atomic_dir(out) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save({"step": step, "order": order, "config": _resume_key(config), "optimizer": optimizer.state_dict(),
+        torch.save({"step": step, "order": order, "config": _resume_key(config, seed),
+                    "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
         (tmp / HISTORY_FILE).write_text(json.dumps(history.to_json()), encoding="utf-8")
 
 
-def _load_checkpoint(src: Path, config: FinetuneConfig, reader: Reader, optimizer, schedule, rng,
+def _load_checkpoint(src: Path, config: FinetuneSettings, seed: int, reader: Reader, optimizer, schedule, rng,
                      history: FinetuneHistory) -> tuple[int, list[int]]:
     from safetensors.torch import load_file
 
     state = torch.load(src / STATE_FILE, weights_only=True)
-    if state["config"] != _resume_key(config):
+    if state["config"] != _resume_key(config, seed):
         raise ReaderError(f"{src / STATE_FILE}: written by a run with settings {state['config']}, which differ from "
-                          f"{_resume_key(config)}; use another checkpoint_dir or the same settings")
+                          f"{_resume_key(config, seed)}; use another checkpoint_dir or the same settings")
 
     weights = load_file(str(src / WEIGHTS_FILE))
     params = dict(reader.model.named_parameters())

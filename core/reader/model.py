@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,13 +20,13 @@ from .. import distributed
 from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query
 from .prompts import PROMPT_WORDS, PromptRenderer, prompt_images
+from .settings import LoraSettings, ReaderSettings, TinyReaderSettings
 
 log = logging.getLogger(__name__)
 
 # Model families whose prompt layout (image placeholder expansion, M-RoPE positions, vision features scattered into the
 # token embeddings) this module implements; loading another model type fails with a clear error.
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-SCORING_MODES = ("auto", "first_token", "full")
 # PEFT target regex: every linear projection of the language model (attention and MLP), none of the vision tower.
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -48,51 +48,6 @@ TINY_IMAGE_PIXELS = 56 * 56
 class ReaderError(ValueError):
     """Bad reader input (unreadable image, over-long prompt, ambiguous candidates, unsupported model); the message
     names the request and field at fault and what would be valid."""
-
-
-@dataclass
-class LoraSettings:
-    """PEFT LoRA adapter settings (DESIGN.md: rank 8, alpha 16, dropout 0, the language model's linear layers)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: str | list[str] = LANGUAGE_MODEL_LINEAR  # a regex (full match) or a list of module-name suffixes
-
-
-@dataclass
-class TinyReaderSettings:
-    """Shape of the random-weight Qwen2-VL of the embedded default (DESIGN.md's measured settings, ~0.3 M params)."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    layers: int = 2
-    heads: int = 2
-    mrope_section: list[int] = field(default_factory=lambda: [6, 5, 5])  # sums to hidden_size / heads / 2
-    vision_depth: int = 2
-    vision_dim: int = 64
-    vision_heads: int = 2
-    patch_size: int = 14
-    max_position_embeddings: int = 512
-
-
-@dataclass
-class ReaderConfig:
-    """How to build the reader. `model`: "tiny" (random weights, vocabulary from the dataset), a hub name or a local
-    directory written by `Reader.save`. `lora`: adapter settings for fine-tuning, or None to train every weight."""
-
-    model: str = "tiny"
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
-    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
-    max_length: int | None = None  # prompt + answer tokens; None: the model's max_position_embeddings
-    max_pixels: int | None = None  # images are resized to at most this many pixels; None: the processor's setting
-    batch_size: int = 64
-    scoring: str = "auto"  # auto (single-token when every candidate is one token), first_token, full
-    lora: LoraSettings | None = None
-    adapter: str | None = None  # directory of saved LoRA adapters to load on top of `model`
-    image_cache: int = 8192  # preprocessed images kept in memory (LRU)
-    seed: int = 0
-    tiny: TinyReaderSettings = field(default_factory=TinyReaderSettings)
 
 
 @dataclass(frozen=True)
@@ -215,7 +170,7 @@ class Reader:
     Images are read from `image_root` (the dataset directory) given to `score`; preprocessed images are cached.
     """
 
-    def __init__(self, model, processor, config: ReaderConfig):
+    def __init__(self, model, processor, config: ReaderSettings):
         self.config = config
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -225,8 +180,10 @@ class Reader:
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ReaderError(f"reader model {config.model!r}: model type {hf_config.model_type!r} is not supported; "
                               f"supported: {list(SUPPORTED_MODEL_TYPES)}")
-        if config.scoring not in SCORING_MODES:
-            raise ReaderError(f"reader scoring {config.scoring!r} is not one of {list(SCORING_MODES)}")
+        try:
+            config.check()
+        except ValueError as e:
+            raise ReaderError(str(e)) from None
         self.device = next(self.hf_model.parameters()).device
         self.image_token_id = hf_config.image_token_id
         self.merge = hf_config.vision_config.spatial_merge_size
@@ -242,15 +199,16 @@ class Reader:
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
-    def from_config(cls, config: ReaderConfig, dataset: Dataset | None = None) -> "Reader":
-        """Build the tiny reader (`model: tiny`, vocabulary from `dataset`) or load one with `from_pretrained`."""
+    def from_config(cls, config: ReaderSettings, dataset: Dataset | None = None, seed: int = 0) -> "Reader":
+        """Build the tiny reader (`model: tiny`, vocabulary from `dataset`, weights from `seed`) or load one with
+        `from_pretrained`."""
         device = torch.device(distributed.resolve_device(config.device))
         dtype = _resolve_dtype(config.dtype, device)
         if config.model == "tiny":
             if dataset is None:
                 raise ReaderError("reader model 'tiny' builds its vocabulary from the dataset; pass dataset=")
             processor = build_tiny_processor(*vocabulary_from_dataset(dataset))
-            model = build_tiny_model(processor, config.tiny, seed=config.seed)
+            model = build_tiny_model(processor, config.tiny, seed=seed)
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -272,13 +230,13 @@ class Reader:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=settings.target_modules, bias="none")
+                          target_modules=settings.target_modules or LANGUAGE_MODEL_LINEAR, bias="none")
         self.model = get_peft_model(self.hf_model, lora)
         self.hf_model = self.model.get_base_model()
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write the reader atomically: the full model and processor, or only the LoRA adapters (safetensors) plus
-        the processor when adapters are attached (load with `ReaderConfig(model=<base>, adapter=out_dir)`)."""
+        the processor when adapters are attached (load with `ReaderSettings(model=<base>, adapter=out_dir)`)."""
         out = Path(out_dir)
         with atomic_dir(out) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)

@@ -60,9 +60,10 @@ def toy_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_reader(toy_dataset):
-    from dxrag.core.reader.model import Reader, ReaderConfig
+    from dxrag.core.reader.model import Reader
+    from dxrag.core.reader.settings import ReaderSettings
 
-    return Reader.from_config(ReaderConfig(model="tiny", device="cpu", batch_size=8), dataset=toy_dataset)
+    return Reader.from_config(ReaderSettings(model="tiny", device="cpu", batch_size=8), dataset=toy_dataset)
 
 
 def context_for(dataset, query, shift: int = 0):

@@ -7,9 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.finetune import FinetuneConfig, accuracy, finetune  # noqa: E402
-from dxrag.core.reader.model import (LoraSettings, Reader, ReaderConfig, ReaderError, ScoreRequest,  # noqa: E402
+from dxrag.core.reader.finetune import accuracy, finetune  # noqa: E402
+from dxrag.core.reader.model import (Reader, ReaderError, ScoreRequest,  # noqa: E402
                                      predictions)
+from dxrag.core.reader.settings import FinetuneSettings, LoraSettings, ReaderSettings  # noqa: E402
 from dxrag.core.records import CorpusItem, Query  # noqa: E402
 
 from .conftest import LABELS, context_for  # noqa: E402
@@ -70,7 +71,7 @@ def tiny_qwen2_5_vl(tiny_reader):
                            fullatt_block_indexes=[1]))
     torch.manual_seed(0)
     return Reader(Qwen2_5_VLForConditionalGeneration(config).eval(), tiny_reader.processor,
-                  ReaderConfig(model="tiny-qwen2.5-vl"))
+                  ReaderSettings(model="tiny-qwen2.5-vl"))
 
 
 def test_tiny_reader_shape(tiny_reader, toy_dataset):
@@ -134,7 +135,7 @@ def test_fast_path_equals_the_library_forward(tiny_reader, toy_dataset, family):
 
 def test_single_token_mode_equals_full_mode(toy_dataset, tiny_reader):
     requests = mixed_requests(toy_dataset, 6)
-    full = Reader(tiny_reader.model, tiny_reader.processor, ReaderConfig(model="tiny", scoring="full"))
+    full = Reader(tiny_reader.model, tiny_reader.processor, ReaderSettings(model="tiny", scoring="full"))
     for a, b in zip(tiny_reader.score(requests, toy_dataset.root), full.score(requests, toy_dataset.root)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -148,7 +149,7 @@ def test_prefix_candidates_are_scored_as_complete_answers(tiny_reader, toy_datas
 
 
 def test_shared_first_token_is_an_error_in_single_token_mode(tiny_reader, toy_dataset):
-    first = Reader(tiny_reader.model, tiny_reader.processor, ReaderConfig(model="tiny", scoring="first_token"))
+    first = Reader(tiny_reader.model, tiny_reader.processor, ReaderSettings(model="tiny", scoring="first_token"))
     q = toy_dataset.queries["val"][0]
     with pytest.raises(ReaderError, match="share their first token 'mild'"):
         first.score([ScoreRequest(q, None, ("mild disease", "mild eye"))], toy_dataset.root)
@@ -179,19 +180,19 @@ def test_save_load_round_trip_gives_identical_scores(tiny_reader, toy_dataset, t
     requests = mixed_requests(toy_dataset, 6)
     out = tiny_reader.save(tmp_path / "reader")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    loaded = Reader.from_config(ReaderConfig(model=str(out), device="cpu"))
+    loaded = Reader.from_config(ReaderSettings(model=str(out), device="cpu"))
     for a, b in zip(tiny_reader.score(requests, toy_dataset.root), loaded.score(requests, toy_dataset.root)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_finetune_with_context_beats_closed_book(toy_dataset):
     """Toy task where the context's text states the answer: the fine-tuned reader reads it, closed-book cannot."""
-    reader = Reader.from_config(ReaderConfig(model="tiny", device="cpu", seed=1), dataset=toy_dataset)
+    reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset, seed=1)
     examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     val = [ScoreRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["val"]]
     wrong = [ScoreRequest(q, context_for(toy_dataset, q, shift=2)) for q in toy_dataset.queries["val"]]
     before = accuracy(reader, val, toy_dataset.root)
-    history = finetune(reader, examples, toy_dataset.root, FinetuneConfig(steps=80, eval_every=40), val_requests=val)
+    history = finetune(reader, examples, toy_dataset.root, FinetuneSettings(steps=80, eval_every=40), val_requests=val)
     assert len(history.losses) == 80 and history.val_steps == [40, 80]
     assert history.losses[-1] < history.losses[0] / 4
     assert history.val_accuracy[-1] >= 0.9 > before + 0.3
@@ -201,12 +202,12 @@ def test_finetune_with_context_beats_closed_book(toy_dataset):
 
 
 def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
-    config = ReaderConfig(model="tiny", device="cpu", lora=LoraSettings(r=4, alpha=8))
+    config = ReaderSettings(model="tiny", device="cpu", lora=LoraSettings(r=4, alpha=8))
     reader = Reader.from_config(config, dataset=toy_dataset)
     reader.add_lora(config.lora)
     before = {k: v.clone() for k, v in reader.model.state_dict().items()}
     examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
-    history = finetune(reader, examples, toy_dataset.root, FinetuneConfig(steps=5, eval_every=0, lr=1e-2))
+    history = finetune(reader, examples, toy_dataset.root, FinetuneSettings(steps=5, eval_every=0, lr=1e-2))
     after = {k: v for k, v in reader.model.state_dict().items()}
     changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}
     assert len(changed) > 4 and all("lora_" in k for k in changed)
@@ -215,8 +216,8 @@ def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
     out = reader.save(tmp_path / "adapters")
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     requests = mixed_requests(toy_dataset, 4)
-    reloaded_base = Reader.from_config(ReaderConfig(model="tiny", device="cpu"), dataset=toy_dataset)
-    reloaded = Reader.from_config(ReaderConfig(model="tiny", device="cpu", adapter=str(out)), dataset=toy_dataset)
+    reloaded_base = Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset)
+    reloaded = Reader.from_config(ReaderSettings(model="tiny", device="cpu", adapter=str(out)), dataset=toy_dataset)
     for a, b, c in zip(reader.score(requests, toy_dataset.root), reloaded.score(requests, toy_dataset.root),
                        reloaded_base.score(requests, toy_dataset.root)):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -226,10 +227,10 @@ def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
 
 def test_interrupted_finetune_resumes_to_the_same_result(toy_dataset, tmp_path, monkeypatch):
     examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
-    config = FinetuneConfig(steps=8, batch_size=4, eval_every=0, checkpoint_dir=str(tmp_path / "ckpt"),
-                            checkpoint_every=3)
-    fresh = lambda: Reader.from_config(ReaderConfig(model="tiny", device="cpu"), dataset=toy_dataset)  # noqa: E731
-    whole = finetune(fresh(), examples, toy_dataset.root, FinetuneConfig(steps=8, batch_size=4, eval_every=0))
+    config = FinetuneSettings(steps=8, batch_size=4, eval_every=0, checkpoint_every=3)
+    ckpt = tmp_path / "ckpt"
+    fresh = lambda: Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset)  # noqa: E731
+    whole = finetune(fresh(), examples, toy_dataset.root, FinetuneSettings(steps=8, batch_size=4, eval_every=0))
 
     interrupted = fresh()
     calls = {"n": 0}
@@ -243,11 +244,11 @@ def test_interrupted_finetune_resumes_to_the_same_result(toy_dataset, tmp_path, 
 
     monkeypatch.setattr(Reader, "answer_loss", failing_loss)
     with pytest.raises(KeyboardInterrupt):
-        finetune(interrupted, examples, toy_dataset.root, config)
+        finetune(interrupted, examples, toy_dataset.root, config, checkpoint_dir=ckpt)
     monkeypatch.setattr(Reader, "answer_loss", real_loss)
     assert (tmp_path / "ckpt" / "trainable.safetensors").is_file()
-    resumed = finetune(fresh(), examples, toy_dataset.root, config)  # picks up after step 3
+    resumed = finetune(fresh(), examples, toy_dataset.root, config, checkpoint_dir=ckpt)  # picks up after step 3
     np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-5)
     with pytest.raises(ReaderError, match="differ from"):
-        finetune(fresh(), examples, toy_dataset.root, FinetuneConfig(steps=9, batch_size=4,
-                                                                     checkpoint_dir=str(tmp_path / "ckpt")))
+        finetune(fresh(), examples, toy_dataset.root, FinetuneSettings(steps=9, batch_size=4),
+                 checkpoint_dir=ckpt)
