@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 
 from . import stats
 from ..core.dataset import sha256_file
-from ..core.training.runs import versions
+from ..core.provenance import git_hash, versions
 from .consistency import QueryMetrics, query_metrics
 from .oracle import oracle_at_k
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
@@ -366,7 +366,8 @@ class OracleReport:
         for role, table in (("contexts", self.contexts), ("answers", self.answers), ("rerank", self.rerank)):
             if table is not None:
                 inputs[role] = {"path": str(Path(table.path).resolve()), "sha256": sha256_file(Path(table.path))}
-        return {"inputs": inputs, "arguments": self.arguments, "versions": versions(ANALYSIS_PACKAGES)}
+        return {"inputs": inputs, "arguments": self.arguments, "git": git_hash(),
+                "versions": versions(ANALYSIS_PACKAGES)}
 
     # ------------------------------------------------------------------------------------------ writing
 

@@ -6,12 +6,12 @@ Heavy modules (torch, transformers) are imported inside the subcommands that nee
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from . import __version__
 from .dataset import DatasetError, load_dataset
+from .logs import setup_logging
 
 EXAMPLES = """\
 examples:
@@ -67,16 +67,72 @@ def _describe(path: Path, decode_images: bool = False) -> None:
           f"corpus {len(ds.corpus)}, queries: {splits}")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_from_args
+TRAIN_MODULES = {"torch": "torch", "transformers": "transformers", "peft": "peft", "open_clip": "open_clip_torch",
+                 "faiss": "faiss-cpu", "safetensors": "safetensors"}
 
-    return run_from_args(args)
+
+def require_train_extra(command: str) -> None:
+    """Stop with the install command when the packages of the `train` extra are missing (a base install has only the
+    analysis)."""
+    from importlib.util import find_spec
+
+    missing = [pkg for module, pkg in TRAIN_MODULES.items() if find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"dxrag {command}: needs the 'train' extra ({', '.join(missing)} not installed); install it "
+                         f"with: pip install 'dxrag[train]' (or, in a checkout, make install)")
+
+
+def format_summary(summary: dict) -> str:
+    """The terminal summary of a finished run: accuracy per system with intervals, joint vs rag, the compact oracle
+    table and where everything was written."""
+    lines = ["", "dxrag run finished in %.0f s" % summary["wall_s"]]
+    if summary.get("reused_stages"):
+        lines[-1] += f" (reused from the run directory: {', '.join(summary['reused_stages'])})"
+    lines.append("")
+    metrics = dict(summary["metrics"])
+    paired = metrics.pop("joint_vs_rag", None)
+    lines.append(f"{'system':<14}{'n':>6}  {'accuracy [95% CI]':<22}{'macro-F1':>9}")
+    for system, m in metrics.items():
+        acc = f"{m['accuracy']:.3f} [{m['accuracy_lo']:.3f},{m['accuracy_hi']:.3f}]"
+        lines.append(f"{system:<14}{m['n']:>6}  {acc:<22}{m['macro_f1']:>9.3f}")
+    if paired:
+        lines.append(f"joint vs rag (exact McNemar): {paired['only_joint']} queries only joint gets right, "
+                     f"{paired['only_rag']} only rag, p = {paired['p_value']:.3g}")
+    if summary.get("compact"):
+        lines += ["", summary["compact"]]
+    lines += ["", f"run directory: {summary['run_dir']}", f"prediction tables: {summary['contexts']}, "
+              f"{summary['answers']}"]
+    if summary.get("val_contexts"):
+        lines.append(f"validation prediction tables: {summary['val_contexts']}, {summary['val_answers']}")
+    if summary.get("report"):
+        lines.append(f"analysis report: {summary['report']} (summary.md, CSV tables, figures/)")
+    return "\n".join(lines)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    require_train_extra("run")
+    from . import distributed
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    try:
+        cfg = load_config(args.config, _parse_sets(args.set))
+        summary = run_pipeline(cfg, args.run_dir, args.report_dir, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        distributed.close()
+    if distributed.is_main():
+        print(format_summary(summary))
+    return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_from_args
+    require_train_extra("sweep")
+    from .sweep import sweep
 
-    return run_from_args(args)
+    _, text, out = sweep(args.config, args.seeds, _parse_sets(args.set), vary_data=not args.same_data)
+    print(text)
+    print(f"written: {out}/seeds.csv, {out}/seeds.md")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dxrag {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the INFO logs of third-party libraries (faiss, open_clip, ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="create or validate a dataset directory",
@@ -149,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ValueError as e:

@@ -93,12 +93,3 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
         frame.to_csv(tmp / "seeds.csv", index=False)
         (tmp / "seeds.md").write_text(text, encoding="utf-8")
     return frame, text, out
-
-
-def run_from_args(args) -> int:
-    from .cli import _parse_sets
-
-    _, text, out = sweep(args.config, args.seeds, _parse_sets(args.set), vary_data=not args.same_data)
-    print(text)
-    print(f"written: {out}/seeds.csv, {out}/seeds.md")
-    return 0

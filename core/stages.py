@@ -1,0 +1,291 @@
+"""The stages of `dxrag run`, one function each: dataset, encoder (+ contrastive stage), indexes, reader fine-tuning
+with retrieved context, retriever distillation per head, per-context predictions, oracle report. Each stage leaves a
+marker in the run directory and, when it finds its marker, loads its result instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import distributed
+from .config import RunConfig
+from .dataset import Dataset, load_dataset
+from .predictions import PredictionLog, read_logs
+from .records import Answer, ContextPrediction, Query
+from .training.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("closed-book", "rag", "joint")
+HEADS = ("image", "text")
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the resolved config, the run directory (markers, checkpoints) and the report dir."""
+
+    cfg: RunConfig
+    run: RunDir
+    report_dir: Path
+
+
+@dataclass
+class QueryInputs:
+    """Per split: the query images preprocessed for the retriever, their untrained (frozen) embeddings, and the corpus
+    ids each query must never retrieve (its own image)."""
+
+    pixels: dict[str, Any]
+    frozen: dict[str, np.ndarray]
+    exclude: dict[str, list[set[str]]]
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def same_image_exclusions(ds: Dataset, queries: Sequence[Query]) -> list[set[str]]:
+    """Per query, the corpus ids that show the query's own image (dataset.yaml `extra.same_image_keys`, else the
+    same image path), which retrieval must never return."""
+    keys = ds.meta.extra.get("same_image_keys")
+    if keys:
+        by_key: dict[tuple, set[str]] = {}
+        for item in ds.corpus:
+            k = tuple(item.metadata.get(key) for key in keys)
+            if None not in k:
+                by_key.setdefault(k, set()).add(item.id)
+        return [set(by_key.get(tuple(q.metadata.get(key) for key in keys), ())) for q in queries]
+    by_path: dict[str, set[str]] = {}
+    for item in ds.corpus:
+        by_path.setdefault(item.image, set()).add(item.id)
+    return [set(by_path.get(q.image, ())) for q in queries]
+
+
+def closed_questions(ds: Dataset) -> Dataset:
+    """The dataset with only the queries the reader can score: those with at least two candidate answers (VQA sets
+    keep open questions with free-text answers; the pipeline evaluates the closed ones)."""
+    kept = {split: [q for q in qs if len(q.candidates) >= 2] for split, qs in ds.queries.items()}
+    for split, qs in ds.queries.items():
+        if len(kept[split]) < len(qs):
+            log.info("%s: %d of %d %s queries are open questions without candidate answers; left out",
+                     ds.root, len(qs) - len(kept[split]), len(qs), split)
+    return dataclasses.replace(ds, queries=kept)
+
+
+def interleave(hits: dict[str, list[tuple[str, float]]], order: Sequence[str]) -> list[tuple[str, str, float]]:
+    """Merge the heads' ranked lists into one ranking: order[0]'s 1st, order[1]'s 1st, order[0]'s 2nd, ..."""
+    out = []
+    for i in range(max(len(h) for h in hits.values())):
+        for head in order:
+            if i < len(hits[head]):
+                item_id, score = hits[head][i]
+                out.append((head, item_id, score))
+    return out
+
+
+def fuse(probs: np.ndarray, scores: np.ndarray, tau: float) -> np.ndarray:
+    """Per-context label distributions (n, C) weighted by softmax(retrieval score / tau) over the n contexts."""
+    w = np.exp((scores - scores.max()) / tau)
+    w /= w.sum()
+    return (w[:, None] * probs).sum(0)
+
+
+def main_first(fn, *args):
+    """Run a stage on the main process while the others wait, then let them load its result from disk."""
+    if distributed.is_main():
+        result = fn(*args)
+        distributed.barrier()
+        return result
+    distributed.barrier()
+    return fn(*args)
+
+
+# -------------------------------------------------------------------------------------------------------- stages
+
+
+def dataset(ctx: RunContext) -> Dataset:
+    """The dataset: an existing directory, or built into the run directory (synthetic or MedMNIST)."""
+    cfg = ctx.cfg.data
+    if cfg.kind == "dir":
+        return load_dataset(cfg.path)
+    path = ctx.run / "data"
+    if not ctx.run.stage_done("data"):
+        if cfg.kind == "medmnist":
+            from .data.medmnist import convert_medmnist
+
+            convert_medmnist(cfg.flag, path, npz=Path(cfg.npz) if cfg.npz else None, overwrite=True, seed=cfg.seed)
+        else:
+            from .data.synth import generate
+
+            generate(path, seed=cfg.seed, overwrite=True, **cfg.synth)
+        ctx.run.mark_done("data", {"path": str(path)})
+    return load_dataset(path)
+
+
+def encoder(ctx: RunContext, ds: Dataset):
+    """The retriever's encoder, after the optional contrastive stage on the corpus; saved in the run directory."""
+    from .retrieval.encoders import Encoder, PretrainConfig, pretrain_contrastive
+
+    cfg = ctx.cfg.retriever
+    device = distributed.resolve_device(cfg.device)
+    saved = ctx.run / "encoder"
+    if ctx.run.stage_done("encoder"):
+        return Encoder.load(f"local-dir:{saved}", device=device)
+    enc = Encoder.load(cfg.encoder, pretrained=cfg.pretrained, device=device)
+    info: dict[str, Any] = {"encoder": cfg.encoder}
+    if cfg.pretrain is not None:
+        info["pretrain_losses"] = pretrain_contrastive(
+            enc, [ds.image_path(c.image) for c in ds.corpus], [c.text for c in ds.corpus],
+            PretrainConfig(seed=ctx.cfg.seed, **dataclasses.asdict(cfg.pretrain)))
+    enc.save(saved)
+    ctx.run.mark_done("encoder", info)
+    return Encoder.load(f"local-dir:{saved}", device=device)
+
+
+def index(ctx: RunContext, ds: Dataset, enc):
+    """The image and text indexes of the corpus (frozen document embeddings)."""
+    from .retrieval.retriever import Retriever, build_retriever
+
+    path = ctx.run / "index"
+    if ctx.run.stage_done("index"):
+        return Retriever.load(path, enc, ds.corpus_checksum)
+    retriever = build_retriever(ds, enc, path, kind=ctx.cfg.retriever.index, batch_size=ctx.cfg.retriever.batch_size)
+    ctx.run.mark_done("index", {"count": len(ds.corpus)})
+    return retriever
+
+
+def query_inputs(ctx: RunContext, ds: Dataset, enc) -> QueryInputs:
+    """Preprocessed query images, frozen embeddings and same-image exclusions of the splits the run uses."""
+    splits = [s for s in dict.fromkeys(("train", "val", ctx.cfg.inference.split)) if s in ds.queries]
+    pixels = {s: enc.preprocess_images([ds.image_path(q.image) for q in ds.queries[s]]) for s in splits}
+    return QueryInputs(pixels, {s: enc.encode_image_tensor(p) for s, p in pixels.items()},
+                       {s: same_image_exclusions(ds, ds.queries[s]) for s in splits})
+
+
+def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
+    """The reader fine-tuned on single-context prompts from the untrained retriever (top-n of each head per training
+    query), validated on the val queries' top image context."""
+    from .reader.finetune import finetune
+    from .reader.model import Reader, ScoreRequest
+
+    cfg, seed = ctx.cfg.reader, ctx.cfg.seed
+    saved = ctx.run / "reader"
+    if ctx.run.stage_done("reader"):
+        if cfg.lora is not None:
+            return Reader.from_config(dataclasses.replace(cfg, adapter=str(saved), lora=None), ds, seed)
+        return Reader.from_config(dataclasses.replace(cfg, model=str(saved)), ds, seed)
+    model = Reader.from_config(cfg, ds, seed)
+    ft = cfg.finetune
+    items = ds.corpus_by_id()
+    hits = retriever.search({h: q.frozen["train"] for h in HEADS}, ft.contexts_per_head, q.exclude["train"])
+    examples = [(query, items[item_id]) for head in HEADS
+                for query, row in zip(ds.queries["train"], hits[head]) for item_id, _ in row]
+    val = ds.queries.get("val", [])
+    val_hits = retriever.search({"image": q.frozen["val"]}, 1, q.exclude["val"])["image"] if val else []
+    val_requests = [ScoreRequest(query, items[row[0][0]]) for query, row in zip(val, val_hits) if row]
+    history = finetune(model, examples, ds.root, ft, val_requests=val_requests, seed=seed,
+                       checkpoint_dir=ctx.run / "checkpoints" / "reader")
+    if distributed.is_main():
+        model.save(saved)
+        ctx.run.mark_done("reader", {"examples": len(examples), "history": history.to_json()})
+    distributed.barrier()
+    return model
+
+
+def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs) -> dict[str, Any]:
+    """The trained query tower of each head (distilled from the frozen reader's judgement, in the configured order);
+    a head left out of training stays the untrained retriever."""
+    from .retrieval.heads import QueryTower
+    from .training.distill import DistillTask, ReaderJudge, train_head
+
+    cfg = ctx.cfg.distill
+    towers = {}
+    judge = ReaderJudge(model, ds.root, ds.queries["train"], ds.corpus_by_id(), batch_size=ctx.cfg.reader.batch_size)
+    for head in cfg.heads:
+        tower = QueryTower(enc, head, alpha=cfg.alpha)
+        path = ctx.run / "heads" / f"{head}.safetensors"
+        if ctx.run.stage_done(f"distill-{head}"):
+            towers[head] = tower.load(path)
+            continue
+        task = DistillTask(tower, retriever.indexes[head], judge, q.pixels["train"], q.exclude["train"],
+                           candidates=cfg.candidates, tau_gold=cfg.tau_gold, tau_retriever=cfg.tau_retriever,
+                           prior_tilt=cfg.prior_tilt)
+        history = train_head(task, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.refresh_every,
+                             seed=ctx.cfg.seed, checkpoint_dir=ctx.run / "checkpoints" / f"distill-{head}",
+                             checkpoint_every=cfg.checkpoint_every)
+        if distributed.is_main():
+            tower.save(path)
+            ctx.run.mark_done(f"distill-{head}", {"history": history})
+        distributed.barrier()
+        towers[head] = tower
+    for head in HEADS:
+        towers.setdefault(head, QueryTower(enc, head, alpha=cfg.alpha))
+    return towers
+
+
+def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towers, split: str,
+            log_dir: Path) -> list[dict]:
+    """Per-context predictions of closed-book, rag and joint on `split`, logged as they are produced (a rerun skips
+    finished queries); every process of a torchrun group scores its shard. Returns every finished row."""
+    from tqdm.auto import tqdm
+
+    from .reader.model import ScoreRequest
+
+    cfg = ctx.cfg.inference
+    queries = ds.queries[split]
+    items = ds.corpus_by_id()
+    plog = PredictionLog(log_dir)
+    hits = {"rag": retriever.search({h: q.frozen[split] for h in HEADS}, cfg.top_n, q.exclude[split]),
+            "joint": retriever.search({h: towers[h].embed(q.pixels[split]) for h in HEADS}, cfg.top_n,
+                                      q.exclude[split])}
+    todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
+                              if (s, queries[qi].id) not in plog.done])
+    chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n))
+    bar = tqdm(total=len(todo), desc=f"per-context predictions ({split})", unit="query",
+               disable=not distributed.is_main())
+    try:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            plans = [(system, queries[qi], [("", "", 0.0)] if system == "closed-book" else
+                      interleave({h: hits[system][h][qi] for h in HEADS}, cfg.rank_order)) for system, qi in part]
+            requests = [ScoreRequest(query, items[item_id] if item_id else None)
+                        for _, query, ranked in plans for _, item_id, _ in ranked]
+            scores = iter(model.score(requests, ds.root, progress=False))
+            for system, query, ranked in plans:
+                probs = np.stack([np.exp(next(scores)) for _ in ranked])
+                _log_query(plog, system, query, ranked, probs, ctx.cfg.distill.tau_retriever)
+            bar.update(len(part))
+    finally:
+        bar.close()
+        plog.close()
+    distributed.barrier()  # every process's share is written
+    return read_logs(log_dir)
+
+
+def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np.ndarray, tau: float) -> None:
+    """One query's context rows and its final answer (closed-book: the one prompt; else the fused contexts)."""
+    cands = list(query.candidates)
+    if system == "closed-book":
+        plog.write([], Answer(system, query.id, cands[int(probs[0].argmax())], query.label,
+                              dict(zip(cands, map(float, probs[0])))))
+        return
+    rows = [ContextPrediction(system, query.id, rank, query.label, cands[int(p.argmax())], item_id, head,
+                              float(score), dict(zip(cands, map(float, p))))
+            for rank, ((head, item_id, score), p) in enumerate(zip(ranked, probs), 1)]
+    fused = fuse(probs, np.array([s for _, _, s in ranked]), tau)
+    plog.write(rows, Answer(system, query.id, cands[int(fused.argmax())], query.label,
+                            dict(zip(cands, map(float, fused)))))
+
+
+def report(ctx: RunContext, contexts: Path, answers: Path) -> tuple[str, str]:
+    """The oracle report in the report directory; returns its path and the compact terminal table."""
+    from ..analysis.report import OracleReport
+
+    rep = OracleReport.from_tables(contexts, answers=answers, reference="rag",
+                                   fusion_temperature=ctx.cfg.distill.tau_retriever)
+    rep.write(ctx.report_dir, figures=ctx.cfg.figures)
+    return str(ctx.report_dir), rep.compact_table()
