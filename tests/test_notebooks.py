@@ -47,6 +47,7 @@ def test_notebooks_are_stored_without_outputs():
         assert all(not cell.outputs and cell.execution_count is None for cell in code), f"{path}: clear outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_a_pipeline_run(path, small_run, monkeypatch):
     base, _ = small_run
@@ -60,6 +61,7 @@ def test_notebook_runs_on_a_pipeline_run(path, small_run, monkeypatch):
         assert "No rerank file" in notes and "lvlm-rerank" in notes
 
 
+@pytest.mark.slow
 def test_notebooks_run_on_bare_tables_with_a_rerank_file(small_run, tmp_path, monkeypatch):
     """Only the prediction tables (no data/, no run.json) plus a rerank file: 01 skips its examples with a note and
     04 shows the LVLM selector."""

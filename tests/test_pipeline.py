@@ -80,6 +80,7 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(small_run, tmp_path):
     """Kill a run during retriever distillation, resume it, and compare with the uninterrupted run."""
     base, summary = small_run
@@ -115,6 +116,7 @@ def _assert_same_tables(run_dir: Path, summary: dict) -> None:
                 assert a["retrieval_score"] == pytest.approx(b["retrieval_score"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_tables(small_run, tmp_path):
     """torchrun with 2 CPU processes (gloo): sharded reader training, distillation scoring and predictions."""
     base, summary = small_run

@@ -12,6 +12,7 @@ from dxrag_test_support import SMALL
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_sweep_over_two_seeds(tmp_path, capsys, monkeypatch):
     import pandas as pd
 
