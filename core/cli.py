@@ -122,7 +122,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         distributed.close()
     if distributed.is_main():
         print(format_summary(summary))
+        if args.expect:
+            print(expectation_report(Path(summary["run_dir"]), args.expect))
     return 0
+
+
+def expectation_report(run_dir: Path, expected_path: Path) -> str:
+    """Which of a run's numbers fall inside the per-seed ranges of a sweep (`ranges.json`, as quoted in README)."""
+    import json
+
+    from .sweep import check_against, seed_row
+
+    try:
+        expected = json.loads(Path(expected_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{expected_path}: cannot read the expected ranges ({e}); it is the ranges.json a "
+                           f"`dxrag sweep` writes") from None
+    row, _ = seed_row(run_dir)
+    lines, outside = check_against(row, expected)
+    head = (f"this run against the README's ranges ({expected_path}: min-max over seeds "
+            f"{expected.get('seeds')}, git {str(expected.get('git'))[:12]}):")
+    verdict = ("every number lies inside its range" if not outside else
+               f"{outside} number(s) outside the seeds' range: tiny models trained from scratch amplify float "
+               f"differences between CPUs; see README 'Results' for the spread")
+    return "\n".join(["", head, *lines, verdict])
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -189,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the run directory afresh")
     p.add_argument("--run-dir", type=Path, help="override the run directory (default trained/<run name>)")
     p.add_argument("--report-dir", type=Path, help="override the report directory (default reports/<run name>)")
+    p.add_argument("--expect", type=Path, metavar="RANGES_JSON",
+                   help="afterwards, say which numbers fall inside a sweep's per-seed ranges (make demo passes "
+                        "docs/results/embedded-seeds.json, the ranges README quotes)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sweep", help="run a config over several seeds and report how robust joint - rag is",

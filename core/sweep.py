@@ -1,5 +1,6 @@
 """`dxrag sweep`: the same config over several seeds, and how robust joint − rag is across them (per-seed deltas,
-mean ± standard error, and an exact McNemar test pooled over every seed's queries).
+mean ± standard error, and an exact McNemar test pooled over every seed's queries); the per-seed ranges it writes are
+what README figures quote and what `dxrag run --expect` checks a single run against.
 """
 
 from __future__ import annotations
@@ -18,30 +19,44 @@ from .records import normalize_answer
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("seed", "closed_book_acc", "rag_acc", "joint_acc", "delta_fused", "delta_fused_inconsistent",
-           "delta_top1", "only_joint", "only_rag")
+COLUMNS = ("seed", "closed_book_acc", "closed_book_macro_f1", "closed_book_distinct", "rag_acc", "joint_acc",
+           "rag_inconsistent_rate", "rag_oracle", "closed_book_acc_consistent", "closed_book_acc_inconsistent",
+           "delta_fused", "delta_fused_inconsistent", "delta_top1", "only_joint", "only_rag")
+# the columns whose per-seed range a single run is checked against (`dxrag run --expect`)
+RANGE_COLUMNS = ("closed_book_acc", "closed_book_macro_f1", "rag_acc", "joint_acc", "rag_inconsistent_rate",
+                 "rag_oracle", "closed_book_acc_consistent", "closed_book_acc_inconsistent", "delta_fused")
 
 
-def _seed_row(seed: int, run_dir: Path) -> tuple[dict[str, Any], list[tuple[bool, bool]]]:
+def seed_row(run_dir: Path, seed: int | None = None) -> tuple[dict[str, Any], list[tuple[bool, bool]]]:
+    """The sweep-table row of one finished run directory, and its (joint right, rag right) pairs per test query."""
     from ..analysis.report import OracleReport
 
     contexts, answers = run_dir / "predictions" / "contexts.jsonl", run_dir / "predictions" / "answers.jsonl"
-    config = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"]
+    record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["metrics"]
     report = OracleReport.from_tables(contexts, answers=answers, reference="rag",
-                                      fusion_temperature=config["distill"]["tau_retriever"])
+                                      fusion_temperature=record["config"]["distill"]["tau_retriever"])
     acc = report.subsets().set_index(["system", "method", "subset"])["acc"]
+    summary = report.summary().set_index("system")
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
     right = {(r["system"], r["query_id"]): normalize_answer(r["label"]) == normalize_answer(r["prediction"])
              for r in rows}
     pairs = [(right[("joint", q)], right[("rag", q)]) for s, q in sorted(right) if s == "joint"]
+    nan = float("nan")
     row = {
-        "seed": seed,
-        "closed_book_acc": acc.get(("closed-book", "answer", "all"), float("nan")),
+        "seed": record["seed"] if seed is None else seed,
+        "closed_book_acc": acc.get(("closed-book", "answer", "all"), nan),
+        "closed_book_macro_f1": metrics.get("closed-book", {}).get("macro_f1", nan),
+        "closed_book_distinct": len({normalize_answer(r["prediction"]) for r in rows if r["system"] == "closed-book"}),
         "rag_acc": acc[("rag", "answer", "all")],
         "joint_acc": acc[("joint", "answer", "all")],
+        "rag_inconsistent_rate": float(summary.loc["rag", "inconsistent_rate"]),
+        "rag_oracle": float(summary.loc["rag", "oracle_acc"]),
+        "closed_book_acc_consistent": acc.get(("closed-book", "answer", "consistent"), nan),
+        "closed_book_acc_inconsistent": acc.get(("closed-book", "answer", "inconsistent"), nan),
         "delta_fused": acc[("joint", "answer", "all")] - acc[("rag", "answer", "all")],
-        "delta_fused_inconsistent": (acc.get(("joint", "answer", "inconsistent"), float("nan"))
-                                     - acc.get(("rag", "answer", "inconsistent"), float("nan"))),
+        "delta_fused_inconsistent": (acc.get(("joint", "answer", "inconsistent"), nan)
+                                     - acc.get(("rag", "answer", "inconsistent"), nan)),
         "delta_top1": acc[("joint", "top1", "all")] - acc[("rag", "top1", "all")],
         "only_joint": sum(a and not b for a, b in pairs),
         "only_rag": sum(b and not a for a, b in pairs),
@@ -49,22 +64,52 @@ def _seed_row(seed: int, run_dir: Path) -> tuple[dict[str, Any], list[tuple[bool
     return row, pairs
 
 
+def seed_ranges(frame) -> dict[str, dict[str, float]]:
+    """Per column of RANGE_COLUMNS: min, max, mean and standard error over the seeds."""
+    out = {}
+    for col in RANGE_COLUMNS:
+        v = frame[col].to_numpy(dtype=float)
+        v = v[~np.isnan(v)]
+        if len(v):
+            out[col] = {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
+                        "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")}
+    return out
+
+
+def check_against(row: dict[str, Any], expected: dict[str, Any]) -> tuple[list[str], int]:
+    """Lines saying, per expected column, whether this run's value lies inside the seeds' [min, max]; and how many
+    lie outside."""
+    lines, outside = [], 0
+    seeds = expected.get("seeds", [])
+    for col, r in expected["ranges"].items():
+        value = row.get(col)
+        if value is None or np.isnan(value):
+            continue
+        inside = r["min"] - 1e-9 <= value <= r["max"] + 1e-9
+        outside += not inside
+        lines.append(f"  {col:<30}{value:>7.3f}  {'inside ' if inside else 'OUTSIDE'} [{r['min']:.3f}, {r['max']:.3f}]"
+                     f"  (mean {r['mean']:.3f} over {len(seeds)} seeds)")
+    return lines, outside
+
+
 def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_data: bool = True,
           trained: Path = Path("trained"), reports: Path = Path("reports")) -> tuple[Any, str, Path]:
-    """Run (or continue) one pipeline run per seed, then write `<reports>/<run>-seeds/seeds.csv` and `seeds.md`.
-    Returns (the per-seed DataFrame, the Markdown summary, the output directory)."""
+    """Run (or continue) one pipeline run per seed, then write `<reports>/<run>-seeds/seeds.csv`, `seeds.md` and
+    `ranges.json`. Returns (the per-seed DataFrame, the Markdown summary, the output directory)."""
     import pandas as pd
 
     from ..analysis.stats import mcnemar
+    from .provenance import provenance
 
-    name = load_config(config, overrides).run
+    cfg = load_config(config, overrides)
+    name = cfg.run
     rows, pooled = [], []
     for seed in seeds:
         seeded = {**overrides, "seed": seed, **({"data.seed": seed} if vary_data else {})}
         run_dir = trained / f"{name}-seed{seed}"
         log.info("seed %d: %s", seed, run_dir)
         run_pipeline(load_config(config, seeded), run_dir, reports / f"{name}-seed{seed}")
-        row, pairs = _seed_row(seed, run_dir)
+        row, pairs = seed_row(run_dir, seed)
         rows.append(row)
         pooled += pairs
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
@@ -76,6 +121,7 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
         se = values.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
         return f"{values.mean():+.3f} ± {se:.3f}"
 
+    collapsed = frame.loc[frame["closed_book_distinct"] < 2, "seed"].tolist()
     lines = [f"# {name}: joint vs rag over {n} seeds ({'data and models' if vary_data else 'models'} vary)", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
              *("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |"
@@ -86,10 +132,14 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
              f"- on rag's inconsistent queries: {mean_se('delta_fused_inconsistent')}",
              f"- top-1 context: {mean_se('delta_top1')}",
              f"- pooled over {test.n} queries: {test.only_a} only joint right, {test.only_b} only rag right, "
-             f"exact McNemar p = {test.p_value:.3g}"]
+             f"exact McNemar p = {test.p_value:.3g}",
+             f"- closed-book reader answering a single class: {'seeds ' + str(collapsed) if collapsed else 'none'}"]
     text = "\n".join(lines) + "\n"
+    ranges = {**provenance(cfg.to_dict(), cfg.seed), "seeds": list(seeds), "vary_data": vary_data,
+              "ranges": seed_ranges(frame)}
     out = reports / f"{name}-seeds"
     with atomic_dir(out) as tmp:
         frame.to_csv(tmp / "seeds.csv", index=False)
         (tmp / "seeds.md").write_text(text, encoding="utf-8")
+        (tmp / "ranges.json").write_text(json.dumps(ranges, indent=2) + "\n", encoding="utf-8")
     return frame, text, out

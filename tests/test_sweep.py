@@ -38,3 +38,19 @@ def test_sweep_over_two_seeds(tmp_path, capsys, monkeypatch):
     pooled = int(frame["only_joint"].sum()), int(frame["only_rag"].sum())
     assert f"{pooled[0]} only joint right, {pooled[1]} only rag right" in out
     assert (tmp_path / "reports" / "small-seeds" / "seeds.md").read_text().startswith("# small: joint vs rag over 2")
+    ranges = json.loads((tmp_path / "reports" / "small-seeds" / "ranges.json").read_text())
+    assert ranges["seeds"] == [0, 1] and ranges["config"]["run"] == "small"
+    for col in ("rag_acc", "joint_acc", "closed_book_macro_f1"):
+        assert ranges["ranges"][col]["min"] == pytest.approx(frame[col].min())
+        assert ranges["ranges"][col]["max"] == pytest.approx(frame[col].max())
+
+    # a run is checked against the ranges: seed 0 lies inside (it is one of the seeds), a shifted range is outside
+    from dxrag.core.cli import expectation_report
+
+    assert "every number lies inside" in expectation_report(tmp_path / "trained" / "small-seed0",
+                                                            tmp_path / "reports" / "small-seeds" / "ranges.json")
+    ranges["ranges"]["rag_acc"] = {"min": 2.0, "max": 3.0, "mean": 2.5, "se": 0.1}
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps(ranges))
+    text = expectation_report(tmp_path / "trained" / "small-seed0", shifted)
+    assert "1 number(s) outside" in text and "rag_acc" in text and "OUTSIDE" in text
