@@ -32,7 +32,7 @@ def _timed(timings: dict[str, float], name: str, fn, *args):
     t = time.perf_counter()
     result = fn(*args)
     timings[name] = round(time.perf_counter() - t, 2)
-    log.info("stage %-8s %7.1f s", name, timings[name])
+    log.info("stage %-12s %7.1f s", name, timings[name])
     return result
 
 
