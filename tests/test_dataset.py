@@ -302,3 +302,15 @@ def test_legend_integer_keys_from_hand_written_yaml(tmp_path):
     text = (out / "dataset.yaml").read_text() + "legend:\n  0: no disease\n  1: disease\n"
     (out / "dataset.yaml").write_text(text)
     assert load_dataset(out, verify_checksums=False).meta.legend == {"0": "no disease", "1": "disease"}
+
+
+def test_external_corpus_keeps_label_sets_and_legend(tmp_path):
+    from dxrag.core.data.corpus import build_corpus_dataset
+
+    src = _write_multilabel(tmp_path / "ml")
+    _edit_yaml(src, legend={x: x.upper() for x in FINDINGS})
+    jsonl = tmp_path / "kb.jsonl"
+    jsonl.write_text(json.dumps({"id": "k0", "img_path": str(src / "images" / "c0.png"), "text": "a mass"}) + "\n")
+    ds = load_dataset(build_corpus_dataset(jsonl, src, tmp_path / "out"))
+    assert ds.meta.task == "multilabel" and ds.meta.allow_empty and ds.meta.legend["mass"] == "MASS"
+    assert [q.label_set for q in ds.queries["test"]] == [("mass",), ("effusion", "nodule"), ()]
