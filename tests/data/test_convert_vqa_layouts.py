@@ -236,9 +236,11 @@ def test_shared_vqarad_as_hub_parquet(tmp_path):
         pq.write_table(table, hub / "data" / f"{split}-00000-of-00001.parquet")
     ds = load_dataset(vl.convert_hf(hub, tmp_path / "out"))
     assert len(ds.queries["train"]) + len(ds.queries["val"]) == 3064 and len(ds.queries["test"]) == 451
-    # the HF layout has no answer_type: yes/no answers are closed, which matches MEVF's closed yes/no count and more
-    closed_test = sum(q.answer_type == "closed" for q in ds.queries["test"])
-    assert closed_test >= 251
+    # the HF layout has no answer_type: a yes/no answer makes a closed question; on VQA-RAD that gives exactly the
+    # MEVF json's closed yes/no questions (1713 train, 251 test; tests/data/test_convert_vqarad.py)
+    assert sum(q.answer_type == "closed" for q in ds.queries["test"]) == 251
+    assert sum(q.answer_type == "closed" for s in ("train", "val") for q in ds.queries[s]) == 1713
+    assert len(ds.corpus) == 100
     test_keys = {q.metadata["source_image"] for q in ds.queries["test"]}
     assert not test_keys & {c.metadata["source_image"] for c in ds.corpus}
     n_images = len({hashlib.sha256((root / "images" / e["image_name"]).read_bytes()).hexdigest()
