@@ -236,7 +236,7 @@ def load_meta(root: Path) -> DatasetMeta:
     if "allow_empty" in raw and task != "multilabel":
         raise DatasetError(f"{where}: field 'allow_empty' is valid only with task: multilabel (task is {task!r})")
     if task == "multilabel":
-        check_multilabel_labels(labels, allow_empty, where)
+        check_multilabel_labels(labels, where)
     return DatasetMeta(
         name=_field(raw, "name", str, where),
         task=task,
@@ -251,7 +251,7 @@ def load_meta(root: Path) -> DatasetMeta:
     )
 
 
-def check_multilabel_labels(labels: list[str], allow_empty: bool, where: str) -> None:
+def check_multilabel_labels(labels: list[str], where: str) -> None:
     """Labels of a set-valued task must survive the canonical string form: no separator inside, distinct after
     normalisation, and not the empty set's own string."""
     sep = LABEL_SET_SEPARATOR.strip()

@@ -77,7 +77,7 @@ def read_table(path: Path, images: Path, *, id_column: str, labels: list[str] | 
                 raise DatasetError(f"{path}:1: --labels {absent} not in the header {header}")
         if not label_columns:
             raise DatasetError(f"{path}:1: no label columns; the header has {header}")
-        check_multilabel_labels(label_columns, allow_empty, f"{path}:1")
+        check_multilabel_labels(label_columns, f"{path}:1")
         rows: list[Row] = []
         seen: dict[str, str] = {}
         for record in reader:

@@ -271,8 +271,8 @@ def _check_multilabel(npz: Path, key: str, labels: np.ndarray, n: int, spec: Fla
     bad = np.argwhere((labels != 0) & (labels != 1))
     if len(bad):
         i, j = (int(x) for x in bad[0])
-        raise DatasetError(f"{npz}: array '{key}' entry [{i}, {j}] ({spec.class_names[j]}): value {labels[i, j].item()!r}, "
-                           f"expected 0 or 1")
+        raise DatasetError(f"{npz}: array '{key}' entry [{i}, {j}] ({spec.class_names[j]}): value "
+                           f"{labels[i, j].item()!r}, expected 0 or 1")
     return labels.astype(bool)
 
 

@@ -204,20 +204,19 @@ def _image_bytes(cell: Any, path: Path, root: Path, where: str, column: str) -> 
                        f"struct, binary data or the path of an image file), got {str(cell)[:60]!r}")
 
 
-def _store_image(w: DatasetWriter, data: bytes, where: str, column: str) -> tuple[str, str]:
-    """Decode once, store the bytes unchanged (PNG/JPEG; other formats re-encoded as PNG); (sha256, rel path)."""
+def _store_image(w: DatasetWriter, data: bytes, digest: str, where: str, column: str) -> str:
+    """Decode once, store the bytes unchanged (PNG/JPEG; other formats re-encoded as PNG); the relative path."""
     from PIL import Image, UnidentifiedImageError
 
-    digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             im.load()
             if fmt not in _SUFFIX:
-                return digest, w.add_image(digest[:16], im.convert("RGB"))
+                return w.add_image(digest[:16], im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"{where}: field '{column}': image does not decode ({e})") from None
-    return digest, w.add_image_bytes(digest[:16], data, _SUFFIX[fmt])
+    return w.add_image_bytes(digest[:16], data, _SUFFIX[fmt])
 
 
 def convert_hf(root: Path, out: Path, name: str | None = None, image_column: str = "image",
@@ -260,7 +259,7 @@ def convert_hf(root: Path, out: Path, name: str | None = None, image_column: str
                         data = _image_bytes(record[image_column], path, root, where, image_column)
                         digest = hashlib.sha256(data).hexdigest()
                         if digest not in image_of:
-                            image_of[digest] = _store_image(w, data, where, image_column)[1]
+                            image_of[digest] = _store_image(w, data, digest, where, image_column)
                         rows[split].append(VQARow(
                             qid=f"{split}-{n:06d}", image_key=digest,
                             question=_question(record[question_column], where, question_column),
