@@ -18,7 +18,11 @@ examples:
   dxrag data synth --out data/synth                  # the embedded default dataset (seconds)
   dxrag data synth --out data/synth-hard --set anatomy_jitter=0.4 --set misleading_fraction=0.1
   dxrag data medmnist --flag breastmnist --npz ../shared/data/breastmnist/breastmnist.npz --out data/breastmnist
+  dxrag data medmnist --flag chestmnist --npz chestmnist.npz --out data/chestmnist   # multi-label
+  dxrag data labels-csv --csv image_labels_train.csv --test-csv image_labels_test.csv --images png/ --out data/pcxr
   dxrag data vqa-rad --root ../shared/data/vqa-rad --out data/vqa-rad
+  dxrag data vqa-hf --root path-vqa/ --name path-vqa --out data/path-vqa   # Hugging Face parquet / save_to_disk
+  dxrag data slake --root Slake1.0 --out data/slake                          # SLAKE json + imgs/ (English)
   dxrag data corpus --jsonl roco.jsonl --queries-from data/retinamnist --out data/retinamnist-roco
   dxrag data validate data/synth
   dxrag run --config configs/embedded.yaml           # the main job (make demo)
@@ -187,15 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.set_defaults(func=_cmd_validate)
 
-    from .data import corpus, medmnist, vqarad
+    from .data import corpus, labels_csv, medmnist, vqa_layouts, vqarad
 
     p = dsub.add_parser("medmnist", help="convert a 2D MedMNIST dataset (local npz, or download when online)")
     medmnist.add_arguments(p)
     p.set_defaults(func=medmnist.run)
 
+    p = dsub.add_parser("labels-csv", help="convert a multi-label table (image_id + one 0/1 column per label, "
+                                           "VinDr-PCXR / BRSET style) and its image folder")
+    labels_csv.add_arguments(p)
+    p.set_defaults(func=labels_csv.run)
+
     p = dsub.add_parser("vqa-rad", help="convert VQA-RAD (MEVF json layout)")
     vqarad.add_arguments(p)
     p.set_defaults(func=vqarad.run)
+
+    p = dsub.add_parser("vqa-hf", help="convert a VQA set saved from Hugging Face (parquet files or a "
+                                       "save_to_disk folder: image, question, answer): VQA-RAD, SLAKE, PathVQA")
+    vqa_layouts.add_hf_arguments(p)
+    p.set_defaults(func=vqa_layouts.run_hf)
+
+    p = dsub.add_parser("slake", help="convert SLAKE in its own json layout (train/validate/test.json, imgs/), "
+                                      "English questions")
+    vqa_layouts.add_slake_arguments(p)
+    p.set_defaults(func=vqa_layouts.run_slake)
 
     p = dsub.add_parser("corpus", help="pair an external image-text corpus (JSONL: id, img_path, text) with the "
                                        "queries of a dataset directory")

@@ -17,10 +17,11 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from .fsutil import replace_dir
-from .records import CorpusItem, Query
+from .records import EMPTY_LABEL_SET, LABEL_SET_SEPARATOR, CorpusItem, Query, normalize_answer
 
 SPLITS = ("train", "val", "test")
-TASKS = ("classification", "vqa")
+TASKS = ("classification", "multilabel", "vqa")
+ANSWER_TYPES = ("closed", "open")
 CORPUS_FILE = "corpus.jsonl"
 META_FILE = "dataset.yaml"
 
@@ -35,26 +36,38 @@ class DatasetError(ValueError):
 
 @dataclass
 class DatasetMeta:
+    """dataset.yaml. `task`: "classification" (one label per query), "multilabel" (a query's label is a set of
+    labels) or "vqa" (closed questions answered from candidates, open ones with free text)."""
+
     name: str
-    task: str  # "classification" or "vqa"
-    labels: list[str]  # the closed label set (classification classes, or the closed answers of a VQA set)
+    task: str
+    labels: list[str]  # the closed label set (classes, the findings of a multi-label task, closed VQA answers)
     source: str = ""
     license: str = ""
     description: str = ""
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of its bytes
     extra: dict[str, Any] = field(default_factory=dict)  # generator/converter parameters
+    allow_empty: bool = False  # multilabel only: a query may have no label at all ("no finding")
+    legend: dict[str, str] = field(default_factory=dict)  # label -> what it means, for numbered classes
 
     def to_yaml(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "task": self.task,
             "labels": list(self.labels),
+        }
+        if self.task == "multilabel":
+            out["allow_empty"] = self.allow_empty
+        if self.legend:
+            out["legend"] = dict(self.legend)
+        out.update({
             "source": self.source,
             "license": self.license,
             "description": self.description,
             "checksums": dict(self.checksums),
             "extra": dict(self.extra),
-        }
+        })
+        return out
 
 
 @dataclass
@@ -156,19 +169,46 @@ def parse_corpus_item(obj: dict, where: str) -> CorpusItem:
     )
 
 
-def parse_query(obj: dict, where: str) -> Query:
-    candidates = _field(obj, "candidates", list, where)
-    for i, c in enumerate(candidates):
-        if not isinstance(c, str):
-            raise DatasetError(f"{where}: field 'candidates'[{i}] must be str, got {type(c).__name__}")
-    return Query(
+def _str_list(obj: dict, name: str, where: str) -> list[str]:
+    values = _field(obj, name, list, where)
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DatasetError(f"{where}: field '{name}'[{i}] must be str, got {type(v).__name__}")
+    return values
+
+
+def parse_query(obj: dict, where: str, meta: DatasetMeta | None = None) -> Query:
+    """One query record. With a multilabel `meta`, `label` is a JSON list validated against the label set and stored
+    as `label_set` in label-set order (plus its canonical string as `label`)."""
+    candidates = _str_list(obj, "candidates", where)
+    fields = dict(
         id=_field(obj, "id", str, where),
         image=_field(obj, "image", str, where),
         question=_field(obj, "question", str, where),
         candidates=tuple(candidates),
-        label=_field(obj, "label", str, where),
         metadata=_field(obj, "metadata", dict, where, required=False, default={}),
     )
+    if meta is None or meta.task != "multilabel":
+        if isinstance(obj.get("label"), list):
+            raise DatasetError(f"{where}: field 'label' must be str, got a list {obj['label']!r:.60} (a list of "
+                               f"labels is valid only in a dataset with task: multilabel)")
+        return Query(label=_field(obj, "label", str, where), **fields)
+    if "label" in obj and not isinstance(obj["label"], list):
+        raise DatasetError(f"{where}: field 'label' must be a JSON list of labels from {meta.labels} (task "
+                           f"multilabel), got {type(obj['label']).__name__} {obj['label']!r:.60}")
+    members = _str_list(obj, "label", where)
+    known = set(meta.labels)
+    bad = [m for m in members if m not in known]
+    if bad:
+        raise DatasetError(f"{where}: field 'label': {bad} not in the label set {meta.labels}")
+    dup = sorted({m for m in members if members.count(m) > 1})
+    if dup:
+        raise DatasetError(f"{where}: field 'label': {dup} listed more than once; a label set names each label once")
+    if not members and not meta.allow_empty:
+        raise DatasetError(f"{where}: field 'label': the empty set is not allowed in this dataset (dataset.yaml "
+                           f"allow_empty is false); list at least one of {meta.labels}")
+    chosen = set(members)
+    return Query(label="", label_set=tuple(x for x in meta.labels if x in chosen), **fields)
 
 
 def load_meta(root: Path) -> DatasetMeta:
@@ -189,6 +229,14 @@ def load_meta(root: Path) -> DatasetMeta:
     labels = _field(raw, "labels", list, where)
     if not labels or not all(isinstance(x, str) for x in labels):
         raise DatasetError(f"{where}: field 'labels' must be a non-empty list of strings")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise DatasetError(f"{where}: field 'labels': {dup} listed more than once")
+    allow_empty = _field(raw, "allow_empty", bool, where, required=False, default=False)
+    if "allow_empty" in raw and task != "multilabel":
+        raise DatasetError(f"{where}: field 'allow_empty' is valid only with task: multilabel (task is {task!r})")
+    if task == "multilabel":
+        check_multilabel_labels(labels, where)
     return DatasetMeta(
         name=_field(raw, "name", str, where),
         task=task,
@@ -198,15 +246,58 @@ def load_meta(root: Path) -> DatasetMeta:
         description=_field(raw, "description", str, where, required=False, default=""),
         checksums=_field(raw, "checksums", dict, where, required=False, default={}),
         extra=_field(raw, "extra", dict, where, required=False, default={}),
+        allow_empty=allow_empty,
+        legend=_parse_legend(raw, labels, where),
     )
+
+
+def check_multilabel_labels(labels: list[str], where: str) -> None:
+    """Labels of a set-valued task must survive the canonical string form: no separator inside, distinct after
+    normalisation, and not the empty set's own string."""
+    sep = LABEL_SET_SEPARATOR.strip()
+    bad = [x for x in labels if sep in x or not x.strip()]
+    if bad:
+        raise DatasetError(f"{where}: field 'labels': {bad}: multilabel labels must be non-empty and contain no "
+                           f"{sep!r} (answers list labels separated by {LABEL_SET_SEPARATOR!r})")
+    seen: dict[str, str] = {}
+    for x in labels:
+        n = normalize_answer(x)
+        if n in seen:
+            raise DatasetError(f"{where}: field 'labels': {seen[n]!r} and {x!r} are the same answer after "
+                               f"strip + casefold")
+        seen[n] = x
+    if EMPTY_LABEL_SET in seen:
+        raise DatasetError(f"{where}: field 'labels': {seen[EMPTY_LABEL_SET]!r} is reserved in a multilabel task "
+                           f"(it is the answer for the empty set); rename that label")
+
+
+def _parse_legend(raw: dict, labels: list[str], where: str) -> dict[str, str]:
+    """`legend`: a mapping label -> description covering every label exactly (YAML integer keys count as strings)."""
+    legend = _field(raw, "legend", dict, where, required=False, default={})
+    out: dict[str, str] = {}
+    for key, text in legend.items():
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise DatasetError(f"{where}: field 'legend': key {key!r} must be a label (str)")
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{where}: field 'legend'[{key!r}] must be a non-empty string, got {text!r:.60}")
+        out[str(key)] = text.strip()
+    if out:
+        extra = [k for k in out if k not in labels]
+        missing = [x for x in labels if x not in out]
+        if extra or missing:
+            raise DatasetError(f"{where}: field 'legend' must describe every label in {labels} and nothing else"
+                               + (f"; not labels: {extra}" if extra else "")
+                               + (f"; missing: {missing}" if missing else ""))
+    return out
 
 
 def load_dataset(root: str | os.PathLike, decode_images: bool = False, verify_checksums: bool = True) -> Dataset:
     """Load and validate a dataset directory.
 
     Checks every record's fields and types, unique ids (corpus ids, and query ids across splits), labels inside the
-    label set (classification; closed VQA questions), that every image file exists (and decodes, with
-    `decode_images=True`), and the files' checksums against dataset.yaml.
+    label set (classification; closed VQA questions; every member of a multilabel query's set), non-empty answers of
+    open VQA questions, that every image file exists (and decodes, with `decode_images=True`), and the files'
+    checksums against dataset.yaml.
     """
     root = Path(root)
     if not root.is_dir():
@@ -243,12 +334,24 @@ def load_dataset(root: str | os.PathLike, decode_images: bool = False, verify_ch
         rows = []
         for lineno, obj in _read_jsonl(path):
             where = f"{path}:{lineno}"
-            q = parse_query(obj, where)
+            q = parse_query(obj, where, meta)
             if q.id in qseen:
                 raise DatasetError(f"{where}: field 'id': duplicate query id {q.id!r} (first at {qseen[q.id]})")
             qseen[q.id] = where
-            closed = meta.task == "classification" or q.metadata.get("answer_type", "closed") == "closed"
-            if closed:
+            _check_answer_type(q, meta, where)
+            if meta.task == "multilabel":
+                bad = [c for c in q.candidates if c not in labels]
+                if bad or not q.candidates:
+                    raise DatasetError(f"{where}: field 'candidates': " + (f"{bad} not in the label set {meta.labels}"
+                                       if bad else f"empty; list the labels offered, a subset of {meta.labels}"))
+                missing = [m for m in q.label_set if m not in q.candidates]
+                if missing:
+                    raise DatasetError(f"{where}: field 'label': {missing} not among the candidates "
+                                       f"{list(q.candidates)}")
+            elif q.answer_type == "open":
+                if not q.label.strip():
+                    raise DatasetError(f"{where}: field 'label': empty; an open question needs its free-text answer")
+            else:
                 if q.label not in labels:
                     raise DatasetError(f"{where}: field 'label': {q.label!r} is not in the label set {meta.labels}")
                 bad = [c for c in q.candidates if c not in labels]
@@ -264,6 +367,16 @@ def load_dataset(root: str | os.PathLike, decode_images: bool = False, verify_ch
         raise DatasetError(f"{root}: no query file; expected at least one of "
                            + ", ".join(query_file(s) for s in SPLITS))
     return Dataset(root=root, meta=meta, corpus=corpus, queries=queries)
+
+
+def _check_answer_type(q: Query, meta: DatasetMeta, where: str) -> None:
+    value = q.metadata.get("answer_type")
+    if value is None:
+        return
+    valid = ANSWER_TYPES if meta.task == "vqa" else ("closed",)
+    if value not in valid:
+        raise DatasetError(f"{where}: field 'metadata.answer_type': {value!r} is not one of {list(valid)} "
+                           f"(task {meta.task})")
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -304,6 +417,12 @@ class DatasetWriter:
     def copy_image(self, src: Path, name: str) -> str:
         rel = f"images/{name}{src.suffix.lower()}"
         shutil.copyfile(src, self._tmp / rel)
+        return rel
+
+    def add_image_bytes(self, name: str, data: bytes, suffix: str) -> str:
+        """Store an encoded image (e.g. the PNG/JPEG bytes of a parquet column) unchanged as images/<name><suffix>."""
+        rel = f"images/{name}{suffix}"
+        (self._tmp / rel).write_bytes(data)
         return rel
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -6,7 +6,7 @@ Everything here is plain Python (no torch), so the analysis side can use it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,20 @@ class CorpusItem:
         return asdict(self)
 
 
+# A multi-label answer (a set of labels) as one string: its members in label-set order joined by ", ", or "none" for
+# the empty set. Two sets are equal exactly when these strings are, so the analysis compares set answers as strings.
+LABEL_SET_SEPARATOR = ", "
+EMPTY_LABEL_SET = "none"
+
+
 @dataclass(frozen=True)
 class Query:
-    """One question about a query image, with its candidate answers and gold label."""
+    """One question about a query image, with its candidate answers and gold label.
+
+    Multi-label queries (dataset task "multilabel") also carry `label_set`, the gold set in label-set order; their
+    `label` is then that set's canonical string (`join_label_set`), filled in when given as "". Open VQA questions
+    have `metadata["answer_type"] == "open"` and a free-text `label`.
+    """
 
     id: str
     image: str
@@ -33,10 +44,29 @@ class Query:
     candidates: tuple[str, ...]
     label: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    label_set: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.label_set is None:
+            return
+        canonical = join_label_set(self.label_set)
+        if self.label == "":
+            object.__setattr__(self, "label", canonical)
+        elif self.label != canonical:
+            raise ValueError(f"query {self.id!r}: label {self.label!r} is not the canonical string {canonical!r} of "
+                             f"its label_set {list(self.label_set)}")
+
+    @property
+    def answer_type(self) -> str:
+        """"open" (free-text answer, answered by generation) or "closed" (answered from `candidates`)."""
+        return "open" if self.metadata.get("answer_type") == "open" else "closed"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
+        label_set = d.pop("label_set")
+        if label_set is not None:
+            d["label"] = list(label_set)  # on disk a multi-label query's label is the JSON list of its labels
         return d
 
 
@@ -76,3 +106,36 @@ class Answer:
 def normalize_answer(text: str) -> str:
     """Answers are compared after strip() + casefold() (DESIGN.md)."""
     return str(text).strip().casefold()
+
+
+def join_label_set(members: Iterable[str]) -> str:
+    """The canonical string of a label set whose members are already in label-set order."""
+    members = list(members)
+    return LABEL_SET_SEPARATOR.join(members) if members else EMPTY_LABEL_SET
+
+
+def format_label_set(members: Iterable[str], labels: Sequence[str]) -> str:
+    """The canonical string of a set of labels (any order), e.g. a predicted set; ValueError for a member outside
+    `labels`."""
+    position = {label: i for i, label in enumerate(labels)}
+    members = set(members)
+    unknown = sorted(members - position.keys())
+    if unknown:
+        raise ValueError(f"{unknown} not in the label set {list(labels)}")
+    return join_label_set(sorted(members, key=position.__getitem__))
+
+
+def parse_label_set(text: str, labels: Sequence[str]) -> tuple[str, ...] | None:
+    """A label set from an answer such as "Effusion, mass" or "none": comma-separated labels compared after
+    `normalize_answer`, returned in label-set order; None when a part is not a label (an unparseable answer)."""
+    by_norm = {normalize_answer(label): label for label in labels}
+    parts = [normalize_answer(p) for p in str(text).split(",")]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    if parts == [EMPTY_LABEL_SET]:
+        return ()
+    if any(p not in by_norm for p in parts):
+        return None
+    found = {by_norm[p] for p in parts}
+    return tuple(label for label in labels if label in found)

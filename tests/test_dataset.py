@@ -147,3 +147,170 @@ def test_cli_synth_and_validate(tmp_path, capsys):
     assert main(["data", "validate", str(out)]) == 2
     assert "c000002.png" in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(out)]) == 2  # exists, not overwritten
+
+
+# ------------------------------------------------------------------------------------ multilabel, open VQA, legend
+
+FINDINGS = ["effusion", "mass", "nodule"]
+
+
+def _write_multilabel(out, allow_empty=True, sets=(("mass",), ("effusion", "nodule"), ())):
+    from PIL import Image
+
+    with DatasetWriter(out) as w:
+        rel = w.add_image("c0", Image.new("RGB", (4, 4)))
+        w.corpus.append(CorpusItem(id="c0", image=rel, text="Findings: mass.", label="mass"))
+        for i, members in enumerate(sets):
+            rel = w.add_image(f"q{i}", Image.new("RGB", (4, 4), (i, 0, 0)))
+            w.queries["test"].append(Query(id=f"q{i}", image=rel, question="Which findings?",
+                                           candidates=tuple(FINDINGS), label="", label_set=tuple(members)))
+        w.meta = DatasetMeta(name="ml", task="multilabel", labels=list(FINDINGS), allow_empty=allow_empty)
+    return out
+
+
+def test_multilabel_roundtrip_and_canonical_label(tmp_path):
+    out = _write_multilabel(tmp_path / "ml")
+    first = json.loads((out / "queries-test.jsonl").read_text().splitlines()[1])
+    assert first["label"] == ["effusion", "nodule"] and "label_set" not in first
+    ds = load_dataset(out)
+    assert ds.meta.task == "multilabel" and ds.meta.allow_empty is True
+    q = ds.queries["test"]
+    assert [x.label_set for x in q] == [("mass",), ("effusion", "nodule"), ()]
+    assert [x.label for x in q] == ["mass", "effusion, nodule", "none"]
+    # the file's order does not matter: the set is stored in label-set order
+    _rewrite_line(out / "queries-test.jsonl", 2, lambda o: o.update(label=["nodule", "effusion"]))
+    assert load_dataset(out, verify_checksums=False).queries["test"][1].label == "effusion, nodule"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda o: o.update(label=["mass", "cardiomegaly"]), "field 'label': ['cardiomegaly'] not in the label set"),
+    (lambda o: o.update(label=["mass", "mass"]), "field 'label': ['mass'] listed more than once"),
+    (lambda o: o.update(label="mass"), "field 'label' must be a JSON list of labels from"),
+    (lambda o: o.update(label=["mass", 3]), "field 'label'[1] must be str"),
+    (lambda o: o.update(candidates=["mass", "hernia"]), "field 'candidates': ['hernia'] not in the label set"),
+    (lambda o: o.update(candidates=["effusion"]), "field 'label': ['mass'] not among the candidates"),
+    (lambda o: o.update(metadata={"answer_type": "open"}), "field 'metadata.answer_type': 'open' is not one of"),
+])
+def test_bad_multilabel_records(tmp_path, mutate, message):
+    out = _write_multilabel(tmp_path / "ml")
+    _rewrite_line(out / "queries-test.jsonl", 1, mutate)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(out, verify_checksums=False)
+    assert "queries-test.jsonl:1:" in str(err.value) and message in str(err.value)
+
+
+def test_empty_set_needs_allow_empty(tmp_path):
+    with pytest.raises(DatasetError, match=r"queries-test.jsonl:3: field 'label': the empty set is not allowed"):
+        _write_multilabel(tmp_path / "ml", allow_empty=False)
+    assert list(tmp_path.iterdir()) == []
+    _write_multilabel(tmp_path / "ml2", allow_empty=False, sets=(("mass",),))
+
+
+def _edit_yaml(root, **changes):
+    import yaml
+
+    meta = yaml.safe_load((root / "dataset.yaml").read_text())
+    meta.update(changes)
+    (root / "dataset.yaml").write_text(yaml.safe_dump(meta))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"labels": ["effusion", "mass", "mass"]}, "field 'labels': ['mass'] listed more than once"),
+    ({"labels": ["effusion", "mass, nodule"]}, "must be non-empty and contain no ','"),
+    ({"labels": ["effusion", "Mass", "mass"]}, "'Mass' and 'mass' are the same answer"),
+    ({"labels": ["effusion", "None", "mass"]}, "'None' is reserved in a multilabel task"),
+    ({"allow_empty": "yes"}, "field 'allow_empty' must be bool"),
+    ({"task": "classification"}, "field 'allow_empty' is valid only with task: multilabel"),
+    ({"task": "multi-label"}, "field 'task': 'multi-label' is not one of ['classification', 'multilabel', 'vqa']"),
+])
+def test_bad_multilabel_meta(tmp_path, changes, message):
+    out = _write_multilabel(tmp_path / "ml")
+    _edit_yaml(out, **changes)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(out)
+    assert "dataset.yaml" in str(err.value) and message in str(err.value)
+
+
+def test_list_label_outside_multilabel_task(tiny):
+    _rewrite_line(tiny / "queries-test.jsonl", 2, lambda o: o.update(label=["yes"]))
+    with pytest.raises(DatasetError, match=r"queries-test.jsonl:2: field 'label' must be str, got a list .*"
+                                           r"valid only in a dataset with task: multilabel"):
+        _load_unchecked(tiny)
+
+
+def test_label_set_helpers():
+    from dxrag.core.records import format_label_set, parse_label_set
+
+    assert format_label_set({"nodule", "effusion"}, FINDINGS) == "effusion, nodule"
+    assert format_label_set([], FINDINGS) == "none"
+    with pytest.raises(ValueError, match="not in the label set"):
+        format_label_set(["hernia"], FINDINGS)
+    assert parse_label_set(" Nodule,effusion ", FINDINGS) == ("effusion", "nodule")
+    assert parse_label_set("None", FINDINGS) == ()
+    assert parse_label_set("mass, hernia", FINDINGS) is None
+    assert parse_label_set("", FINDINGS) is None
+    with pytest.raises(ValueError, match="not the canonical string"):
+        Query(id="q", image="i", question="?", candidates=(), label="nodule, effusion",
+              label_set=("effusion", "nodule"))
+
+
+def _write_vqa(out, metadata):
+    from PIL import Image
+
+    with DatasetWriter(out) as w:
+        rel = w.add_image("i0", Image.new("RGB", (4, 4)))
+        w.corpus.append(CorpusItem(id="c0", image=rel, text="t"))
+        w.queries["test"].append(Query(id="q0", image=rel, question="where?", candidates=(), label="left lung",
+                                       metadata=metadata))
+        w.meta = DatasetMeta(name="v", task="vqa", labels=["yes", "no"])
+    return out
+
+
+def test_open_vqa_answer_type_is_validated(tmp_path):
+    out = _write_vqa(tmp_path / "v", {"answer_type": "open"})
+    assert load_dataset(out).queries["test"][0].answer_type == "open"
+    _rewrite_line(out / "queries-test.jsonl", 1, lambda o: o.update(label="  "))
+    with pytest.raises(DatasetError, match=r"queries-test.jsonl:1: field 'label': empty; an open question"):
+        load_dataset(out, verify_checksums=False)
+    _rewrite_line(out / "queries-test.jsonl", 1, lambda o: o.update(label="x", metadata={"answer_type": "Open"}))
+    with pytest.raises(DatasetError, match=r"queries-test.jsonl:1: field 'metadata.answer_type': 'Open' is not one "
+                                           r"of \['closed', 'open'\]"):
+        load_dataset(out, verify_checksums=False)
+
+
+def test_legend(tmp_path):
+    out = _write_small(tmp_path / "ds")
+    _edit_yaml(out, legend={"yes": "malignant", "no": "benign or normal"})
+    assert load_dataset(out).meta.legend == {"yes": "malignant", "no": "benign or normal"}
+    for legend, message in [({"yes": "m"}, r"missing: \['no'\]"), ({"yes": "m", "no": "b", "2": "x"},
+                                                                    r"not labels: \['2'\]"),
+                            ({"yes": "m", "no": ""}, r"\['no'\] must be a non-empty string")]:
+        _edit_yaml(out, legend=legend)
+        with pytest.raises(DatasetError, match=f"dataset.yaml: field 'legend'.*{message}"):
+            load_dataset(out)
+
+
+def test_legend_integer_keys_from_hand_written_yaml(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "ds"
+    with DatasetWriter(out) as w:
+        rel = w.add_image("i0", Image.new("RGB", (4, 4)))
+        w.corpus.append(CorpusItem(id="c0", image=rel, text="t"))
+        w.queries["test"].append(Query(id="q0", image=rel, question="grade?", candidates=("0", "1"), label="1"))
+        w.meta = DatasetMeta(name="g", task="classification", labels=["0", "1"])
+    text = (out / "dataset.yaml").read_text() + "legend:\n  0: no disease\n  1: disease\n"
+    (out / "dataset.yaml").write_text(text)
+    assert load_dataset(out, verify_checksums=False).meta.legend == {"0": "no disease", "1": "disease"}
+
+
+def test_external_corpus_keeps_label_sets_and_legend(tmp_path):
+    from dxrag.core.data.corpus import build_corpus_dataset
+
+    src = _write_multilabel(tmp_path / "ml")
+    _edit_yaml(src, legend={x: x.upper() for x in FINDINGS})
+    jsonl = tmp_path / "kb.jsonl"
+    jsonl.write_text(json.dumps({"id": "k0", "img_path": str(src / "images" / "c0.png"), "text": "a mass"}) + "\n")
+    ds = load_dataset(build_corpus_dataset(jsonl, src, tmp_path / "out"))
+    assert ds.meta.task == "multilabel" and ds.meta.allow_empty and ds.meta.legend["mass"] == "MASS"
+    assert [q.label_set for q in ds.queries["test"]] == [("mass",), ("effusion", "nodule"), ()]

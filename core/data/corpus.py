@@ -5,6 +5,7 @@ and label set of another dataset directory; images are referenced by absolute pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..dataset import SPLITS, DatasetError, DatasetMeta, DatasetWriter, load_dataset
-from ..records import CorpusItem, Query
+from ..records import CorpusItem
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,14 @@ def build_corpus_dataset(corpus_jsonl: Path, queries_from: Path, out: Path, over
     with DatasetWriter(out, overwrite=overwrite) as w:
         w.corpus = items
         for split, rows in source.queries.items():
-            w.queries[split] = [Query(id=q.id, image=str(source.image_path(q.image).resolve()), question=q.question,
-                                      candidates=q.candidates, label=q.label, metadata=q.metadata) for q in rows]
+            w.queries[split] = [dataclasses.replace(q, image=str(source.image_path(q.image).resolve())) for q in rows]
         meta = source.meta
         w.meta = DatasetMeta(
             name=f"{meta.name}-{corpus_jsonl.stem}",
             task=meta.task,
             labels=list(meta.labels),
+            allow_empty=meta.allow_empty,
+            legend=dict(meta.legend),
             source=f"corpus: {corpus_jsonl}; queries: {meta.source or meta.name} (from {queries_from})",
             license=f"corpus: see the license of {corpus_jsonl.name}'s source; queries: {meta.license or 'unknown'}",
             description=f"Corpus of {len(items)} image-text items from {corpus_jsonl.name}; queries and label set "

@@ -1,11 +1,11 @@
-"""Converter of a 2D MedMNIST flag (a local npz, or the `medmnist` package's download) into a dataset directory.
-
-Corpus = the train split with a report text derived from the label; queries = train, val and test.
+"""Converter of a 2D MedMNIST flag (a local npz, or the `medmnist` package's download) into a dataset directory:
+single-label flags become classification tasks, ChestMNIST a multi-label one. Corpus = train split with report texts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import zipfile
 from dataclasses import dataclass
@@ -32,7 +32,8 @@ class FlagSpec:
     `class_names` are MedMNIST's INFO labels verbatim (class index order). `answers` are what a reader must output for
     each class, in the same order; they form the dataset's label set. They are the lower-cased class names, except
     where the question is a yes/no question (disease present?) or a class name is too long to be an answer.
-    `findings` are the phrases the report texts use for each class.
+    `findings` are the phrases the report texts use for each class; `meanings` what a legend states for each answer
+    (default: the class names). A `multilabel` flag's labels are binary columns, one per class.
     """
 
     title: str  # MedMNIST's python class name, for citations
@@ -42,6 +43,15 @@ class FlagSpec:
     answers: tuple[str, ...]
     findings: tuple[str, ...]
     license: str
+    meanings: tuple[str, ...] | None = None
+    multilabel: bool = False
+
+    def legend(self) -> dict[str, str]:
+        return dict(zip(self.answers, self.meanings or self.class_names))
+
+    @property
+    def numbered(self) -> bool:
+        return all(a.isdigit() for a in self.answers)
 
 
 def _named(title: str, modality: str, question: str, class_names: tuple[str, ...], license: str = "CC BY 4.0",
@@ -69,7 +79,10 @@ FLAGS: dict[str, FlagSpec] = {
         ("no diabetic retinopathy (grade 0)", "mild non-proliferative diabetic retinopathy (grade 1)",
          "moderate non-proliferative diabetic retinopathy (grade 2)",
          "severe non-proliferative diabetic retinopathy (grade 3)", "proliferative diabetic retinopathy (grade 4)"),
-        "CC BY 4.0"),
+        "CC BY 4.0",
+        meanings=("No diabetic retinopathy", "Mild non-proliferative diabetic retinopathy",
+                  "Moderate non-proliferative diabetic retinopathy", "Severe non-proliferative diabetic retinopathy",
+                  "Proliferative diabetic retinopathy")),
     "dermamnist": _named(
         "DermaMNIST", "dermatoscopic image", "What type of skin lesion does the patient have?",
         ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
@@ -100,6 +113,10 @@ FLAGS: dict[str, FlagSpec] = {
     "organsmnist": _named("OrganSMNIST", "abdominal CT slice (sagittal view)",
                           "Which organ is shown in this abdominal CT image?", _ORGANS),
 }
+# MedMNIST INFO["chestmnist"]["label"] (the 14 ChestX-ray14 findings; "pleural" is pleural thickening), used when
+# the medmnist package is not installed.
+CHEST_NAMES = ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+               "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia")
 MULTI_LABEL_FLAGS = ("chestmnist",)
 VOLUME_FLAGS = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d",
                 "synapsemnist3d")
@@ -112,16 +129,43 @@ _REPORTS = (
 )
 
 
+def chest_names() -> tuple[str, ...]:
+    """ChestMNIST's finding names: from the medmnist package's INFO when it is installed, else CHEST_NAMES."""
+    try:
+        from medmnist import INFO
+    except ImportError:
+        return CHEST_NAMES
+    labels = INFO["chestmnist"]["label"]
+    names = tuple(str(labels[str(i)]).strip().lower() for i in range(len(labels)))
+    if len(names) != len(CHEST_NAMES):
+        raise DatasetError(f"medmnist INFO['chestmnist'] lists {len(names)} labels, expected {len(CHEST_NAMES)}")
+    return names
+
+
+def chest_spec() -> FlagSpec:
+    names = chest_names()
+    return FlagSpec("ChestMNIST", "chest X-ray",
+                    "Which of these findings are present in this chest X-ray? Answer with the findings separated by "
+                    "commas, or none.", names, names, names, "CC BY 4.0", multilabel=True)
+
+
 def flag_spec(flag: str) -> FlagSpec:
-    """The task definition of a 2D single-label flag; DatasetError for multi-label, 3D or unknown flags."""
+    """The task definition of a 2D flag; DatasetError for 3D or unknown flags."""
     if flag in FLAGS:
         return FLAGS[flag]
-    if flag in MULTI_LABEL_FLAGS:
-        raise DatasetError(f"--flag {flag}: multi-label flags are not supported (each query needs one answer); "
-                           f"supported flags: {', '.join(FLAGS)}")
+    if flag == "chestmnist":
+        return chest_spec()
+    supported = ", ".join([*FLAGS, *MULTI_LABEL_FLAGS])
     if flag in VOLUME_FLAGS:
-        raise DatasetError(f"--flag {flag}: 3D volumes are not supported; supported 2D flags: {', '.join(FLAGS)}")
-    raise DatasetError(f"--flag {flag!r}: unknown MedMNIST flag; supported: {', '.join(FLAGS)}")
+        raise DatasetError(f"--flag {flag}: 3D volumes are not supported; supported 2D flags: {supported}")
+    raise DatasetError(f"--flag {flag!r}: unknown MedMNIST flag; supported: {supported}")
+
+
+def numbered_spec(spec: FlagSpec) -> FlagSpec:
+    """The flag with class indices "0".."n-1" as answers (the reference code's DermaMNIST prompt), the class names
+    becoming the legend."""
+    return dataclasses.replace(spec, answers=tuple(str(i) for i in range(len(spec.class_names))),
+                               meanings=spec.meanings or spec.class_names)
 
 
 def question_text(spec: FlagSpec) -> str:
@@ -129,11 +173,16 @@ def question_text(spec: FlagSpec) -> str:
     return f"{spec.question} Options: {', '.join(spec.answers)}."
 
 
-def report_text(spec: FlagSpec, class_index: int, rng: np.random.Generator) -> str:
+def report_text(spec: FlagSpec, class_index: int | np.ndarray, rng: np.random.Generator) -> str:
+    """A templated report of one class, or of a multi-label row (a 0/1 vector) listing its findings."""
     template = _REPORTS[int(rng.integers(len(_REPORTS)))]
     modality = spec.modality
-    return template.format(modality=modality, Modality=modality[0].upper() + modality[1:],
-                           finding=spec.findings[class_index])
+    if spec.multilabel:
+        present = [spec.findings[k] for k in np.flatnonzero(class_index)]
+        finding = ", ".join(present) if present else "no finding"
+    else:
+        finding = spec.findings[class_index]
+    return template.format(modality=modality, Modality=modality[0].upper() + modality[1:], finding=finding)
 
 
 def download_npz(flag: str, size: int) -> Path:
@@ -147,7 +196,7 @@ def download_npz(flag: str, size: int) -> Path:
     root = Path.home() / ".medmnist"
     root.mkdir(parents=True, exist_ok=True)
     try:
-        getattr(medmnist, FLAGS[flag].title)(split="train", download=True, size=size, root=str(root))
+        getattr(medmnist, flag_spec(flag).title)(split="train", download=True, size=size, root=str(root))
     except Exception as e:  # medmnist wraps every network failure in a bare RuntimeError
         raise DatasetError(f"downloading {flag} (size {size}) through medmnist failed: {e}; pass --npz PATH to a "
                            f"local copy") from None
@@ -194,9 +243,11 @@ def _check_split(npz: Path, split: str, images: np.ndarray, labels: np.ndarray, 
         raise DatasetError(f"{npz}: array '{key}' holds {images.shape[1]}x{images.shape[2]} images, expected "
                            f"{size}x{size} (pass --size to match the file)")
     key = f"{split}_labels"
+    if spec.multilabel:
+        return images, _check_multilabel(npz, key, labels, len(images), spec)
     if labels.ndim == 2 and labels.shape[1] > 1:
-        raise DatasetError(f"{npz}: array '{key}' has shape {labels.shape}: multi-label data is not supported, "
-                           f"expected (N,) or (N, 1) class indices")
+        raise DatasetError(f"{npz}: array '{key}' has shape {labels.shape}: multi-label data, but {spec.title} is "
+                           f"single-label: expected (N,) or (N, 1) class indices (the multi-label flag is chestmnist)")
     if labels.ndim == 2:
         labels = labels[:, 0]
     if labels.ndim != 1 or len(labels) != len(images):
@@ -212,18 +263,42 @@ def _check_split(npz: Path, split: str, images: np.ndarray, labels: np.ndarray, 
     return images, labels.astype(np.int64)
 
 
+def _check_multilabel(npz: Path, key: str, labels: np.ndarray, n: int, spec: FlagSpec) -> np.ndarray:
+    c = len(spec.class_names)
+    if labels.shape != (n, c):
+        raise DatasetError(f"{npz}: array '{key}' has shape {labels.shape}, expected ({n}, {c}): one 0/1 column per "
+                           f"{spec.title} finding")
+    bad = np.argwhere((labels != 0) & (labels != 1))
+    if len(bad):
+        i, j = (int(x) for x in bad[0])
+        raise DatasetError(f"{npz}: array '{key}' entry [{i}, {j}] ({spec.class_names[j]}): value "
+                           f"{labels[i, j].item()!r}, expected 0 or 1")
+    return labels.astype(bool)
+
+
+LEGEND_MODES = ("auto", "on", "off")
+
+
 def convert_medmnist(flag: str, out: Path, npz: Path | None = None, size: int = 28, overwrite: bool = False,
-                     max_corpus: int | None = None, seed: int = 0) -> Path:
-    """Convert a 2D MedMNIST flag into a classification dataset directory at `out` (written atomically).
+                     max_corpus: int | None = None, seed: int = 0, numbered: bool = False,
+                     legend: str = "auto") -> Path:
+    """Convert a 2D MedMNIST flag into a dataset directory at `out` (written atomically): task "classification", or
+    "multilabel" for ChestMNIST (a query's label = the set of its findings; the empty set, "none", is allowed).
 
     Corpus: the train split (or a seeded random subset of `max_corpus` items), each with a templated report text and
     the answer of its class as label. Queries: every image of train, val and test. A train query and the corpus item
     of the same image share one image file and `metadata.source_index`, so the pipeline can exclude the query's own
     image from its retrieved items. `seed` picks the report phrasings and the corpus subset.
+    `numbered` answers with class indices instead of names. `legend` ("auto": when the answers are numbers, "on",
+    "off") writes dataset.yaml `legend` (answer -> meaning), which the prompt states before the question.
     """
     from PIL import Image
 
     spec = flag_spec(flag)
+    if numbered:
+        spec = numbered_spec(spec)
+    if legend not in LEGEND_MODES:
+        raise DatasetError(f"--legend {legend!r}: expected one of {list(LEGEND_MODES)}")
     if size not in SIZES:
         raise DatasetError(f"--size {size}: MedMNIST 2D images come in sizes {list(SIZES)}")
     if max_corpus is not None and max_corpus < 1:
@@ -236,10 +311,20 @@ def convert_medmnist(flag: str, out: Path, npz: Path | None = None, size: int = 
     if max_corpus is not None and max_corpus < n_train:
         corpus_index = np.sort(rng.choice(n_train, size=max_corpus, replace=False))
     question = question_text(spec)
+    use_legend = legend == "on" or legend == "auto" and spec.numbered
 
-    def metadata(split: str, index: int, class_index: int) -> dict:
-        return {"source_split": split, "source_index": index, "class_index": class_index,
-                "class_name": spec.class_names[class_index]}
+    def metadata(split: str, index: int, row) -> dict:
+        if spec.multilabel:
+            ks = np.flatnonzero(row).tolist()
+            return {"source_split": split, "source_index": index, "class_indices": ks,
+                    "class_names": [spec.class_names[k] for k in ks]}
+        return {"source_split": split, "source_index": index, "class_index": int(row),
+                "class_name": spec.class_names[int(row)]}
+
+    def answer(row) -> dict:
+        if spec.multilabel:
+            return {"label": "", "label_set": tuple(spec.answers[k] for k in np.flatnonzero(row))}
+        return {"label": spec.answers[int(row)]}
 
     with DatasetWriter(out, overwrite=overwrite) as w:
         image_of: dict[tuple[str, int], str] = {}
@@ -248,20 +333,21 @@ def convert_medmnist(flag: str, out: Path, npz: Path | None = None, size: int = 
             for i in tqdm(range(len(labels)), desc=f"{flag} {split} images", unit="img", leave=False):
                 pixels = Image.fromarray(images[i]).convert("RGB")
                 image_of[split, i] = w.add_image(f"{split}-{i:06d}", pixels)
-                k = int(labels[i])
                 w.queries[split].append(Query(
                     id=f"q-{split}-{i:06d}", image=image_of[split, i], question=question,
-                    candidates=spec.answers, label=spec.answers[k], metadata=metadata(split, i, k)))
+                    candidates=spec.answers, metadata=metadata(split, i, labels[i]), **answer(labels[i])))
         train_labels = splits["train"][1]
+        train_queries = w.queries["train"]
         for i in corpus_index.tolist():
-            k = int(train_labels[i])
             w.corpus.append(CorpusItem(
-                id=f"c-train-{i:06d}", image=image_of["train", i], text=report_text(spec, k, rng),
-                label=spec.answers[k], metadata=metadata("train", i, k)))
+                id=f"c-train-{i:06d}", image=image_of["train", i], text=report_text(spec, train_labels[i], rng),
+                label=train_queries[i].label, metadata=metadata("train", i, train_labels[i])))
         w.meta = DatasetMeta(
             name=flag if size == 28 else f"{flag}_{size}",
-            task="classification",
+            task="multilabel" if spec.multilabel else "classification",
             labels=list(spec.answers),
+            allow_empty=spec.multilabel,
+            legend=spec.legend() if use_legend else {},
             source=f"{spec.title} from {MEDMNIST_CITATION}",
             license=spec.license,
             description=f"MedMNIST {spec.title} ({size}x{size}) converted by dxrag: corpus = train split with "
@@ -277,6 +363,7 @@ def convert_medmnist(flag: str, out: Path, npz: Path | None = None, size: int = 
                 "question": question,
                 "class_names": list(spec.class_names),
                 "answers": list(spec.answers),
+                "numbered": numbered,
                 "same_image": "A train query and a corpus item show the same image when their metadata "
                               "(source_split, source_index) match; they then also share the same 'image' file. "
                               "Exclude such items from the query's retrieved list (a query must not retrieve "
@@ -291,7 +378,8 @@ def convert_medmnist(flag: str, out: Path, npz: Path | None = None, size: int = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `dxrag data medmnist`."""
-    parser.add_argument("--flag", required=True, help=f"2D MedMNIST flag: {', '.join(FLAGS)}")
+    parser.add_argument("--flag", required=True,
+                        help=f"2D MedMNIST flag: {', '.join([*FLAGS, *MULTI_LABEL_FLAGS])} (chestmnist: multi-label)")
     parser.add_argument("--npz", type=Path, default=None,
                         help="local <flag>.npz (keys {train,val,test}_{images,labels}); without it the medmnist "
                              "package downloads the flag (needs network access)")
@@ -300,12 +388,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-corpus", type=int, default=None,
                         help="keep a seeded random subset of this many train images in the corpus")
     parser.add_argument("--seed", type=int, default=0, help="seed for report phrasings and the corpus subset")
+    parser.add_argument("--numbered", action="store_true",
+                        help="answer with class indices 0..n-1 instead of class names (the reference's DermaMNIST "
+                             "prompt); the legend then names the classes")
+    parser.add_argument("--legend", choices=LEGEND_MODES, default="auto",
+                        help="write dataset.yaml `legend` (answer -> meaning) that the prompt states: auto = when "
+                             "the answers are numbers (retinamnist, --numbered), on, off (default auto)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `dxrag data medmnist`; DatasetError propagates to the caller with its message."""
     out = convert_medmnist(args.flag, args.out, npz=args.npz, size=args.size, overwrite=args.overwrite,
-                           max_corpus=args.max_corpus, seed=args.seed)
+                           max_corpus=args.max_corpus, seed=args.seed, numbered=args.numbered,
+                           legend=args.legend)
     print(f"wrote {out}")
     return 0

@@ -134,10 +134,13 @@ def split_val_images(train_only: list[str]) -> set[str]:
     return set(ranked[: max(1, round(VAL_FRACTION * len(ranked)))])
 
 
-def corpus_text(qas: list[QA]) -> str:
-    """A report-like text from an image's QA pairs: the organ, then each distinct question with its answer."""
-    organ = next((qa.organ for qa in qas if qa.organ), None)
-    parts = [f"{_ORGANS.get(organ, organ or 'Radiology')} radiology image."]
+def corpus_text(qas: list[QA], heading: str | None = None) -> str:
+    """A report-like text from an image's QA pairs: a heading (default: the organ, "Head radiology image."), then
+    each distinct question with its answer."""
+    if heading is None:
+        organ = next((qa.organ for qa in qas if qa.organ), None)
+        heading = f"{_ORGANS.get(organ, organ or 'Radiology')} radiology image"
+    parts = [f"{heading}."]
     seen = set()
     for qa in sorted(qas, key=lambda qa: (qa.source_answer_type != "open", _qid_order(qa.qid))):
         key = (qa.question.lower(), qa.answer)

@@ -4,7 +4,7 @@ and its closed-book variant, as chat messages rendered through the processor's c
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..records import CorpusItem, Query
 
@@ -17,6 +17,19 @@ PROMPT_WORDS = ("Background", "Options", ":", ",", ".", "?")
 def question_text(question: str, candidates: Sequence[str]) -> str:
     """The query turn's text: the question followed by its candidate answers ("Options: a, b, c")."""
     return f"{question.strip()} {OPTIONS_PREFIX}{', '.join(candidates)}"
+
+
+LEGEND_PREFIX = "Provide answer according to the labels:"
+
+
+def with_legend(question: str, legend: Mapping[str, str]) -> str:
+    """The question preceded by a dataset's label legend (dataset.yaml `legend`), as the reference code prompts
+    numbered classes: "Provide answer according to the labels:\n0 - 'No DR'\n1 - ...\n\n<question>". Without a
+    legend the question is returned unchanged."""
+    if not legend:
+        return question
+    lines = "\n".join(f"{label} - '{text}'" for label, text in legend.items())
+    return f"{LEGEND_PREFIX}\n{lines}\n\n{question}"
 
 
 def build_messages(query: Query, context: CorpusItem | None, candidates: Sequence[str] | None = None) -> list[dict]:

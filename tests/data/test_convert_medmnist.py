@@ -116,7 +116,7 @@ def test_every_table_flag_is_consistent():
         assert len(set(spec.answers)) == len(spec.answers), flag
 
 
-@pytest.mark.parametrize("flag, match", [("chestmnist", "multi-label"), ("organmnist3d", "3D"),
+@pytest.mark.parametrize("flag, match", [("organmnist3d", "3D"),
                                          ("nosuchmnist", "unknown MedMNIST flag")])
 def test_unsupported_flags(tmp_path, flag, match):
     with pytest.raises(DatasetError, match=match):
@@ -158,3 +158,91 @@ def test_download_without_medmnist_package_names_the_fix(tmp_path, monkeypatch):
         mm.convert_medmnist("breastmnist", tmp_path / "out")
     assert "--npz" in str(err.value)
     assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------ multi-label ChestMNIST, legends
+
+
+def write_chest_npz(path: Path, sizes=(8, 3, 3), n_findings: int = 14, **override) -> Path:
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (rng.random((n, n_findings)) < 0.2).astype(np.uint8)
+        labels[0] = 0  # a "no finding" image in every split
+        labels[1, [2, 4]] = 1  # effusion + mass
+        arrays[f"{split}_labels"] = labels
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_chestmnist_is_a_multilabel_task(tmp_path):
+    npz = write_chest_npz(tmp_path / "chestmnist.npz")
+    ds = load_dataset(mm.convert_medmnist("chestmnist", tmp_path / "chest", npz=npz), decode_images=True)
+    assert ds.meta.task == "multilabel" and ds.meta.allow_empty is True
+    assert ds.meta.labels == list(mm.chest_names()) and len(ds.meta.labels) == 14 and not ds.meta.legend
+    with np.load(npz) as raw:
+        truth = {split: raw[f"{split}_labels"] for split in ("train", "val", "test")}
+    for split, qs in ds.queries.items():
+        assert len(qs) == len(truth[split])
+        for q in qs:
+            row = truth[split][q.metadata["source_index"]]
+            assert q.label_set == tuple(ds.meta.labels[k] for k in np.flatnonzero(row))
+            assert q.candidates == tuple(ds.meta.labels)
+    q0, q1 = ds.queries["test"][:2]
+    assert (q0.label_set, q0.label) == ((), "none")
+    assert {"effusion", "mass"} <= set(q1.label_set) and q1.label.startswith(q1.label_set[0])
+    assert "Which of these findings are present" in q0.question
+    item = next(c for c in ds.corpus if c.metadata["source_index"] == 0)
+    assert "no finding" in item.text and item.label == "none"
+    item = next(c for c in ds.corpus if c.metadata["source_index"] == 1)
+    assert "effusion" in item.text and item.label == ds.queries["train"][1].label
+
+
+def test_chestmnist_names_from_medmnist_info_when_installed(monkeypatch):
+    import types
+
+    info = {"chestmnist": {"label": {str(i): f"Finding{i}" for i in range(14)}}}
+    monkeypatch.setitem(sys.modules, "medmnist", types.SimpleNamespace(INFO=info))
+    assert mm.chest_names()[:2] == ("finding0", "finding1")
+    monkeypatch.setitem(sys.modules, "medmnist", None)
+    assert mm.chest_names() == mm.CHEST_NAMES
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"val_labels": np.zeros((3, 13), np.uint8)}, r"'val_labels' has shape \(3, 13\), expected \(3, 14\)"),
+    ({"test_labels": np.full((3, 14), 2, np.uint8)}, r"'test_labels' entry \[0, 0\] \(atelectasis\): value 2"),
+])
+def test_bad_chest_npz(tmp_path, override, match):
+    npz = write_chest_npz(tmp_path / "bad.npz", **override)
+    with pytest.raises(DatasetError, match=match):
+        mm.convert_medmnist("chestmnist", tmp_path / "out", npz=npz)
+    assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_legend_defaults_and_numbered_answers(tmp_path):
+    npz = write_npz(tmp_path / "r.npz", n_classes=5, rgb=True)
+    retina = load_dataset(mm.convert_medmnist("retinamnist", tmp_path / "retina", npz=npz))
+    assert retina.meta.legend["0"] == "No diabetic retinopathy" and list(retina.meta.legend) == retina.meta.labels
+    assert not load_dataset(mm.convert_medmnist("retinamnist", tmp_path / "r2", npz=npz, legend="off")).meta.legend
+    npz = write_npz(tmp_path / "d.npz", n_classes=7, rgb=True)
+    derma = load_dataset(mm.convert_medmnist("dermamnist", tmp_path / "derma", npz=npz))
+    assert not derma.meta.legend  # names as answers: the options already say what each answer means
+    numbered = load_dataset(mm.convert_medmnist("dermamnist", tmp_path / "dn", npz=npz, numbered=True))
+    assert numbered.meta.labels == [str(i) for i in range(7)]
+    assert numbered.meta.legend["4"] == "melanoma"
+    q = numbered.queries["train"][3]
+    assert q.label == "3" and q.metadata["class_name"] == "dermatofibroma"
+    breast = load_dataset(mm.convert_medmnist("breastmnist", tmp_path / "b", npz=write_npz(tmp_path / "b.npz"),
+                                              legend="on"))
+    assert breast.meta.legend == {"yes": "malignant", "no": "normal, benign"}
+
+
+def test_legend_renders_as_the_reference_prompt():
+    from dxrag.core.reader.prompts import with_legend
+
+    text = with_legend("What type of skin lesion does the patient have?", {"0": "melanoma", "1": "nevus"})
+    assert text == ("Provide answer according to the labels:\n0 - 'melanoma'\n1 - 'nevus'\n\n"
+                    "What type of skin lesion does the patient have?")
+    assert with_legend("q?", {}) == "q?"
