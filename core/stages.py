@@ -15,7 +15,7 @@ import numpy as np
 
 from . import distributed
 from .config import RunConfig
-from .dataset import Dataset, load_dataset
+from .dataset import Dataset, DatasetError, load_dataset
 from .predictions import PredictionLog, read_logs
 from .records import Answer, ContextPrediction, Query
 from .training.runs import RunDir
@@ -67,7 +67,12 @@ def same_image_exclusions(ds: Dataset, queries: Sequence[Query]) -> list[set[str
 
 def closed_questions(ds: Dataset) -> Dataset:
     """The dataset with only the queries the reader can score: those with at least two candidate answers (VQA sets
-    keep open questions with free-text answers; the pipeline evaluates the closed ones)."""
+    keep open questions with free-text answers; the pipeline evaluates the closed ones). Multi-label datasets are
+    refused: the reader does not score label sets yet."""
+    if ds.meta.task == "multilabel":
+        raise DatasetError(f"{ds.root}: task 'multilabel' is not supported by `dxrag run` yet (the reader scores one "
+                           f"answer per query, not a label set); `analyze-oracle` reads multi-label prediction tables "
+                           f"whose answers are the canonical set strings")
     kept = {split: [q for q in qs if len(q.candidates) >= 2] for split, qs in ds.queries.items()}
     for split, qs in ds.queries.items():
         if len(kept[split]) < len(qs):
