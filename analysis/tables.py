@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -204,12 +205,17 @@ def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
     # Scalar columns get explicit types, so a value of another JSON type fails the read instead of being inferred.
     scalar = {"id": pa.string(), "text": pa.string(), "rank": pa.int64(), "score": pa.float64()}
     schema = pa.schema([(name, scalar[spec[name]]) for name in wanted if spec[name] in scalar])
-    table = pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=schema))
+    with ThreadPoolExecutor(1) as pool:  # the newline count runs while pyarrow's threads parse (both free the GIL)
+        n_newlines = pool.submit(_count_lines, path)
+        table = pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=schema))
+        n_lines = n_newlines.result()
     if table.num_rows == 0:
         return None
-    lines = _jsonl_lines_if_needed(path, table.num_rows)
-    if lines is False:
-        return None
+    lines = None  # rows are lines 1..n when the file has no blank lines: the locator computes the map if needed
+    if n_lines != table.num_rows:
+        lines = _jsonl_record_lines(path)
+        if len(lines) != table.num_rows:  # several objects on one line: the line pass rejects the file
+            return None
     cols: dict[str, pa.ChunkedArray] = {}
     for name in wanted:
         if name not in table.column_names:
@@ -237,19 +243,13 @@ def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
     return RawTable(path, cols, table.num_rows, _Locator(path, lines, record_lines=_jsonl_record_lines))
 
 
-def _jsonl_lines_if_needed(path: Path, n_rows: int) -> list[int] | None | bool:
-    """Rows are lines 1..n when the file has no blank lines (None: the locator computes the map only if needed);
-    the exact map when it has some; False when rows and non-blank lines differ (two objects on one line), which
-    the line pass rejects."""
-    n_lines, last = 0, b""
+def _count_lines(path: Path) -> int:
+    """Lines of a file: newlines, plus one for a last line without one."""
+    n, last = 0, b""
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
-            n_lines, last = n_lines + block.count(b"\n"), block[-1:]
-    n_lines += last != b"\n"
-    if n_lines == n_rows:
-        return None
-    lines = _jsonl_record_lines(path)
-    return lines if len(lines) == n_rows else False
+            n, last = n + int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 10)), block[-1:]
+    return n + (last not in (b"", b"\n"))
 
 
 def _jsonl_record_lines(path: Path) -> list[int]:
