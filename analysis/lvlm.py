@@ -1,6 +1,7 @@
 """The frontier-LVLM selector: `lvlm-rerank` asks a chat-completions endpoint to rank each query's k candidates.
 
-Any OpenAI-compatible endpoint; answers cached on disk by request content; bounded threads; retries with backoff.
+Any OpenAI-compatible endpoint; answers cached on disk by request content; bounded threads; retries by the openai
+client itself (429, 408/409, 5xx, timeouts and connection errors; exponential backoff, honouring Retry-After).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,20 +127,13 @@ class Outcome:
 
 
 class Reranker:
-    """Sends requests with retries (429, 5xx, timeouts, connection errors; exponential backoff with jitter)."""
+    """Sends cached requests through an openai client; the client's own `max_retries` handles transient faults."""
 
-    def __init__(self, client: Any, model: str, cache: ResponseCache, max_retries: int = 5, backoff: float = 1.0,
-                 temperature: float = 0.0, max_tokens: int = 300):
+    def __init__(self, client: Any, model: str, cache: ResponseCache, temperature: float = 0.0,
+                 max_tokens: int = 300):
         self.client, self.model, self.cache = client, model, cache
-        self.max_retries, self.backoff = max_retries, backoff
         self.temperature, self.max_tokens = temperature, max_tokens
         self._openai = _openai()
-
-    def _retryable(self, e: Exception) -> bool:
-        o = self._openai
-        if isinstance(e, (o.RateLimitError, o.APITimeoutError, o.APIConnectionError)):
-            return True
-        return isinstance(e, o.APIStatusError) and e.status_code >= 500
 
     def complete(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """The reply {content, prompt_tokens, completion_tokens} and whether it came from the cache."""
@@ -151,16 +143,7 @@ class Reranker:
         hit = self.cache.get(key)
         if hit is not None:
             return hit, True
-        for attempt in range(self.max_retries + 1):
-            try:
-                resp = self.client.chat.completions.create(**request)
-                break
-            except Exception as e:  # the openai client's errors; anything else is re-raised below
-                if not self._retryable(e) or attempt == self.max_retries:
-                    raise
-                delay = self.backoff * 2 ** attempt * (1 + 0.25 * random.random())
-                log.info("retrying after %s (attempt %d, %.2fs)", type(e).__name__, attempt + 1, delay)
-                time.sleep(delay)
+        resp = self.client.chat.completions.create(**request)
         usage = getattr(resp, "usage", None)
         reply = {"content": resp.choices[0].message.content or "",
                  "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
@@ -202,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N queries of each system")
     p.add_argument("--cache", type=Path, help="response cache directory (default: <out>.cache/)")
     p.add_argument("--concurrency", type=int, default=4, help="parallel requests (default 4)")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx and timeouts (default 5)")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="the openai client's retries on 429, 408/409, 5xx, timeouts and connection errors, waiting "
+                        "as a Retry-After header says, else 0.5 s doubling up to 8 s (default 5)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=300)
@@ -260,10 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((m.system, qid, [c + 1 for c in cols],
                          build_messages(q.question, list(q.candidates), dataset.image_path(q.image), cands)))
 
-    client = openai.OpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout, max_retries=0)
+    client = openai.OpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout, max_retries=args.max_retries)
     cache = ResponseCache(args.cache or args.out.with_name(args.out.name + ".cache"))
-    reranker = Reranker(client, args.model, cache, max_retries=args.max_retries, backoff=args.backoff,
-                        temperature=args.temperature, max_tokens=args.max_tokens)
+    reranker = Reranker(client, args.model, cache, temperature=args.temperature, max_tokens=args.max_tokens)
     results: list[Outcome | None] = [None] * len(jobs)
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
         futures = {pool.submit(reranker.rerank, messages, ranks): i for i, (_, _, ranks, messages) in enumerate(jobs)}

@@ -246,18 +246,11 @@ class OracleReport:
     def mcnemar(self) -> pd.DataFrame:
         """Exact McNemar test for every pair of scored (system, method) on the queries both answered."""
         def build() -> pd.DataFrame:
-            n_q = len(self.contexts.query_ids)
-            dense = []
-            for sc in self.scored:
-                v = np.full(n_q, -1, dtype=np.int8)
-                v[sc.query] = sc.correct
-                dense.append(v)
             rows = []
             for i in range(len(self.scored)):
                 for j in range(i + 1, len(self.scored)):
-                    shared = (dense[i] >= 0) & (dense[j] >= 0)
-                    t = stats.mcnemar(dense[i][shared] == 1, dense[j][shared] == 1)
                     a, b = self.scored[i], self.scored[j]
+                    t = stats.paired_outcomes(a.query, a.correct, b.query, b.correct)
                     rows.append(dict(system_a=a.system, method_a=a.method, system_b=b.system, method_b=b.method,
                                      n=t.n, acc_a=t.acc_a, acc_b=t.acc_b, only_a=t.only_a, only_b=t.only_b,
                                      p_value=t.p_value))

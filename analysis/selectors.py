@@ -7,12 +7,13 @@ oracle, and lvlm:<model> (a rerank file's choice). Each returns per-query correc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from .consistency import QueryMetrics
-from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable
+from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
 
 BUILTIN = ("retriever", "confidence", "majority", "fusion", "oracle")
 _BLOCK = 1 << 20  # (query × answer) cells of the fusion accumulator per block of queries
@@ -43,9 +44,35 @@ def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
     return SelectorResult("confidence", m.correct[np.arange(len(col)), col])
 
 
+FUSION_TIE_TOL = 1e-12  # fused probabilities this close to the maximum count as tied
+
+
+def fusion_weights(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(retrieval score / temperature) along the last axis; -inf scores (absent contexts) get weight 0."""
+    scores = np.asarray(scores, dtype=np.float64)
+    w = np.exp((scores - scores.max(axis=-1, keepdims=True)) / temperature)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+def fuse(probs: np.ndarray, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """One query's fused distribution: per-context distributions `probs` (n contexts × C candidates) weighted by
+    softmax(retrieval `scores` (n,) / temperature) over its n contexts (DESIGN.md inference). Returns (C,)."""
+    return (fusion_weights(scores, temperature)[:, None] * np.asarray(probs, dtype=np.float64)).sum(axis=0)
+
+
+def fused_answer(fused: np.ndarray, candidates: Sequence[str]) -> int:
+    """Index of the answer a fused distribution picks. The tie rule (the vectorised `fusion` selector applies the
+    same): every candidate within FUSION_TIE_TOL of the maximum is tied, and the one whose normalised answer
+    (strip + casefold) sorts first wins, so the choice depends neither on the candidates' order nor on the last
+    bits of the floating-point sums."""
+    fused = np.asarray(fused, dtype=np.float64)
+    tied = np.flatnonzero(fused >= fused.max() - FUSION_TIE_TOL)
+    return int(min(tied, key=lambda i: (normalize_answer(candidates[i]), i)))
+
+
 def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> SelectorResult | None:
-    """Argmax over answers of sum_j w_j p_j(answer), w = softmax(retrieval score / temperature) over the k contexts
-    (DESIGN.md inference). Ties go to the alphabetically first normalised answer. None without probs or scores."""
+    """Per query, the answer `fused_answer(fuse(...))` picks, vectorised over queries (`table.answers` is sorted, so
+    the first tied code is the alphabetically first normalised answer). None without probs or scores."""
     m = qm.matrix
     probs = table.probs
     if probs is None or m.score is None or table.probs_answer is None:
@@ -53,9 +80,7 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
     present = m.present
     if np.isnan(m.score[present]).any() or not probs.valid[m.row[present]].all():
         return None
-    score = np.where(present, m.score, -np.inf)
-    w = np.exp((score - score.max(axis=1, keepdims=True)) / temperature)
-    w /= w.sum(axis=1, keepdims=True)
+    w = fusion_weights(np.where(present, m.score, -np.inf), temperature)
     n_answers = len(table.answers)
     n = len(qm.n_ranks)
     choice = np.empty(n, dtype=np.int64)
@@ -68,8 +93,8 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
         entry = np.repeat(start - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
         weight = np.repeat(w[q0:q1][qi, col], lengths) * probs.values[entry]
         key = np.repeat(qi, lengths) * n_answers + table.probs_answer[entry]
-        fused = np.bincount(key, weights=weight, minlength=(q1 - q0) * n_answers)
-        choice[q0:q1] = fused.reshape(q1 - q0, n_answers).argmax(axis=1)
+        fused = np.bincount(key, weights=weight, minlength=(q1 - q0) * n_answers).reshape(q1 - q0, n_answers)
+        choice[q0:q1] = (fused >= fused.max(axis=1, keepdims=True) - FUSION_TIE_TOL).argmax(axis=1)
     return SelectorResult("fusion", choice == m.label)
 
 

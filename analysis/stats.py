@@ -1,4 +1,5 @@
-"""Statistics for per-query accuracies: Wilson and query-clustered bootstrap intervals, the exact McNemar test.
+"""Statistics for per-query accuracies: Wilson and query-clustered bootstrap intervals, the exact McNemar test, and
+the per-system metrics and paired comparisons that the pipeline, the report and the sweep all report.
 
 Every metric here is a mean of one 0/1 value per query, so resampling queries keeps a query's k rows together.
 """
@@ -6,9 +7,13 @@ Every metric here is a mean of one 0/1 value per query, so resampling queries ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats as sps
+
+from .tables import LABEL, PREDICTION, QUERY_ID, SYSTEM, normalize_answer
 
 Z95 = 1.959963984540054
 INTERVALS = ("wilson", "bootstrap")
@@ -100,11 +105,54 @@ class McNemar:
     p_value: float
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (p = 1 when there are none); pooling several
+    samples (e.g. seeds) is summing their counts."""
+    return 1.0 if only_a + only_b == 0 else float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
-    """Two-sided exact binomial test on the discordant pairs (p = 1 when there are none)."""
+    """Two-sided exact binomial test on the discordant pairs of outcomes aligned by query."""
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = len(a)
-    p = 1.0 if only_a + only_b == 0 else float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
     return McNemar(n=n, acc_a=float(a.mean()) if n else float("nan"), acc_b=float(b.mean()) if n else float("nan"),
-                   only_a=only_a, only_b=only_b, p_value=p)
+                   only_a=only_a, only_b=only_b, p_value=mcnemar_p(only_a, only_b))
+
+
+def paired_outcomes(query_a: np.ndarray, correct_a: np.ndarray, query_b: np.ndarray,
+                    correct_b: np.ndarray) -> McNemar:
+    """McNemar of two systems on the queries both answered; `query_*` are each system's query keys (unique per
+    system, any sortable type), `correct_*` its 0/1 outcome per key."""
+    _, ia, ib = np.intersect1d(np.asarray(query_a), np.asarray(query_b), assume_unique=True, return_indices=True)
+    return mcnemar(np.asarray(correct_a, bool)[ia], np.asarray(correct_b, bool)[ib])
+
+
+def _correct(answers: pd.DataFrame) -> np.ndarray:
+    return (answers[PREDICTION].map(normalize_answer) == answers[LABEL].map(normalize_answer)).to_numpy(dtype=bool)
+
+
+def paired(answers: pd.DataFrame, a: str, b: str) -> McNemar:
+    """System `a` against system `b` of an answer frame (columns system, query_id, prediction, label; one row per
+    system and query) on the queries both answered: n, only_a, only_b (queries only that system gets right) and the
+    exact McNemar p-value."""
+    sub = [answers[answers[SYSTEM] == s] for s in (a, b)]
+    return paired_outcomes(sub[0][QUERY_ID].astype(str).to_numpy(), _correct(sub[0]),
+                           sub[1][QUERY_ID].astype(str).to_numpy(), _correct(sub[1]))
+
+
+def system_metrics(answers: pd.DataFrame, labels: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per system of an answer frame (columns system, prediction, label), in order of first appearance: n, accuracy
+    with its Wilson 95% interval (accuracy_lo, accuracy_hi) and macro_f1, the mean F1 over the `labels` (default:
+    the gold labels seen) that occur as gold labels of that system's queries. Answers compare normalised."""
+    out: dict[str, dict[str, Any]] = {}
+    classes = list(dict.fromkeys(normalize_answer(x) for x in (labels if labels is not None else answers[LABEL])))
+    for system, group in answers.groupby(SYSTEM, sort=False):
+        y = group[LABEL].map(normalize_answer).to_numpy(dtype=object)
+        p = group[PREDICTION].map(normalize_answer).to_numpy(dtype=object)
+        right = int(np.sum(y == p))
+        f1s = [2 * np.sum((p == c) & (y == c)) / (np.sum(p == c) + np.sum(y == c)) for c in classes if np.sum(y == c)]
+        lo, hi = wilson(right, len(y))
+        out[str(system)] = {"n": len(y), "accuracy": right / len(y) if len(y) else float("nan"), "accuracy_lo": lo,
+                            "accuracy_hi": hi, "macro_f1": float(np.mean(f1s)) if f1s else float("nan")}
+    return out

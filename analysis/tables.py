@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,6 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from ..core.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +73,18 @@ def normalize_answer(text: str) -> str:
 
 
 class _Locator:
-    """Turns a 0-based data-row index into the place a user finds it: `file:line` (JSONL, CSV) or `file: row i`."""
+    """Turns a 0-based data-row index into the place a user finds it: `file:line` (JSONL, CSV) or `file: row i`.
 
-    def __init__(self, path: Path, lines: Sequence[int] | None = None, csv_file: bool = False):
-        self.path, self._lines, self._csv = path, lines, csv_file
+    `lines` maps rows to 1-based lines; `record_lines(path)` computes that map on first use (only an error needs it).
+    """
+
+    def __init__(self, path: Path, lines: Sequence[int] | None = None,
+                 record_lines: Callable[[Path], Sequence[int]] | None = None):
+        self.path, self._lines, self._record_lines = path, lines, record_lines
 
     def __call__(self, row: int) -> str:
-        if self._csv and self._lines is None:
-            self._lines = _csv_record_lines(self.path)
+        if self._lines is None and self._record_lines is not None:
+            self._lines = self._record_lines(self.path)
         if self._lines is not None:
             return f"{self.path}:{self._lines[row]}"
         return f"{self.path}: row {row} (0-based Parquet row index)"
@@ -165,31 +172,135 @@ def _arrow_type(kind: str) -> pa.DataType:
             "probs": _PROBS_TYPE, "ranking": pa.list_(pa.int64())}[kind]
 
 
-def _read_jsonl(path: Path, spec: dict[str, str], required: Sequence[str]) -> RawTable:
-    values: dict[str, list] = {name: [] for name in spec}
+def _wanted(spec: dict[str, str], required: Sequence[str], columns: Sequence[str] | None) -> list[str]:
+    """The columns to read: the required ones and, of the optional ones, those in `columns` (None: all)."""
+    return [c for c in spec if c in required or columns is None or c in columns]
+
+
+def _read_jsonl(path: Path, spec: dict[str, str], required: Sequence[str],
+                columns: Sequence[str] | None) -> RawTable:
+    """pyarrow's multithreaded JSON reader first; any file it rejects or reads into types that are not the
+    table's goes through the line-by-line pass, which names the line and field at fault (or reads what pyarrow
+    would not, e.g. a key given twice)."""
+    wanted = _wanted(spec, required, columns)
+    try:
+        raw = _read_jsonl_arrow(path, spec, required, wanted)
+    except (pa.ArrowException, UnicodeDecodeError) as e:
+        log.info("%s: pyarrow's JSON reader declined (%s); reading line by line", path, str(e)[:200])
+        raw = None
+    return raw if raw is not None else _read_jsonl_lines(path, spec, required, wanted)
+
+
+_MAX_PROBS_KEYS = 256  # probs with more distinct answers than this are read line by line (one column per key)
+
+
+def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
+                      wanted: Sequence[str]) -> RawTable | None:
+    """The table via pyarrow.json, or None when a column is missing or has another type than its kind (the line
+    pass then reports it). Nested probs objects arrive as a struct with one field per answer seen anywhere in the
+    file (absent keys null); they are turned into the map column here. A null probability therefore reads as an
+    absent entry on this path."""
+    import pyarrow.json as pa_json
+
+    # Scalar columns get explicit types, so a value of another JSON type fails the read instead of being inferred.
+    scalar = {"id": pa.string(), "text": pa.string(), "rank": pa.int64(), "score": pa.float64()}
+    schema = pa.schema([(name, scalar[spec[name]]) for name in wanted if spec[name] in scalar])
+    with ThreadPoolExecutor(1) as pool:  # the newline count runs while pyarrow's threads parse (both free the GIL)
+        n_newlines = pool.submit(_count_lines, path)
+        table = pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=schema))
+        n_lines = n_newlines.result()
+    if table.num_rows == 0:
+        return None
+    lines = None  # rows are lines 1..n when the file has no blank lines: the locator computes the map if needed
+    if n_lines != table.num_rows:
+        lines = _jsonl_record_lines(path)
+        if len(lines) != table.num_rows:  # several objects on one line: the line pass rejects the file
+            return None
+    cols: dict[str, pa.ChunkedArray] = {}
+    for name in wanted:
+        if name not in table.column_names:
+            if name in required:
+                return None
+            continue
+        col, kind = table.column(name), spec[name]
+        if name in required and col.null_count:
+            return None
+        if pa.types.is_null(col.type):  # every row null or absent: as if the column were not there
+            continue
+        if kind == "probs":
+            if not pa.types.is_struct(col.type) or col.type.num_fields > _MAX_PROBS_KEYS or not all(
+                    pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in col.type):
+                return None
+            col = _probs_from_struct(col)
+            if col is None:
+                return None
+        elif kind == "ranking":
+            if not (pa.types.is_list(col.type) and (pa.types.is_integer(col.type.value_type)
+                                                    or pa.types.is_null(col.type.value_type))):
+                return None
+            col = col.cast(pa.list_(pa.int64()))
+        cols[name] = col
+    return RawTable(path, cols, table.num_rows, _Locator(path, lines, record_lines=_jsonl_record_lines))
+
+
+def _count_lines(path: Path) -> int:
+    """Lines of a file: newlines, plus one for a last line without one."""
+    n, last = 0, b""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            n, last = n + int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 10)), block[-1:]
+    return n + (last not in (b"", b"\n"))
+
+
+def _jsonl_record_lines(path: Path) -> list[int]:
+    """1-based line number of every non-blank line."""
+    with open(path, "rb") as f:
+        return [lineno for lineno, line in enumerate(f, 1) if line.strip()]
+
+
+def _probs_from_struct(col: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """struct<answer: number, ...> (null fields = absent keys) -> map<string, float64>, chunk by chunk; entries
+    keep the struct's field order. None if the entries would overflow the map's int32 offsets."""
+    names = pa.array([f.name for f in col.type], pa.string())
+    out = []
+    for chunk in col.chunks:
+        n = len(chunk)
+        row_valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        present = np.empty((n, chunk.type.num_fields), dtype=bool)
+        values = np.empty((n, chunk.type.num_fields))
+        for j in range(chunk.type.num_fields):
+            child = pc.struct_field(chunk, [j])  # honours the chunk's offset, unlike .field(j)
+            present[:, j] = child.is_valid().to_numpy(zero_copy_only=False)
+            values[:, j] = child.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+        present &= row_valid[:, None]
+        counts = present.sum(axis=1)
+        if int(counts.sum()) >= 2 ** 31:
+            return None
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(counts, out=offsets[1:])
+        keys = names.take(pa.array(np.nonzero(present)[1].astype(np.int32)))
+        out.append(pa.MapArray.from_arrays(pa.array(offsets), keys, pa.array(values[present]), type=_PROBS_TYPE,
+                                           mask=pa.array(~row_valid) if not row_valid.all() else None))
+    return pa.chunked_array(out, type=_PROBS_TYPE)
+
+
+def _read_jsonl_lines(path: Path, spec: dict[str, str], required: Sequence[str],
+                      wanted: Sequence[str]) -> RawTable:
+    values: dict[str, list] = {name: [] for name in wanted}
     present: set[str] = set()
     lines: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TableError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TableError(f"{where}: expected a JSON object (one row per line), got {type(obj).__name__}")
-            for name in required:
-                if obj.get(name) is None:
-                    raise TableError(f"{where}: field '{name}': missing required field (required: "
-                                     f"{', '.join(required)})")
-            for name, kind in spec.items():
-                value = obj.get(name)
-                if value is not None:
-                    present.add(name)
-                values[name].append(_convert_value(value, kind, where, name))
-            lines.append(lineno)
+    for lineno, obj in iter_jsonl(path, error=TableError):
+        where = f"{path}:{lineno}"
+        for name in required:
+            if obj.get(name) is None:
+                raise TableError(f"{where}: field '{name}': missing required field (required: "
+                                 f"{', '.join(required)})")
+        for name in wanted:
+            value = obj.get(name)
+            if value is not None:
+                present.add(name)
+            values[name].append(_convert_value(value, spec[name], where, name))
+        lines.append(lineno)
     if not lines:
         raise TableError(f"{path}: empty file: no rows")
     columns = {name: pa.chunked_array([pa.array(vals, type=_arrow_type(spec[name]))])
@@ -213,7 +324,7 @@ def _read_csv(path: Path, spec: dict[str, str], required: Sequence[str]) -> RawT
                          f"{list(df.columns)}; required: {', '.join(required)})")
     if len(df) == 0:
         raise TableError(f"{path}: empty file: a header but no data rows")
-    locate = _Locator(path, csv_file=True)
+    locate = _Locator(path, record_lines=_csv_record_lines)
     columns = {}
     for name, kind in spec.items():
         if name not in df.columns:
@@ -282,7 +393,7 @@ def _read_parquet(path: Path, spec: dict[str, str], required: Sequence[str], col
     if missing:
         raise TableError(f"{path}: field '{missing[0]}': missing required column (columns: {schema.names}; "
                          f"required: {', '.join(required)})")
-    wanted = [c for c in spec if c in names and (columns is None or c in columns or c in required)]
+    wanted = [c for c in _wanted(spec, required, columns) if c in names]
     for name in wanted:
         t = schema.field(name).type
         if not _parquet_kind_ok(spec[name], t):
@@ -338,7 +449,7 @@ def read_raw(path: str | os.PathLike, kind: str, columns: Sequence[str] | None =
     if suffix not in SUFFIXES:
         raise TableError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
     if suffix == ".jsonl":
-        raw = _read_jsonl(path, spec, required)
+        raw = _read_jsonl(path, spec, required, columns)
     elif suffix == ".csv":
         raw = _read_csv(path, spec, required)
     else:

@@ -1,5 +1,6 @@
 """lvlm-rerank against a loopback chat-completions server with faults: 429 then success, persistent 500, a timeout
-then success, malformed and partial replies; then the cache makes a rerun free, and analyze-oracle reads the file."""
+then success, malformed and partial replies; then the cache makes a rerun free, and analyze-oracle reads the file.
+Retries are the openai client's own: a 429's Retry-After header sets the wait."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from dxrag.core.records import CorpusItem, Query
 pytest.importorskip("openai")
 KEY = "sk-test-secret-0123456789"
 
-# Per query (keyed by a marker in its question): what the server does on each successive request.
+# Per query (keyed by a marker in its question): what the server does on each successive request, as
+# (status, reply content[, extra response headers]).
 SCRIPT = {
     "case-1": [(429, None), (200, 'Sure! ```json\n{"ranking": [2, 1, 3]}\n``` Hope this helps.')],
     "case-2": [(500, None)] * 10,
@@ -39,6 +41,7 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.calls: dict[str, int] = {}
+        self.times: dict[str, list[float]] = {}
         self.auth: set[str] = set()
         self.lock = threading.Lock()
 
@@ -58,7 +61,8 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             n = self.server.calls.get(case, 0)
             self.server.calls[case] = n + 1
-        status, content = SCRIPT[case][min(n, len(SCRIPT[case]) - 1)]
+            self.server.times.setdefault(case, []).append(time.monotonic())
+        status, content, *extra = SCRIPT[case][min(n, len(SCRIPT[case]) - 1)]
         if status == "sleep":
             time.sleep(1.5)  # longer than the client's --timeout
             status, content = 200, "[2, 1, 3]"  # never read: the client timed out and retried
@@ -74,6 +78,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
+            for name, value in (extra[0] if extra else {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
@@ -126,7 +132,7 @@ def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys):
     out = tmp_path / "rerank.jsonl"
     args = ["--contexts", str(contexts), "--dataset", str(dataset), "--model", "mock-vlm",
             "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-key-env", "TEST_KEY",
-            "--out", str(out), "--concurrency", "3", "--max-retries", "2", "--backoff", "0.01", "--timeout", "0.5"]
+            "--out", str(out), "--concurrency", "3", "--max-retries", "2", "--timeout", "0.5"]
     assert lvlm_rerank(args) == 0
     first_log = capsys.readouterr()
     assert server.auth == {f"Bearer {KEY}"}
@@ -164,6 +170,20 @@ def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys):
     sel = pd.read_csv(report / "selectors.csv").set_index("selector")
     assert sel.loc["lvlm:mock-vlm", "acc"] == pytest.approx(3 / 5)
     assert sel.loc["lvlm:mock-vlm", "n_fallback"] == 2
+
+
+def test_retry_after_is_honoured(server, tmp_path, monkeypatch):
+    # Without the header the client would wait 0.5 s x (0.75..1) before its first retry; the server asks for 1.2 s.
+    monkeypatch.setitem(SCRIPT, "case-1", [(429, None, {"Retry-After": "1.2"}), (200, "[3, 2, 1]")])
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    out = tmp_path / "rerank.jsonl"
+    assert lvlm_rerank(["--contexts", str(contexts), "--dataset", str(dataset), "--model", "mock-vlm",
+                        "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-key-env", "TEST_KEY",
+                        "--out", str(out), "--limit", "1", "--max-retries", "1", "--timeout", "5"]) == 0
+    first, second = server.times["case-1"]
+    assert 1.15 <= second - first < 5
+    assert load_rerank(out).frame.set_index("query_id").loc["q1", "ranking"] == [3, 2, 1]
 
 
 def test_missing_key_and_unknown_item(tmp_path, monkeypatch, capsys):
