@@ -19,17 +19,22 @@ ANSWERS = ("a", "b", "c")
 
 
 def generate(n: int, seed: int, prefix: str, k: int = 4, reverse: bool = False, probs: bool = True,
-             p_correct: tuple[float, ...] = (0.6, 0.5, 0.45, 0.4)) -> tuple[pd.DataFrame, pd.DataFrame]:
+             p_correct: tuple[float, ...] = (0.6, 0.5, 0.45, 0.4),
+             signal: str = "confidence") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Context and answer tables where a context's reader confidence tells whether it is correct (max-prob ~0.9 when
-    correct, ~0.55 when wrong; `reverse` swaps that). Scores fall with rank; heads alternate image / text."""
+    correct, ~0.55 when wrong; `reverse` swaps that). Scores fall with rank; heads alternate image / text.
+    signal="head": text contexts are right 80% of the time, image ones 25%, and confidence is noise."""
     rng = np.random.default_rng(seed)
     rows, answers = [], []
     for i in range(n):
         qid, label = f"{prefix}{i:05d}", ANSWERS[rng.integers(3)]
         for rank in range(1, k + 1):
-            correct = rng.random() < p_correct[rank - 1]
+            p = p_correct[rank - 1] if signal == "confidence" else (0.25, 0.8)[(rank - 1) % 2]
+            correct = rng.random() < p
             pred = label if correct else rng.choice([a for a in ANSWERS if a != label])
-            top = rng.uniform(0.8, 0.98) if correct != reverse else rng.uniform(0.4, 0.7)
+            informative = signal == "confidence" and correct != reverse
+            top = rng.uniform(0.8, 0.98) if informative or (signal == "head" and rng.random() < 0.5) \
+                else rng.uniform(0.4, 0.7)
             rest = [a for a in ANSWERS if a != pred]
             dist = {pred: top, rest[0]: (1 - top) / 2, rest[1]: (1 - top) / 2}
             rows.append(dict(system="rag", query_id=qid, rank=rank, label=label, prediction=pred,
@@ -66,6 +71,14 @@ def test_learned_beats_rank1_when_confidence_predicts_correctness(tmp_path):
     assert report.learned.models["rag"].coefficients["max_prob"] > 0
     # the learned method is scored like the other context methods (subsets and McNemar)
     assert "learned" in set(report.subsets()["method"])
+
+
+def test_learned_beats_every_other_selector_when_the_head_predicts_correctness(tmp_path):
+    val = _write(tmp_path, "val", generate(300, 1, "v", signal="head"))
+    test = _write(tmp_path, "test", generate(300, 2, "t", signal="head"))
+    acc = _selectors(OracleReport.from_tables(test[0], selector_train=val[0]))
+    others = acc.drop(["learned", "oracle"])
+    assert acc["learned"] > others.max() + 0.1, acc.to_dict()
 
 
 def test_learned_learns_only_from_the_validation_table(tmp_path):
