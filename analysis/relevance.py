@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from .consistency import QueryMetrics
-from .tables import ITEM_ID, ContextTable, read_raw
+from .tables import ITEM_ID, ContextTable, encode_strings, read_raw
 
 log = logging.getLogger(__name__)
 
@@ -87,33 +87,44 @@ def write_trec(table: ContextTable, metrics: list[QueryMetrics], out_dir: Path) 
             item = read_raw(table.path, "contexts", columns=(ITEM_ID,)).columns.get(ITEM_ID)
         except (OSError, ValueError):  # an in-memory or moved table: contexts are named by rank
             item = None
-    item_values = np.asarray(item.to_pylist(), dtype=object) if item is not None else None
+    if item is not None:
+        item = item.combine_chunks().cast(pa.string())
+        item_code, _ = encode_strings(pa.chunked_array([item]))
+        item_ws = pc.match_substring_regex(item, r"\s").fill_null(False).to_numpy(zero_copy_only=False)
+    query_ids = pa.array(table.query_ids, pa.string())
+    query_ws = pc.match_substring_regex(query_ids, r"\s").to_numpy(zero_copy_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
+    opts = pacsv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none")
     done: dict[str, dict[str, str]] = {}
-    names = [_safe_name(qm.system) for qm in metrics]
-    for qm, name in zip(metrics, names):
-        if names.count(name) > 1:
-            name = f"{name}-{metrics.index(qm)}"
+    used: set[str] = set()
+    for qm in metrics:
         m = qm.matrix
+        name = _safe_name(qm.system)
+        name = name if name not in used else f"{name}-{len(used)}"
+        used.add(name)
         qi, col = np.nonzero(m.present)
-        qids = table.query_ids[m.query][qi].astype(str)
-        ranks = col + 1
-        ids = item_values[m.row[qi, col]] if item_values is not None else np.full(len(qi), None, dtype=object)
-        ids = np.array(["" if v is None else str(v) for v in ids], dtype=object)
-        clash = pd.DataFrame({"q": qids, "d": ids}).duplicated(keep=False).to_numpy() | (ids == "")
-        ids[clash] = [f"{d}#{r}" for d, r in zip(ids[clash], ranks[clash])]
-        bad = [v for v in (qids, ids) if any(re.search(r"\s", str(x)) for x in v)]
-        if bad:
+        rows, qcode, ranks = m.row[qi, col], m.query[qi], col + 1
+        if query_ws[qcode].any() or (item is not None and item_ws[rows].any()):
             why = "a query_id or item_id holds whitespace, which the TREC format cannot carry"
             log.warning("TREC export of system %s skipped: %s", qm.system, why)
             done[qm.system] = {"skipped": why}
             continue
+        suffix = pc.binary_join_element_wise("", "#", pa.array(ranks.astype(str)), "")  # "#<rank>"
+        if item is not None:
+            codes = item_code[rows].astype(np.int64)
+            key = qcode.astype(np.int64) * (int(codes.max()) + 2) + codes + 1
+            _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+            ids = item.take(pa.array(rows)).fill_null("")
+            clash = (counts[inverse] > 1) | (codes < 0) | (pc.utf8_length(ids).to_numpy() == 0)
+            docs = pc.if_else(pa.array(clash), pc.binary_join_element_wise(ids, suffix, ""), ids) \
+                if clash.any() else ids
+        else:
+            docs = suffix
+        qids = query_ids.take(pa.array(qcode))
         score, kind = trec_scores(qm)
-        tag = _safe_name(qm.system)
-        opts = pacsv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none")
-        run = pa.table({"q": qids, "q0": np.full(len(qi), "Q0"), "doc": ids.astype(str), "rank": ranks,
-                        "score": score[qi, col], "tag": np.full(len(qi), tag)})
-        qrels = pa.table({"q": qids, "it": np.zeros(len(qi), dtype=np.int64), "doc": ids.astype(str),
+        run = pa.table({"q": qids, "q0": pa.repeat("Q0", len(rows)), "doc": docs, "rank": ranks,
+                        "score": score[qi, col], "tag": pa.repeat(name, len(rows))})
+        qrels = pa.table({"q": qids, "it": pa.repeat(0, len(rows)), "doc": docs,
                           "rel": m.correct[qi, col].astype(np.int64)})
         pacsv.write_csv(run, out_dir / f"{name}.run", write_options=opts)
         pacsv.write_csv(qrels, out_dir / f"{name}.qrels", write_options=opts)

@@ -4,6 +4,8 @@ table (a reversed relation there must hurt), refuses shared queries, and drops f
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,19 @@ def test_depth_mismatch_between_tables_is_an_error(tmp_path):
     test = _write(tmp_path, "test", generate(50, 2, "t"))
     with pytest.raises(TableError, match="depth k=3"):
         OracleReport.from_tables(test[0], selector_train=val[0])
+
+
+def test_without_scikit_learn_the_error_names_the_extra(tmp_path, monkeypatch):
+    val = _write(tmp_path, "val", generate(20, 1, "v"))
+    test = _write(tmp_path, "test", generate(20, 2, "t"))
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    with pytest.raises(TableError, match=r"dxrag\[learn\]"):
+        OracleReport.from_tables(test[0], selector_train=val[0])
+    assert OracleReport.from_tables(test[0]).selectors_frame()["selector"].tolist()[-1] == "oracle"
+
+
+def test_importing_the_analysis_loads_no_scikit_learn():
+    done = subprocess.run([sys.executable, "-c", "import sys, dxrag.analysis, dxrag.analysis.cli; "
+                           "print('sklearn' in sys.modules)"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
