@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .learned import DEFAULT_CLOSED_BOOK
 from .stats import INTERVALS
 from .tables import SHORT_POLICIES, TableError
 
@@ -21,6 +22,8 @@ EXAMPLES = textwrap.dedent("""\
       analyze-oracle --contexts trained/run/contexts.parquet --out reports/run
       analyze-oracle --contexts ctx.jsonl --answers answers.csv --reference rag --k 4 --out reports/x
       analyze-oracle --contexts ctx.parquet --rerank rerank.jsonl --interval bootstrap --no-figures --out reports/y
+      analyze-oracle --contexts test_ctx.jsonl --answers test_ans.jsonl --train-selector val_ctx.jsonl \
+                     --train-answers val_ans.jsonl --out reports/z
 
     The table formats and every output column are documented in reports/README.md.""")
 
@@ -34,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", required=True, type=Path, help="context-prediction table (one row per context)")
     p.add_argument("--answers", type=Path, help="answer table: final answers of whole systems (e.g. closed-book)")
     p.add_argument("--rerank", type=Path, help="rerank file (from lvlm-rerank): rankings for the lvlm selectors")
+    p.add_argument("--train-selector", type=Path, metavar="VAL_CONTEXTS",
+                   help="context table of validation queries (none of them in --contexts): trains the 'learned' "
+                        "selector (needs scikit-learn: pip install 'dxrag[learn]')")
+    p.add_argument("--train-answers", type=Path, metavar="VAL_ANSWERS",
+                   help="answer table of the validation queries: its closed-book answers feed the learned selector")
+    p.add_argument("--closed-book", default=DEFAULT_CLOSED_BOOK, metavar="SYSTEM",
+                   help="answer-table system whose answers are closed-book, for the learned selector's agreement "
+                        f"feature (default {DEFAULT_CLOSED_BOOK!r})")
     p.add_argument("--k", type=int, help="depth: ranks 1..k (default: each system's largest rank)")
     p.add_argument("--reference", help="system whose top-k defines the consistent / inconsistent subsets "
                                        "(default: the first system in the context table)")
@@ -47,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG/PDF figures")
+    p.add_argument("--no-trec", action="store_true", help="skip the trec/ run and qrels files")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return p
 
@@ -60,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         report = OracleReport.from_tables(args.contexts, answers=args.answers, rerank=args.rerank, k=args.k,
                                           reference=args.reference, short=args.short, interval=args.interval,
                                           n_boot=args.n_boot, seed=args.seed,
-                                          fusion_temperature=args.fusion_temperature)
+                                          fusion_temperature=args.fusion_temperature,
+                                          selector_train=args.train_selector,
+                                          selector_train_answers=args.train_answers, closed_book=args.closed_book)
     except TableError as e:
         print(f"analyze-oracle: error: {e}", file=sys.stderr)
         return 2
-    out = report.write(args.out, figures=not args.no_figures)
+    out = report.write(args.out, figures=not args.no_figures, trec=not args.no_trec)
     print(report.compact_table())
     print(f"\nwrote {out}")
     return 0

@@ -25,10 +25,12 @@ from . import stats
 from ..core.dataset import sha256_file
 from ..core.provenance import git_hash, versions
 from .consistency import QueryMetrics, query_metrics
+from .learned import DEFAULT_CLOSED_BOOK, LearnedSelector, closed_book_answers, train_learned
 from .oracle import oracle_at_k
+from .relevance import relevance_metrics, write_trec
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
-from .tables import (QUERY_ID, SHORT_POLICIES, SYSTEM, AnswerTable, ContextTable, RerankTable, TableError,
-                     load_answers, load_contexts, load_rerank, rank_matrices)
+from .tables import (HEAD, PROBS, QUERY_ID, RETRIEVAL_SCORE, SHORT_POLICIES, SYSTEM, AnswerTable, ContextTable,
+                     RerankTable, TableError, load_answers, load_contexts, load_rerank, rank_matrices)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class _Scored:
     correct: np.ndarray
 
 
+RELEVANCE_LABELS = (("MRR", "mrr"), ("nDCG@k", "ndcg_at_k"), ("nDCG@1", "ndcg_at_1"), ("Success@k", "success_at_k"),
+                    ("Success@1", "success_at_1"))
 ANALYSIS_PACKAGES = ("dxrag", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "seaborn")
 
 
@@ -64,6 +68,9 @@ class OracleReport:
     seed: int
     answers: AnswerTable | None = None
     rerank: RerankTable | None = None
+    learned: LearnedSelector | None = None
+    selector_train: ContextTable | None = None
+    selector_train_answers: AnswerTable | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     _frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
@@ -74,11 +81,16 @@ class OracleReport:
                     answers: str | os.PathLike | AnswerTable | None = None,
                     rerank: str | os.PathLike | RerankTable | None = None, k: int | None = None,
                     reference: str | None = None, short: str = "error", interval: str = "wilson",
-                    n_boot: int = 1000, seed: int = 0, fusion_temperature: float = 1.0) -> "OracleReport":
+                    n_boot: int = 1000, seed: int = 0, fusion_temperature: float = 1.0,
+                    selector_train: str | os.PathLike | ContextTable | None = None,
+                    selector_train_answers: str | os.PathLike | AnswerTable | None = None,
+                    closed_book: str = DEFAULT_CLOSED_BOOK) -> "OracleReport":
         """Loads (when given paths) and validates the tables, then computes every metric. Raises TableError.
 
         `fusion_temperature` divides the retrieval scores before the softmax of the fusion selector (use the
-        pipeline's temperature to reproduce its fused answers)."""
+        pipeline's temperature to reproduce its fused answers). `selector_train`: a context table of *validation*
+        queries (none of them in `contexts`) to train the `learned` selector on; `selector_train_answers` its answer
+        table, whose `closed_book` system (and the one of `answers`) gives the closed-book agreement feature."""
         if interval not in stats.INTERVALS:
             raise TableError(f"interval {interval!r}: expected one of {stats.INTERVALS}")
         if short not in SHORT_POLICIES:
@@ -87,7 +99,8 @@ class OracleReport:
             raise TableError(f"--fusion-temperature {fusion_temperature}: expected a positive number")
         if n_boot < 1:
             raise TableError(f"--n-boot {n_boot}: expected a positive number of bootstrap resamples")
-        ct = contexts if isinstance(contexts, ContextTable) else load_contexts(contexts)
+        columns = (RETRIEVAL_SCORE, PROBS) + ((HEAD,) if selector_train is not None else ())  # head: a feature
+        ct = contexts if isinstance(contexts, ContextTable) else load_contexts(contexts, columns=columns)
         at = answers if isinstance(answers, AnswerTable) or answers is None else load_answers(answers)
         rt = rerank if isinstance(rerank, RerankTable) or rerank is None else load_rerank(rerank)
         reference = reference if reference is not None else ct.systems[0]
@@ -98,11 +111,23 @@ class OracleReport:
         if at is not None:
             _check_answer_labels(ct, at)
         metrics = [query_metrics(m) for m in rank_matrices(ct, k=k, short=short)]
-        selectors = {qm.system: run_selectors(ct, qm, rt, fusion_temperature) for qm in metrics}
+        learned = train_ct = train_at = None
+        if selector_train is not None:
+            train_ct = (selector_train if isinstance(selector_train, ContextTable)
+                        else load_contexts(selector_train, columns=columns))
+            train_at = (selector_train_answers if isinstance(selector_train_answers, AnswerTable)
+                        or selector_train_answers is None else load_answers(selector_train_answers))
+            learned = train_learned(train_ct, ct, metrics, k=k, short=short,
+                                    train_closed=closed_book_answers(train_at, closed_book),
+                                    test_closed=closed_book_answers(at, closed_book))
+        elif selector_train_answers is not None:
+            raise TableError("selector_train_answers without selector_train: pass the validation context table too")
+        selectors = {qm.system: run_selectors(ct, qm, rt, fusion_temperature, learned) for qm in metrics}
         scored = []
         for qm in metrics:
             by_name = {s.name: s for s in selectors[qm.system]}
-            for method, sel in (("top1", "retriever"), ("majority", "majority"), ("fusion", "fusion")):
+            for method, sel in (("top1", "retriever"), ("majority", "majority"), ("fusion", "fusion"),
+                                ("learned", "learned")):
                 if sel in by_name:
                     scored.append(_Scored(qm.system, method, qm.matrix.query, by_name[sel].correct))
         if at is not None:
@@ -116,9 +141,13 @@ class OracleReport:
                             n_unknown, ct.path)
         args = dict(contexts=str(ct.path), answers=str(at.path) if at else None, rerank=str(rt.path) if rt else None,
                     k=k, reference=reference, short=short, interval=interval, n_boot=n_boot, seed=seed,
-                    fusion_temperature=fusion_temperature)
+                    fusion_temperature=fusion_temperature,
+                    selector_train=str(learned.train_path) if learned else None,
+                    selector_train_answers=str(train_at.path) if train_at else None,
+                    closed_book=closed_book if learned else None)
         return cls(contexts=ct, metrics=metrics, selectors=selectors, scored=scored, reference=reference,
-                   interval=interval, n_boot=n_boot, seed=seed, answers=at, rerank=rt, arguments=args)
+                   interval=interval, n_boot=n_boot, seed=seed, answers=at, rerank=rt, learned=learned,
+                   selector_train=train_ct, selector_train_answers=train_at, arguments=args)
 
     def _interval(self, successes: int, n: int, rng: np.random.Generator) -> tuple[float, float]:
         return stats.proportion_interval(successes, n, self.interval, self.n_boot, rng)
@@ -188,6 +217,7 @@ class OracleReport:
                                       ("oracle", qm.oracle_correct)):
                     acc, lo, hi = self._acc(correct, "summary", m.system, name)
                     row.update({f"{name}_acc": acc, f"{name}_acc_lo": lo, f"{name}_acc_hi": hi})
+                row.update(relevance_metrics(qm))
                 rows.append(row)
             return pd.DataFrame(rows)
         return self._cached("summary", build)
@@ -332,12 +362,29 @@ class OracleReport:
                                   "accuracy": _with_interval(sel, ""),
                                   "gap closed": sel["gap_closed"].map(lambda g: "n/a" if np.isnan(g) else f"{g:.2f}"),
                                   "fallbacks": sel["n_fallback"]})
+        relevance = pd.DataFrame({"system": s["system"], "k": s["k"],
+                                  **{label: s[col].map("{:.3f}".format) for label, col in RELEVANCE_LABELS}})
         parts = ["# Oracle analysis", "",
                  f"Contexts: `{self.contexts.path}`; intervals: {self.interval} 95%. Column meanings: "
                  f"reports/README.md.", "", "## Systems (top-k single-context predictions)", "", _markdown(systems),
                  "", f"## Accuracy on the consistent and inconsistent queries of `{self.reference}`", "",
                  _markdown(subsets), "", "## Selectors (gap closed = (selector - top-1) / (oracle - top-1))", "",
                  _markdown(selectors), ""]
+        if self.learned is not None:
+            parts += ["The `learned` selector: a logistic regression trained on the validation contexts of "
+                      f"`{self.learned.train_path}` (never on these queries); features per system and the ones left "
+                      "out, with why, are in learned_selector.json.", ""]
+            for system, dropped in self.learned.dropped.items():
+                if dropped:
+                    parts.append(f"- `{system}`: left out " + "; ".join(f"`{n}` ({why})" for n, why in
+                                                                        dropped.items()))
+            for system, why in self.learned.skipped.items():
+                parts.append(f"- `{system}`: no learned selector ({why})")
+            parts.append("")
+        parts += ["## Retrieval quality with prediction-derived relevance", "",
+                  "A context is relevant iff its single-context prediction is correct (no gold image labels "
+                  "needed); trec_eval definitions over ranks 1..k. The TREC run and qrels files are in trec/.", "",
+                  _markdown(relevance), ""]
         return "\n".join(parts)
 
     def to_latex(self) -> str:
@@ -356,7 +403,9 @@ class OracleReport:
 
     def provenance(self) -> dict[str, Any]:
         inputs = {}
-        for role, table in (("contexts", self.contexts), ("answers", self.answers), ("rerank", self.rerank)):
+        for role, table in (("contexts", self.contexts), ("answers", self.answers), ("rerank", self.rerank),
+                            ("selector_train", self.selector_train),
+                            ("selector_train_answers", self.selector_train_answers)):
             if table is not None:
                 inputs[role] = {"path": str(Path(table.path).resolve()), "sha256": sha256_file(Path(table.path))}
         return {"inputs": inputs, "arguments": self.arguments, "git": git_hash(),
@@ -364,8 +413,9 @@ class OracleReport:
 
     # ------------------------------------------------------------------------------------------ writing
 
-    def write(self, out_dir: str | os.PathLike, figures: bool = True) -> Path:
-        """Writes every CSV, summary.md, provenance.json and (optionally) figures/ into out_dir.
+    def write(self, out_dir: str | os.PathLike, figures: bool = True, trec: bool = True) -> Path:
+        """Writes every CSV, summary.md, provenance.json, (optionally) trec/ run and qrels files per system and
+        figures/ into out_dir, and learned_selector.json when the learned selector was trained.
 
         Everything is built in a temporary sibling directory first; a new out_dir appears in one rename, and in an
         existing one each file is replaced atomically (other files there are left alone).
@@ -380,7 +430,13 @@ class OracleReport:
                                 ("mcnemar", self.mcnemar())):
                 frame.to_csv(tmp / f"{name}.csv", index=False)
             (tmp / "summary.md").write_text(self.to_markdown(), encoding="utf-8")
-            (tmp / "provenance.json").write_text(json.dumps(self.provenance(), indent=2) + "\n", encoding="utf-8")
+            provenance = self.provenance()
+            if trec:
+                provenance["trec"] = write_trec(self.contexts, self.metrics, tmp / "trec")
+            if self.learned is not None:
+                (tmp / "learned_selector.json").write_text(json.dumps(self.learned.summary(), indent=2) + "\n",
+                                                           encoding="utf-8")
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
             if figures:
                 from .figures import write_figures
 

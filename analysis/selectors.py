@@ -1,7 +1,7 @@
 """Selectors: rules that pick one answer per query from a system's top-k contexts, and their gap closed.
 
 retriever (rank 1), confidence (highest max-probability), majority, fusion (retrieval-score-weighted probabilities),
-oracle, and lvlm:<model> (a rerank file's choice). Each returns per-query correctness aligned with the RankMatrix.
+learned (a model trained on validation rows, analysis/learned.py), oracle, and lvlm:<model> (a rerank file's choice). Each returns per-query correctness aligned with the RankMatrix.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .consistency import QueryMetrics
+from .learned import LearnedSelector
 from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
 
 BUILTIN = ("retriever", "confidence", "majority", "fusion", "oracle")
@@ -98,6 +99,13 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
     return SelectorResult("fusion", choice == m.label)
 
 
+def learned(table: ContextTable, qm: QueryMetrics, model: LearnedSelector) -> SelectorResult | None:
+    """The context the learned selector scores most likely correct (ties -> best rank); None without a model for
+    this system."""
+    picked = model.select(table, qm)
+    return None if picked is None else SelectorResult("learned", picked[1])
+
+
 def rerank_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable) -> list[SelectorResult]:
     """One result per selector of the rerank file for this system: the first rank of its ranking; failed, missing
     or out-of-range rankings fall back to rank 1 and are counted."""
@@ -131,13 +139,18 @@ def rerank_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable)
 
 
 def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | None = None,
-                  fusion_temperature: float = 1.0) -> list[SelectorResult]:
-    """Every available selector for one system (confidence and fusion need probs / retrieval scores)."""
+                  fusion_temperature: float = 1.0, learned_model: LearnedSelector | None = None) -> list[SelectorResult]:
+    """Every available selector for one system (confidence and fusion need probs / retrieval scores, learned a
+    trained model)."""
     results = [SelectorResult("retriever", qm.top1_correct)]
     for extra in (confidence(table, qm), SelectorResult("majority", qm.majority_correct),
                   fusion(table, qm, fusion_temperature)):
         if extra is not None:
             results.append(extra)
+    if learned_model is not None:
+        picked = learned(table, qm, learned_model)
+        if picked is not None:
+            results.append(picked)
     if rerank is not None:
         results.extend(rerank_selectors(table, qm, rerank))
     results.append(SelectorResult("oracle", qm.oracle_correct))
