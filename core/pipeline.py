@@ -151,24 +151,22 @@ class Pipeline:
         return load_dataset(path)
 
     def encoder(self, ds: Dataset):
-        from .retrieval.encoders import Encoder, PretrainConfig, pretrain_contrastive
+        from .retrieval.encoders import Encoder, pretrain_contrastive
 
         cfg = self.cfg.retriever
         device = distributed.resolve_device(cfg.device)
         saved = self.run / "encoder"
         if self.run.stage_done("encoder"):
-            return Encoder.load(f"local-dir:{saved}", device=device)
+            return Encoder.load_saved(saved, device=device)
         encoder = Encoder.load(cfg.encoder, pretrained=cfg.pretrained, device=device)
         info: dict[str, Any] = {"encoder": cfg.encoder}
         if cfg.pretrain is not None:
-            p = cfg.pretrain
             losses = pretrain_contrastive(encoder, [ds.image_path(c.image) for c in ds.corpus],
-                                          [c.text for c in ds.corpus],
-                                          PretrainConfig(seed=self.cfg.seed, **dataclasses.asdict(p)))
+                                          [c.text for c in ds.corpus], cfg.pretrain, seed=self.cfg.seed)
             info["pretrain_losses"] = losses
         encoder.save(saved)
         self.run.mark_done("encoder", info)
-        return Encoder.load(f"local-dir:{saved}", device=device)
+        return Encoder.load_saved(saved, device=device)
 
     def retriever(self, ds: Dataset, encoder):
         from .retrieval.retriever import Retriever, build_retriever
@@ -176,7 +174,7 @@ class Pipeline:
         path = self.run / "index"
         if self.run.stage_done("index"):
             return Retriever.load(path, encoder, ds.corpus_checksum)
-        retriever = build_retriever(ds, encoder, path, kind=self.cfg.retriever.index,
+        retriever = build_retriever(ds, encoder, path, self.cfg.retriever.index,
                                     batch_size=self.cfg.retriever.batch_size)
         self.run.mark_done("index", {"count": len(ds.corpus)})
         return retriever
