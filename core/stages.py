@@ -133,22 +133,22 @@ def dataset(ctx: RunContext) -> Dataset:
 
 def encoder(ctx: RunContext, ds: Dataset):
     """The retriever's encoder, after the optional contrastive stage on the corpus; saved in the run directory."""
-    from .retrieval.encoders import Encoder, PretrainConfig, pretrain_contrastive
+    from .retrieval.encoders import Encoder, pretrain_contrastive
 
     cfg = ctx.cfg.retriever
     device = distributed.resolve_device(cfg.device)
     saved = ctx.run / "encoder"
     if ctx.run.stage_done("encoder"):
-        return Encoder.load(f"local-dir:{saved}", device=device)
+        return Encoder.load_saved(saved, device=device)
     enc = Encoder.load(cfg.encoder, pretrained=cfg.pretrained, device=device)
     info: dict[str, Any] = {"encoder": cfg.encoder}
     if cfg.pretrain is not None:
         info["pretrain_losses"] = pretrain_contrastive(
-            enc, [ds.image_path(c.image) for c in ds.corpus], [c.text for c in ds.corpus],
-            PretrainConfig(seed=ctx.cfg.seed, **dataclasses.asdict(cfg.pretrain)))
+            enc, [ds.image_path(c.image) for c in ds.corpus], [c.text for c in ds.corpus], cfg.pretrain,
+            seed=ctx.cfg.seed)
     enc.save(saved)
     ctx.run.mark_done("encoder", info)
-    return Encoder.load(f"local-dir:{saved}", device=device)
+    return Encoder.load_saved(saved, device=device)
 
 
 def index(ctx: RunContext, ds: Dataset, enc):
@@ -158,7 +158,7 @@ def index(ctx: RunContext, ds: Dataset, enc):
     path = ctx.run / "index"
     if ctx.run.stage_done("index"):
         return Retriever.load(path, enc, ds.corpus_checksum)
-    retriever = build_retriever(ds, enc, path, kind=ctx.cfg.retriever.index, batch_size=ctx.cfg.retriever.batch_size)
+    retriever = build_retriever(ds, enc, path, ctx.cfg.retriever.index, batch_size=ctx.cfg.retriever.batch_size)
     ctx.run.mark_done("index", {"count": len(ds.corpus)})
     return retriever
 

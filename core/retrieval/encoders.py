@@ -1,5 +1,5 @@
-"""CLIP-style dual encoders by open_clip name (built-in, `hf-hub:`, `local-dir:`), their safetensors save format, and
-the short contrastive pre-training that turns the shipped tiny config into the embedded default's backbone.
+"""CLIP-style dual encoders behind one contract (`Encoder`): open_clip models by name (built-in, `hf-hub:`,
+`local-dir:`) and transformers CLIPModel / SiglipModel (`hf:`), their save formats, and the short contrastive stage.
 """
 
 from __future__ import annotations
@@ -8,9 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -23,8 +20,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..config import PretrainSettings
 from ..dataset import open_image
-from .index import replace_dir
+from ..fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +30,10 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 TINY_MODEL = "dxrag-tiny-clip"
 CONFIG_FILE = "open_clip_config.json"  # the file names open_clip's `local-dir:` scheme looks for
 WEIGHTS_FILE = "open_clip_model.safetensors"
+HF_PREFIX = "hf:"  # transformers models: hf:org/name (the Hub) or hf:/path (a directory written by save_pretrained)
 
 ImageLike = Union[Image.Image, str, os.PathLike]
+Tokens = dict[str, torch.Tensor]
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -49,70 +49,92 @@ def state_dict_hash(module: torch.nn.Module) -> str:
 
 
 class Encoder:
-    """A frozen open_clip dual encoder: `encode_images` and `encode_texts` return float32 L2-normalised rows.
+    """A frozen dual encoder: `encode_images` and `encode_texts` return float32 L2-normalised rows.
 
-    Build with `Encoder.load(name)`. `name` is an open_clip model name: a built-in architecture (with `pretrained`,
-    a tag such as "openai" or a checkpoint path), the shipped "dxrag-tiny-clip" (random weights until
-    `pretrain_contrastive`), "hf-hub:org/repo" (e.g. BiomedCLIP) or "local-dir:/path" (a directory written by
-    `Encoder.save`). `name` identifies the architecture; `weights_hash` identifies the weights; an index records both.
+    Build with `Encoder.load(name)`:
+    - an open_clip name: a built-in architecture (with `pretrained`, a tag such as "openai" or a checkpoint path),
+      the shipped "dxrag-tiny-clip" (random weights until `pretrain_contrastive`), "hf-hub:org/repo" (e.g.
+      BiomedCLIP) or "local-dir:/path" (open_clip's directory format, written by `Encoder.save`);
+    - "hf:org/name" or "hf:/path": a transformers CLIPModel or SiglipModel (e.g. hf:google/medsiglip-448,
+      hf:flaviagiammarino/pubmed-clip-vit-base-patch32, hf:openai/clip-vit-base-patch32) from the Hub or from a
+      directory written by `save_pretrained` / `Encoder.save`.
+    `Encoder.load_saved(dir)` reloads whatever `Encoder.save(dir)` wrote. `name` identifies the architecture;
+    `weights_hash` identifies the weights; an index records both.
+
+    A back-end provides `dim`, `visual` (the image tower: preprocessed pixels -> unnormalised image embedding, the
+    module query towers copy), `preprocess_images`, `tokenize`, `text_features`, `logit_scale` and `save`.
     """
 
-    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, name: str, model_cfg: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, name: str):
         self.model = model
-        self.preprocess = preprocess
-        self.tokenizer = tokenizer
         self.name = name
-        self.model_cfg = model_cfg
         self._weights_hash: str | None = None
         self.freeze()
 
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> "Encoder":
-        """Create the model, its inference transform and tokenizer. Nothing is downloaded for `local-dir:` names or
-        the shipped tiny config; `hf-hub:` names and pretrained tags download unless already in the HF cache."""
-        schema, identifier = parse_model_name(name)
-        recorded_name = name
-        if schema == "local-dir":
-            config_path = Path(identifier) / CONFIG_FILE
-            if not config_path.is_file():
-                raise FileNotFoundError(f"{config_path}: not found; a 'local-dir:' encoder directory holds "
-                                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (write one with Encoder.save)")
-            with open(config_path, encoding="utf-8") as f:
-                raw = json.load(f)
-            model_cfg = raw.get("model_cfg")
-            if not isinstance(model_cfg, dict):
-                raise ValueError(f"{config_path}: missing object field 'model_cfg' (the open_clip model config)")
-            recorded_name = raw.get("model_name", name)
-        elif schema is None:
-            model_cfg = open_clip.get_model_config(name.replace("/", "-"))  # open_clip's own name cleaning
-            if model_cfg is None:
-                raise ValueError(f"unknown open_clip model {name!r}; valid: a built-in name such as "
-                                 f"{TINY_MODEL!r} or 'ViT-B-32', 'hf-hub:org/repo', or 'local-dir:/path'")
-        else:
-            model_cfg = open_clip.get_model_config(name)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
-        encoder = cls(model, preprocess, tokenizer, recorded_name, model_cfg)
-        if schema == "local-dir" and raw.get("weights_hash") not in (None, encoder.weights_hash):
-            raise ValueError(f"{config_path}: field 'weights_hash' is {raw['weights_hash']} but the weights in "
-                             f"{identifier} hash to {encoder.weights_hash}; the weights file was replaced after "
-                             f"Encoder.save (save the encoder again to record its new weights)")
-        return encoder
+        """Create the model, its inference transform and tokenizer. Nothing is downloaded for `local-dir:` names,
+        `hf:` directories or the shipped tiny config; Hub names and pretrained tags download unless already in the
+        HF cache."""
+        if name.startswith(HF_PREFIX):
+            from .hf_clip import HFEncoder
 
-    # ------------------------------------------------------------------------------------------------ properties
+            if pretrained is not None:
+                raise ValueError(f"encoder {name!r}: 'pretrained' ({pretrained!r}) applies to open_clip built-in "
+                                 f"architectures only; an hf: model carries its weights (set pretrained to null)")
+            return HFEncoder.from_name(name, device)
+        return OpenCLIPEncoder.from_name(name, pretrained, device)
+
+    @classmethod
+    def load_saved(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "Encoder":
+        """Reload a directory written by `Encoder.save`, whichever back-end wrote it; name and weights hash travel
+        with it (a replaced weights file is refused)."""
+        from .hf_clip import MARKER_FILE
+
+        directory = Path(directory)
+        if (directory / CONFIG_FILE).is_file():
+            return cls.load(f"local-dir:{directory}", device=device)
+        if (directory / MARKER_FILE).is_file():
+            return cls.load(f"{HF_PREFIX}{directory}", device=device)
+        raise FileNotFoundError(f"{directory}: not an encoder directory written by Encoder.save (it holds neither "
+                                f"{CONFIG_FILE} nor {MARKER_FILE})")
+
+    # ------------------------------------------------------------------------------------------------ back-end
 
     @property
     def dim(self) -> int:
-        return int(self.model_cfg["embed_dim"])
+        raise NotImplementedError
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> torch.nn.Parameter:
+        """The learned log temperature of the image-text logits (trained by `pretrain_contrastive`)."""
+        return self.model.logit_scale
+
+    def preprocess_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """PIL images or image paths -> the model's input batch (CPU float tensor). Unreadable files raise an
+        error naming the file."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """Texts -> the text tower's input tensors (CPU), truncated to the model's context."""
+        raise NotImplementedError
+
+    def text_features(self, tokens: Tokens) -> torch.Tensor:
+        """Tokenized texts (on the model's device) -> unnormalised text embeddings, with gradients if enabled."""
+        raise NotImplementedError
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------ shared
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def visual(self) -> torch.nn.Module:
-        """The image tower (query towers copy it)."""
-        return self.model.visual
 
     @property
     def weights_hash(self) -> str:
@@ -131,13 +153,9 @@ class Encoder:
         self.model.to(device)
         return self
 
-    # ------------------------------------------------------------------------------------------------ encoding
-
-    def preprocess_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """PIL images or image paths -> the model's input batch (CPU float tensor). Unreadable files raise an
-        error naming the file."""
-        pil = [im if isinstance(im, Image.Image) else open_image(Path(im)) for im in images]
-        return torch.stack([self.preprocess(im.convert("RGB")) for im in pil])
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (on the model's device) -> unnormalised image embeddings, with gradients if enabled."""
+        return self.visual(pixels)
 
     @torch.no_grad()
     def encode_image_tensor(self, batch: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -145,7 +163,7 @@ class Encoder:
         out = []
         for start in range(0, len(batch), batch_size):
             x = batch[start:start + batch_size].to(self.device)
-            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1).cpu().numpy())
+            out.append(F.normalize(self.image_features(x).float(), dim=-1).cpu().numpy())
         return _stack(out, self.dim)
 
     def encode_images(self, images: Sequence[ImageLike], batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -161,19 +179,79 @@ class Encoder:
         """Texts -> float32 L2-normalised embeddings (n, dim); texts longer than the context are truncated."""
         out = []
         for start in tqdm(range(0, len(texts), batch_size), desc="encode texts", disable=not progress, unit="batch"):
-            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
-            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy())
+            tokens = _to(self.tokenize(list(texts[start:start + batch_size])), self.device)
+            out.append(F.normalize(self.text_features(tokens).float(), dim=-1).cpu().numpy())
         return _stack(out, self.dim)
 
-    # ------------------------------------------------------------------------------------------------ saving
+
+class OpenCLIPEncoder(Encoder):
+    """An open_clip CLIP model with its inference transform and tokenizer; saves as open_clip's `local-dir:`."""
+
+    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, name: str, model_cfg: dict[str, Any]):
+        super().__init__(model, name)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+
+    @classmethod
+    def from_name(cls, name: str, pretrained: str | None = None,
+                  device: str | torch.device = "cpu") -> "OpenCLIPEncoder":
+        schema, identifier = parse_model_name(name)
+        recorded_name = name
+        if schema == "local-dir":
+            config_path = Path(identifier) / CONFIG_FILE
+            if not config_path.is_file():
+                raise FileNotFoundError(f"{config_path}: not found; a 'local-dir:' encoder directory holds "
+                                        f"{CONFIG_FILE} and {WEIGHTS_FILE} (write one with Encoder.save; a "
+                                        f"transformers model directory loads as 'hf:{identifier}')")
+            with open(config_path, encoding="utf-8") as f:
+                raw = json.load(f)
+            model_cfg = raw.get("model_cfg")
+            if not isinstance(model_cfg, dict):
+                raise ValueError(f"{config_path}: missing object field 'model_cfg' (the open_clip model config)")
+            recorded_name = raw.get("model_name", name)
+        elif schema is None:
+            model_cfg = open_clip.get_model_config(name.replace("/", "-"))  # open_clip's own name cleaning
+            if model_cfg is None:
+                raise ValueError(f"unknown open_clip model {name!r}; valid: a built-in name such as "
+                                 f"{TINY_MODEL!r} or 'ViT-B-32', 'hf-hub:org/repo', 'local-dir:/path', or a "
+                                 f"transformers CLIP/SigLIP model as 'hf:org/name' or 'hf:/path'")
+        else:
+            model_cfg = open_clip.get_model_config(name)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+        encoder = cls(model, preprocess, tokenizer, recorded_name, model_cfg)
+        if schema == "local-dir" and raw.get("weights_hash") not in (None, encoder.weights_hash):
+            raise ValueError(f"{config_path}: field 'weights_hash' is {raw['weights_hash']} but the weights in "
+                             f"{identifier} hash to {encoder.weights_hash}; the weights file was replaced after "
+                             f"Encoder.save (save the encoder again to record its new weights)")
+        return encoder
+
+    @property
+    def dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def preprocess_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        return torch.stack([self.preprocess(im.convert("RGB")) for im in _open_images(images)])
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        return {"text": self.tokenizer(list(texts))}
+
+    def text_features(self, tokens: Tokens) -> torch.Tensor:
+        return self.model.encode_text(tokens["text"])
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write an open_clip `local-dir:` directory (open_clip_config.json + open_clip_model.safetensors), atomically.
-        Load it back with `Encoder.load(f"local-dir:{out_dir}")`; the model name and weights hash travel with it."""
+        Load it back with `Encoder.load_saved(out_dir)`; the model name and weights hash travel with it."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             config = {
                 "model_name": self.name,
                 "weights_hash": self.weights_hash,
@@ -187,11 +265,15 @@ class Encoder:
             if isinstance(self.tokenizer, open_clip.tokenizer.HFTokenizer):
                 # open_clip reads the HF tokenizer of a `local-dir:` model (BiomedCLIP's PubMedBERT) from the directory
                 self.tokenizer.tokenizer.save_pretrained(tmp)
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
+
+
+def _open_images(images: Sequence[ImageLike]) -> list[Image.Image]:
+    return [im if isinstance(im, Image.Image) else open_image(Path(im)) for im in images]
+
+
+def _to(tokens: Tokens, device: torch.device) -> Tokens:
+    return {k: v.to(device) for k, v in tokens.items()}
 
 
 def _stack(chunks: list[np.ndarray], dim: int) -> np.ndarray:
@@ -211,42 +293,24 @@ def _warmup_cosine(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + np.cos(np.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
 
-@dataclass
-class PretrainConfig:
-    """The short contrastive stage that stands in for a general-purpose pretrained backbone: image <-> text InfoNCE,
-    plus (`image_weight` > 0) an image <-> image InfoNCE between two augmented views of each image (random shift of up
-    to `augment_shift` pixels, Gaussian noise of std `augment_noise` in normalised units). Without the image term the
-    image embeddings of a corpus of similar-looking images collapse into a narrow cone (cosine about 0.99 between all
-    images of the embedded default), which leaves the image head a few thousandths of cosine to rank by."""
-
-    epochs: int = 20  # on the synthetic corpus the loss sits near log(batch) for a few epochs before it falls
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-    image_weight: float = 1.0
-    image_temperature: float = 0.2
-    augment_noise: float = 0.3
-    augment_shift: int = 1
-
-
 def pretrain_contrastive(encoder: Encoder, images: torch.Tensor | Sequence[ImageLike], texts: Sequence[str],
-                         config: PretrainConfig | None = None) -> list[float]:
+                         settings: PretrainSettings | None = None, seed: int = 0) -> list[float]:
     """Train both towers with the symmetric CLIP loss on paired (image, text) rows, plus the image <-> image loss on
-    augmented views (see `PretrainConfig`); returns the mean total loss per epoch.
+    augmented views (see `PretrainSettings`); returns the mean total loss per epoch. Every back-end trains with the
+    same softmax InfoNCE and its own `logit_scale` (a SigLIP model's sigmoid bias is left as it is).
 
     `images` is a preprocessed batch (`encoder.preprocess_images`) or PIL images / paths, row i paired with texts[i].
     The encoder is frozen again afterwards (its `weights_hash` changes).
     """
-    cfg = config or PretrainConfig()
+    cfg = settings or PretrainSettings()
     if len(images) != len(texts):
         raise ValueError(f"pretrain_contrastive: {len(images)} images but {len(texts)} texts; rows must pair up")
     if len(texts) < 2:
         raise ValueError("pretrain_contrastive: need at least 2 pairs (in-batch negatives)")
     pixels = images if isinstance(images, torch.Tensor) else encoder.preprocess_images(images)
-    tokens = encoder.tokenizer(list(texts))
+    tokens = encoder.tokenize(list(texts))
     model, device = encoder.model, encoder.device
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -264,11 +328,12 @@ def pretrain_contrastive(encoder: Encoder, images: torch.Tensor | Sequence[Image
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 batch = pixels[idx]
                 views = [_augment(batch, cfg, generator) for _ in range(2)] if cfg.image_weight > 0 else [batch]
-                img_f, txt_f, scale = model(views[0].to(device), tokens[idx].to(device))
+                img_f = F.normalize(encoder.image_features(views[0].to(device)), dim=-1)
+                txt_f = F.normalize(encoder.text_features(_to({k: v[idx] for k, v in tokens.items()}, device)), dim=-1)
                 target = torch.arange(len(idx), device=device)
-                loss = _symmetric_infonce(scale * img_f @ txt_f.T, target)
+                loss = _symmetric_infonce(encoder.logit_scale.exp() * img_f @ txt_f.T, target)
                 if cfg.image_weight > 0:
-                    other = F.normalize(model.encode_image(views[1].to(device)), dim=-1)
+                    other = F.normalize(encoder.image_features(views[1].to(device)), dim=-1)
                     loss = loss + cfg.image_weight * _symmetric_infonce(img_f @ other.T / cfg.image_temperature,
                                                                         target)
                 optimizer.zero_grad(set_to_none=True)
@@ -276,7 +341,7 @@ def pretrain_contrastive(encoder: Encoder, images: torch.Tensor | Sequence[Image
                 optimizer.step()
                 scheduler.step()
                 with torch.no_grad():
-                    model.logit_scale.clamp_(0, np.log(100))
+                    encoder.logit_scale.clamp_(0, np.log(100))
                 total += loss.item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -293,7 +358,7 @@ def _symmetric_infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def _augment(batch: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
+def _augment(batch: torch.Tensor, cfg: PretrainSettings, generator: torch.Generator) -> torch.Tensor:
     """One random view of a preprocessed batch: one shift for the whole batch, fresh noise per pixel."""
     if cfg.augment_shift:
         dy, dx = torch.randint(-cfg.augment_shift, cfg.augment_shift + 1, (2,), generator=generator).tolist()

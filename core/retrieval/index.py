@@ -1,5 +1,5 @@
-"""FAISS inner-product indexes over L2-normalised corpus embeddings (flat, IVF, HNSW), streamed to disk in chunks and
-saved with a manifest that binds each index to its encoder weights and its corpus.
+"""FAISS inner-product indexes over L2-normalised corpus embeddings (any `faiss.index_factory` string: Flat, IVF, HNSW,
+PQ, ...), streamed to disk in chunks and saved with a manifest that binds each index to its encoder weights and corpus.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import INDEX_SHORTHANDS, IndexSettings
 from ..dataset import Dataset
-from ..fsutil import atomic_dir, replace_dir  # noqa: F401 (replace_dir: used by encoders)
+from ..fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
-FORMAT = "dxrag-index/1"
+FORMAT = "dxrag-index/2"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
@@ -36,25 +36,6 @@ class IndexMismatchError(ValueError):
 
 
 @dataclass
-class IndexSpec:
-    """Which FAISS index to build. `flat` is exact; `ivf` and `hnsw` are approximate, for large corpora, and their
-    recall@`recall_k` against exact search is measured at build time on `recall_queries` corpus vectors."""
-
-    kind: str = "flat"
-    nlist: int | None = None  # IVF cells; default 4·sqrt(n), at most n // 39 so each cell gets training points
-    nprobe: int = 16  # IVF cells visited per query
-    hnsw_m: int = 32  # HNSW neighbours per node
-    ef_construction: int = 80
-    ef_search: int = 128
-    recall_k: int = 10
-    recall_queries: int = 256
-
-    def __post_init__(self) -> None:
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"index kind {self.kind!r} is not one of {list(INDEX_KINDS)}")
-
-
-@dataclass
 class IndexManifest:
     """manifest.json: what the index holds and what it was built from (checked by `load_index`)."""
 
@@ -64,9 +45,9 @@ class IndexManifest:
     dim: int
     count: int
     corpus_checksum: str
-    kind: str
-    params: dict[str, Any]
-    recall_vs_flat: dict[str, float] | None = None  # {"k", "queries", "recall"} for approximate kinds
+    factory: str  # the faiss.index_factory string built (shorthands resolved), metric inner product
+    params: dict[str, Any]  # search/build parameters applied: nprobe, ef_search, ef_construction where they exist
+    recall_vs_flat: dict[str, float] | None = None  # {"k", "queries", "recall"} for approximate indexes
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     dxrag_version: str = __version__
     format: str = FORMAT
@@ -76,6 +57,8 @@ class IndexManifest:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> "IndexManifest":
+        if obj.get("format") == "dxrag-index/1":
+            obj = _upgrade_v1(obj)
         if obj.get("format") != FORMAT:
             raise ValueError(f"{where}: field 'format' is {obj.get('format')!r}, expected {FORMAT!r}")
         names = set(cls.__dataclass_fields__)
@@ -96,7 +79,7 @@ class CorpusIndex:
         self._ids_array = np.asarray(ids + [""], dtype=object)  # row -1 (no result) maps to ""
         self._row_of: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
-        _apply_search_params(index, manifest.kind, manifest.params)
+        _apply_search_params(index, manifest.params)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,15 +139,16 @@ class CorpusIndex:
 
 def write_index(out_dir: str | os.PathLike, ids: Sequence[str], chunks: Iterable[np.ndarray], *, dim: int,
                 encoder_name: str, encoder_weights_hash: str, head: str, corpus_checksum: str,
-                spec: IndexSpec | None = None, recall_queries: np.ndarray | None = None) -> CorpusIndex:
+                settings: IndexSettings | None = None, recall_queries: np.ndarray | None = None) -> CorpusIndex:
     """Stream embedding chunks (row order = `ids`) into embeddings.npy on disk, build the FAISS index from it chunk
-    by chunk, measure recall against exact search for approximate kinds, and publish the directory atomically.
+    by chunk, measure recall against exact search for approximate indexes, and publish the directory atomically.
 
     Chunks must be float32-convertible (rows, dim) arrays of L2-normalised rows; their total must equal len(ids).
-    Recall is measured on `recall_queries` (e.g. query-image embeddings; at most `spec.recall_queries` are used)
+    Recall is measured on `recall_queries` (e.g. query-image embeddings; at most `settings.recall_queries` are used)
     or, without them, on a sample of the corpus vectors themselves (an optimistic estimate).
     """
-    spec = spec or IndexSpec()
+    settings = settings or IndexSettings()
+    settings.validate()
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         raise ValueError("write_index: corpus item ids are not unique")
@@ -183,14 +167,15 @@ def write_index(out_dir: str | os.PathLike, ids: Sequence[str], chunks: Iterable
         if filled != len(ids):
             raise ValueError(f"write_index: chunks hold {filled} rows but there are {len(ids)} ids")
         vectors.flush()
-        index, params = _build_faiss(vectors, spec)
+        factory = resolve_factory(settings.factory, len(ids))
+        index, params = _build_faiss(vectors, factory, settings)
         recall = None
-        if spec.kind != "flat":
-            recall = _measure_recall(index, vectors, spec, recall_queries)
-            log.info("%s index over %d %s embeddings: recall@%d vs flat = %.4f (%d queries)", spec.kind, len(ids),
+        if not is_exact(factory):
+            recall = _measure_recall(index, vectors, settings, recall_queries)
+            log.info("%s index over %d %s embeddings: recall@%d vs flat = %.4f (%d queries)", factory, len(ids),
                      head, recall["k"], recall["recall"], recall["queries"])
         manifest = IndexManifest(encoder_name=encoder_name, encoder_weights_hash=encoder_weights_hash, head=head,
-                                 dim=dim, count=len(ids), corpus_checksum=corpus_checksum, kind=spec.kind,
+                                 dim=dim, count=len(ids), corpus_checksum=corpus_checksum, factory=factory,
                                  params=params, recall_vs_flat=recall)
         del vectors
         faiss.write_index(index, str(tmp / INDEX_FILE))
@@ -200,7 +185,7 @@ def write_index(out_dir: str | os.PathLike, ids: Sequence[str], chunks: Iterable
 
 
 def build_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], *, encoder_name: str,
-                encoder_weights_hash: str, head: str, corpus_checksum: str, spec: IndexSpec | None = None,
+                encoder_weights_hash: str, head: str, corpus_checksum: str, settings: IndexSettings | None = None,
                 recall_queries: np.ndarray | None = None, chunk_size: int = 65536) -> CorpusIndex:
     """`write_index` for embeddings already in memory."""
     embeddings = np.asarray(embeddings)
@@ -209,11 +194,11 @@ def build_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequenc
     chunks = (embeddings[i:i + chunk_size] for i in range(0, len(embeddings), chunk_size))
     return write_index(out_dir, ids, chunks, dim=embeddings.shape[1], encoder_name=encoder_name,
                        encoder_weights_hash=encoder_weights_hash, head=head, corpus_checksum=corpus_checksum,
-                       spec=spec, recall_queries=recall_queries)
+                       settings=settings, recall_queries=recall_queries)
 
 
-def index_corpus(dataset: Dataset, encoder, head: str, out_dir: str | os.PathLike, spec: IndexSpec | None = None,
-                 chunk_size: int = 4096, batch_size: int = 256,
+def index_corpus(dataset: Dataset, encoder, head: str, out_dir: str | os.PathLike,
+                 settings: IndexSettings | None = None, chunk_size: int = 4096, batch_size: int = 256,
                  recall_queries: np.ndarray | None = None) -> CorpusIndex:
     """Embed the dataset's corpus with one frozen tower (head "image": images; "text": report texts), one chunk of
     `chunk_size` items at a time with a progress bar, and write the index to `out_dir` (see `write_index`)."""
@@ -236,7 +221,7 @@ def index_corpus(dataset: Dataset, encoder, head: str, out_dir: str | os.PathLik
 
     return write_index(out_dir, [it.id for it in items], chunks(), dim=encoder.dim, encoder_name=encoder.name,
                        encoder_weights_hash=encoder.weights_hash, head=head,
-                       corpus_checksum=dataset.corpus_checksum, spec=spec, recall_queries=recall_queries)
+                       corpus_checksum=dataset.corpus_checksum, settings=settings, recall_queries=recall_queries)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -310,16 +295,16 @@ def _raw_search(index: CorpusIndex | faiss.Index, queries: np.ndarray, k: int) -
     return index.search(queries, min(k, index.ntotal))[1]
 
 
-def _measure_recall(index: faiss.Index, vectors: np.ndarray, spec: IndexSpec,
+def _measure_recall(index: faiss.Index, vectors: np.ndarray, settings: IndexSettings,
                     queries: np.ndarray | None) -> dict[str, float]:
     rng = np.random.default_rng(0)
     if queries is None:
-        sample = np.sort(rng.choice(len(vectors), size=min(spec.recall_queries, len(vectors)), replace=False))
+        sample = np.sort(rng.choice(len(vectors), size=min(settings.recall_queries, len(vectors)), replace=False))
         queries = np.asarray(vectors[sample], dtype=np.float32)
     else:
-        queries = _as_queries(queries, vectors.shape[1])[:spec.recall_queries]
+        queries = _as_queries(queries, vectors.shape[1])[:settings.recall_queries]
     n_queries = len(queries)
-    k = min(spec.recall_k, len(vectors))
+    k = min(settings.recall_k, len(vectors))
     exact_rows = exact_search(vectors, queries, k)[1]
     approx_rows = index.search(queries, k)[1]
     hits = [len(set(a[a >= 0]) & set(e)) / k for a, e in zip(approx_rows, exact_rows)]
@@ -329,35 +314,80 @@ def _measure_recall(index: faiss.Index, vectors: np.ndarray, spec: IndexSpec,
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def _build_faiss(vectors: np.ndarray, spec: IndexSpec, chunk_size: int = 65536) -> tuple[faiss.Index, dict]:
+def resolve_factory(factory: str, n: int) -> str:
+    """A shorthand (flat, ivf, hnsw) -> its faiss.index_factory string for `n` vectors; other strings unchanged."""
+    factory = factory.strip()
+    template = INDEX_SHORTHANDS.get(factory, factory)
+    if "{nlist}" in template:
+        template = template.format(nlist=max(1, min(int(4 * np.sqrt(n)), n // 39)))
+    return template
+
+
+def is_exact(factory: str) -> bool:
+    return factory in ("Flat", "flat")
+
+
+# faiss.ParameterSpace names of the settings that are search-time parameters
+_SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
+
+
+def _build_faiss(vectors: np.ndarray, factory: str, settings: IndexSettings,
+                 chunk_size: int = 65536) -> tuple[faiss.Index, dict[str, Any]]:
     n, dim = vectors.shape
-    if spec.kind == "flat":
-        index, params = faiss.IndexFlatIP(dim), {}
-    elif spec.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = spec.ef_construction
-        params = {"hnsw_m": spec.hnsw_m, "ef_construction": spec.ef_construction, "ef_search": spec.ef_search}
-    else:
-        nlist = spec.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        if nlist > n:
-            raise ValueError(f"IVF nlist={nlist} exceeds the {n} vectors to index; choose nlist <= {n}")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[-1]
+        raise ValueError(f"index factory {factory!r} is not valid for faiss.index_factory ({detail}); valid: a "
+                         f"shorthand {sorted(INDEX_SHORTHANDS)} or a string such as 'Flat', 'IVF256,Flat', "
+                         f"'HNSW32', 'IVF1024,PQ16'") from None
+    params: dict[str, Any] = {}
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist > n:
+        raise ValueError(f"index factory {factory!r}: {ivf.nlist} IVF cells for {n} vectors; choose at most {n} "
+                         f"cells (about 4·sqrt(n) = {int(4 * np.sqrt(n))}), or the 'ivf' shorthand")
+    top = faiss.downcast_index(index)
+    if hasattr(top, "hnsw"):
+        top.hnsw.efConstruction = settings.ef_construction
+        params["ef_construction"] = settings.ef_construction
+    if not index.is_trained:
+        nlist = ivf.nlist if ivf is not None else 0
         n_train = min(n, max(256 * nlist, 10000))
         sample = np.sort(np.random.default_rng(0).choice(n, size=n_train, replace=False))
         index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
-        params = {"nlist": nlist, "nprobe": min(spec.nprobe, nlist)}
-    for start in tqdm(range(0, n, chunk_size), desc=f"add to {spec.kind} index", unit="chunk",
+    for start in tqdm(range(0, n, chunk_size), desc=f"add to {factory} index", unit="chunk",
                       disable=n <= chunk_size):
         index.add(np.ascontiguousarray(vectors[start:start + chunk_size], dtype=np.float32))
-    _apply_search_params(index, spec.kind, params)
+    space = faiss.ParameterSpace()
+    for name, faiss_name in _SEARCH_PARAMS.items():
+        value = getattr(settings, name)
+        if name == "nprobe" and ivf is not None:
+            value = min(value, ivf.nlist)
+        try:
+            space.set_index_parameter(index, faiss_name, value)
+        except RuntimeError:  # the index has no such parameter (e.g. nprobe of an HNSW index)
+            continue
+        params[name] = value
     return index, params
 
 
-def _apply_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
-    if kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
-    elif kind == "hnsw":
-        index.hnsw.efSearch = int(params["ef_search"])
+def _apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    space = faiss.ParameterSpace()
+    for name, faiss_name in _SEARCH_PARAMS.items():
+        if name in params:
+            space.set_index_parameter(index, faiss_name, int(params[name]))
+
+
+def _upgrade_v1(obj: dict[str, Any]) -> dict[str, Any]:
+    """A dxrag-index/1 manifest (kind flat|ivf|hnsw and hand-built indexes) in the current format."""
+    obj = dict(obj)
+    kind, params = obj.pop("kind", None), dict(obj.get("params") or {})
+    factories = {"flat": lambda: "Flat", "ivf": lambda: f"IVF{params.pop('nlist')},Flat",
+                 "hnsw": lambda: f"HNSW{params.pop('hnsw_m')}"}
+    if kind not in factories:
+        return obj  # from_json reports the missing field
+    obj.update(factory=factories[kind](), params=params, format=FORMAT)
+    return obj
 
 
 def _check_rows(chunk: np.ndarray, dim: int, where: str) -> np.ndarray:

@@ -10,29 +10,33 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
+from ..config import IndexSettings
 from ..dataset import Dataset
 from .encoders import Encoder, ImageLike
 from .heads import HEADS, QueryTower
-from .index import CorpusIndex, IndexSpec, index_corpus, load_index
+from .index import CorpusIndex, index_corpus, is_exact, load_index, resolve_factory
 
 Hits = list[list[tuple[str, float]]]  # per query: [(item_id, score), ...] best first
 
 
-def build_retriever(dataset: Dataset, encoder: Encoder, out_dir: str | os.PathLike, kind: str = "flat",
-                    spec: IndexSpec | None = None, chunk_size: int = 4096, batch_size: int = 256) -> "Retriever":
+def build_retriever(dataset: Dataset, encoder: Encoder, out_dir: str | os.PathLike,
+                    settings: IndexSettings | None = None, chunk_size: int = 4096,
+                    batch_size: int = 256) -> "Retriever":
     """Write `out_dir/image` (image tower over corpus images) and `out_dir/text` (text tower over report texts),
-    each with its manifest, and return the loaded Retriever. `spec` overrides `kind` with full index settings.
-    For approximate kinds, recall against flat is measured on the dataset's query images (val split first)."""
-    spec = spec or IndexSpec(kind=kind)
+    each with its manifest, and return the loaded Retriever. `settings` is the index type and its parameters
+    (default: exact Flat). For approximate indexes, recall against flat is measured on the dataset's query images
+    (val split first)."""
+    settings = settings or IndexSettings()
+    settings.validate()
     out = Path(out_dir)
     recall_queries = None
-    if spec.kind != "flat":
+    if not is_exact(resolve_factory(settings.factory, len(dataset.corpus))):
         splits = sorted(dataset.queries, key=lambda s: (s != "val", s))
-        queries = [q for split in splits for q in dataset.queries[split]][:spec.recall_queries]
+        queries = [q for split in splits for q in dataset.queries[split]][:settings.recall_queries]
         if queries:
             recall_queries = encoder.encode_images([dataset.image_path(q.image) for q in queries], batch_size)
-    indexes = {head: index_corpus(dataset, encoder, head, out / head, spec, chunk_size, batch_size, recall_queries)
-               for head in HEADS}
+    indexes = {head: index_corpus(dataset, encoder, head, out / head, settings, chunk_size, batch_size,
+                                  recall_queries) for head in HEADS}
     return Retriever(encoder, indexes)
 
 

@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from dxrag.core.dataset import DatasetError
+from dxrag.core.config import PretrainSettings
 from dxrag.core.retrieval.encoders import (CONFIG_FILE, MODEL_CONFIG_DIR, TINY_MODEL, WEIGHTS_FILE, Encoder,
-                                           PretrainConfig, pretrain_contrastive)
+                                           pretrain_contrastive)
 
 
 def test_tiny_config_ships_in_package_and_builds_offline(tiny_encoder):
@@ -47,7 +48,7 @@ def test_safetensors_local_dir_round_trip_is_exact(tiny_encoder, tmp_path, make_
         assert f.metadata()["model_name"] == TINY_MODEL
     assert json.loads((out / CONFIG_FILE).read_text())["model_cfg"]["embed_dim"] == 64
 
-    loaded = Encoder.load(f"local-dir:{out}")
+    loaded = Encoder.load_saved(out)
     assert loaded.name == TINY_MODEL and loaded.weights_hash == tiny_encoder.weights_hash
     assert np.array_equal(loaded.encode_images(images), tiny_encoder.encode_images(images))
     assert np.array_equal(loaded.encode_texts(texts), tiny_encoder.encode_texts(texts))
@@ -116,7 +117,7 @@ def test_contrastive_pretraining_learns_classes(make_pairs, one_thread):
     images, texts, labels = make_pairs(24, seed=1)
     q_images, _, q_labels = make_pairs(10, seed=2)
     start = time.perf_counter()
-    losses = pretrain_contrastive(encoder, images, texts, PretrainConfig(epochs=5, batch_size=48))
+    losses = pretrain_contrastive(encoder, images, texts, PretrainSettings(epochs=5, batch_size=48))
     elapsed = time.perf_counter() - start
     assert losses[-1] < losses[0]
     assert not any(p.requires_grad for p in encoder.model.parameters())

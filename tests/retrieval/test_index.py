@@ -1,17 +1,21 @@
-"""FAISS indexes: exact search equals brute force, approximate kinds report their recall against flat, streamed
-building equals in-memory building, and the manifest refuses another encoder or corpus."""
+"""FAISS indexes: exact search equals brute force, index types come from faiss.index_factory strings (YAML-settable
+with their search parameters), approximate ones report their recall against flat, streamed building equals in-memory
+building, and the manifest refuses another encoder or corpus."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import faiss
 import numpy as np
 import pytest
 
-from dxrag.core.retrieval.index import (EMBEDDINGS_FILE, MANIFEST_FILE, IndexMismatchError, IndexSpec, build_index,
-                                        exact_search, index_corpus, load_index, recall_vs_flat, write_index)
+from dxrag.core.config import ConfigError, IndexSettings, load_config
+from dxrag.core.retrieval.index import (EMBEDDINGS_FILE, MANIFEST_FILE, IndexMismatchError, build_index, exact_search,
+                                        index_corpus, load_index, recall_vs_flat, write_index)
 
 ENC = SimpleNamespace(name="enc-a", weights_hash="a" * 64)
 
@@ -25,10 +29,10 @@ def unit_rows(n: int, dim: int, seed: int = 0, clusters: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build(path, vectors, spec=None, encoder=ENC, checksum="corpus-1", head="image"):
+def build(path, vectors, settings=None, encoder=ENC, checksum="corpus-1", head="image"):
     ids = [f"item{i}" for i in range(len(vectors))]
     return build_index(path, vectors, ids, encoder_name=encoder.name, encoder_weights_hash=encoder.weights_hash,
-                       head=head, corpus_checksum=checksum, spec=spec)
+                       head=head, corpus_checksum=checksum, settings=settings)
 
 
 def test_flat_search_matches_brute_force(tmp_path):
@@ -44,19 +48,20 @@ def test_flat_search_matches_brute_force(tmp_path):
     assert np.array_equal(e_rows, order)
 
 
-@pytest.mark.parametrize("spec", [IndexSpec(kind="ivf", nlist=16, nprobe=6), IndexSpec(kind="hnsw", hnsw_m=16)],
-                         ids=["ivf", "hnsw"])
-def test_approximate_index_recall_is_measured_and_high(tmp_path, spec):
+@pytest.mark.parametrize("settings", [IndexSettings(factory="IVF16,Flat", nprobe=6), IndexSettings(factory="HNSW16"),
+                                      IndexSettings(factory="ivf")], ids=["IVF16,Flat", "HNSW16", "ivf"])
+def test_approximate_index_recall_is_measured_and_high(tmp_path, settings):
     docs, queries = unit_rows(3000, 32, clusters=24), unit_rows(100, 32, seed=5, clusters=24)
     flat = build(tmp_path / "flat", docs)
-    approx = build(tmp_path / spec.kind, docs, spec)
+    approx = build(tmp_path / "approx", docs, settings)
     recorded = approx.manifest.recall_vs_flat
     measured = recall_vs_flat(approx, flat, queries, 10)
-    print(f"{spec.kind}: recall@10 vs flat {measured:.3f} (build-time estimate {recorded['recall']:.3f})")
+    print(f"{approx.manifest.factory}: recall@10 vs flat {measured:.3f} (build-time estimate "
+          f"{recorded['recall']:.3f})")
     assert recorded["k"] == 10 and recorded["queries"] == 256
     assert recorded["recall"] >= 0.9 and measured >= 0.9
     assert recall_vs_flat(flat, flat.index, queries, 10) == 1.0
-    reloaded = load_index(tmp_path / spec.kind, ENC, "corpus-1")
+    reloaded = load_index(tmp_path / "approx", ENC, "corpus-1")
     assert np.array_equal(reloaded.search(queries, 10)[1], approx.search(queries, 10)[1])
 
 
@@ -78,7 +83,8 @@ def test_manifest_records_what_the_index_was_built_from(tmp_path):
     build(tmp_path / "idx", unit_rows(40, 8), head="text")
     manifest = json.loads((tmp_path / "idx" / MANIFEST_FILE).read_text())
     assert manifest["encoder_name"] == "enc-a" and manifest["encoder_weights_hash"] == "a" * 64
-    assert (manifest["head"], manifest["dim"], manifest["count"], manifest["kind"]) == ("text", 8, 40, "flat")
+    assert (manifest["head"], manifest["dim"], manifest["count"], manifest["factory"]) == ("text", 8, 40, "Flat")
+    assert manifest["recall_vs_flat"] is None and manifest["params"] == {}
     assert manifest["corpus_checksum"] == "corpus-1" and manifest["created"] and manifest["dxrag_version"]
 
 
@@ -127,4 +133,74 @@ def test_search_excludes_given_items(tmp_path):
 
 def test_write_index_is_a_faiss_inner_product_index(tmp_path):
     index = build(tmp_path / "idx", unit_rows(10, 4))
-    assert isinstance(index.index, faiss.IndexFlatIP) and index.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert isinstance(index.index, faiss.IndexFlat) and index.index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+@pytest.mark.parametrize("factory, faiss_type, params", [
+    ("flat", faiss.IndexFlat, {}),
+    ("IVF16,Flat", faiss.IndexIVFFlat, {"nprobe": 5}),
+    ("ivf", faiss.IndexIVFFlat, {"nprobe": 5}),  # 4·sqrt(600) = 97 cells, capped at 600 // 39 = 15
+    ("hnsw", faiss.IndexHNSWFlat, {"ef_construction": 40, "ef_search": 24}),
+    ("IVF8,SQ8", faiss.IndexIVFScalarQuantizer, {"nprobe": 5}),
+    ("IVF8_HNSW4,Flat", faiss.IndexIVFFlat, {"nprobe": 5, "ef_search": 24}),
+])
+def test_factory_strings_build_that_index_with_its_search_parameters(tmp_path, factory, faiss_type, params):
+    docs = unit_rows(600, 16, clusters=8)
+    settings = IndexSettings(factory=factory, nprobe=5, ef_search=24, ef_construction=40)
+    built = build(tmp_path / "idx", docs, settings)
+    expected_factory = {"flat": "Flat", "ivf": "IVF15,Flat", "hnsw": "HNSW32"}.get(factory, factory)
+    assert built.manifest.factory == expected_factory and built.manifest.params == params
+    assert (built.manifest.recall_vs_flat is None) == (factory == "flat")
+    reloaded = load_index(tmp_path / "idx", ENC, "corpus-1")
+    assert isinstance(reloaded.index, faiss_type) and reloaded.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if "nprobe" in params:
+        assert faiss.extract_index_ivf(reloaded.index).nprobe == 5
+    if isinstance(reloaded.index, faiss.IndexHNSW):
+        assert reloaded.index.hnsw.efSearch == 24 and reloaded.index.hnsw.efConstruction == 40
+    assert np.array_equal(reloaded.search(docs[:5], 3)[1], built.search(docs[:5], 3)[1])
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("hsnw", "not a shorthand; valid: ['flat', 'hnsw', 'ivf']"),
+    ("IVF1x,Flat", "not valid for faiss.index_factory"),
+    ("IVF64,Flat", "64 IVF cells for 50 vectors"),
+    ("IDMap,Flat", "IDMap is not supported"),
+    ("HNSW 32", "not an index factory string"),
+])
+def test_bad_index_settings_are_refused_and_nothing_is_published(tmp_path, factory, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build(tmp_path / "idx", unit_rows(50, 8), IndexSettings(factory=factory))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_index_settings_come_from_yaml_as_is(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("retriever:\n  index: {factory: 'IVF16,Flat', nprobe: 4, recall_queries: 64}\n")
+    assert load_config(path).retriever.index == IndexSettings(factory="IVF16,Flat", nprobe=4, recall_queries=64)
+    assert load_config(None, {"retriever.index": "hnsw"}).retriever.index == IndexSettings(factory="hnsw")
+    assert load_config(None).retriever.index == IndexSettings(factory="Flat")
+    assert load_config(path, {"retriever.index.ef_search": 50}).retriever.index.ef_search == 50
+    with pytest.raises(ConfigError, match=r"run.yaml: retriever.index: factory 'hsnw' is not a shorthand"):
+        load_config(path, {"retriever.index.factory": "hsnw"})
+    with pytest.raises(ConfigError, match=r"retriever.index: unknown key 'nprob'; valid keys: factory, nprobe"):
+        load_config(path, {"retriever.index.nprob": 3})
+    with pytest.raises(ConfigError, match=r"retriever.index: nprobe must be at least 1"):
+        load_config(path, {"retriever.index.nprobe": 0})
+
+
+def test_settings_import_without_torch_or_faiss():
+    code = "import sys, dxrag.core.config; print(sorted({'torch', 'faiss'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_index_of_the_previous_manifest_format_still_loads(tmp_path):
+    docs = unit_rows(600, 16, clusters=8)
+    build(tmp_path / "idx", docs, IndexSettings(factory="IVF15,Flat", nprobe=3))
+    manifest_path = tmp_path / "idx" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["factory"]
+    manifest.update(format="dxrag-index/1", kind="ivf", params={"nlist": 15, "nprobe": 3})
+    manifest_path.write_text(json.dumps(manifest))
+    loaded = load_index(tmp_path / "idx", ENC, "corpus-1")
+    assert loaded.manifest.factory == "IVF15,Flat" and loaded.manifest.params == {"nprobe": 3}
+    assert faiss.extract_index_ivf(loaded.index).nprobe == 3

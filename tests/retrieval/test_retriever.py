@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from dxrag.core.config import IndexSettings
 from dxrag.core.retrieval.encoders import TINY_MODEL
 from dxrag.core.retrieval.heads import HEADS, query_towers
-from dxrag.core.retrieval.index import MANIFEST_FILE, IndexMismatchError, IndexSpec
+from dxrag.core.retrieval.index import MANIFEST_FILE, IndexMismatchError
 from dxrag.core.retrieval.retriever import Retriever, build_retriever
 
 
@@ -61,8 +62,8 @@ def test_index_of_another_corpus_is_refused(built, tiny_encoder):
         Retriever.load(built, tiny_encoder, corpus_checksum="0" * 64)
 
 
-def test_approximate_kind_measures_recall_on_query_images(tmp_path, tiny_encoder, toy_dataset):
-    retriever = build_retriever(toy_dataset, tiny_encoder, tmp_path / "hnsw", spec=IndexSpec(kind="hnsw"))
+def test_approximate_index_measures_recall_on_query_images(tmp_path, tiny_encoder, toy_dataset):
+    retriever = build_retriever(toy_dataset, tiny_encoder, tmp_path / "hnsw", IndexSettings(factory="hnsw"))
     for head in HEADS:
         recall = retriever.indexes[head].manifest.recall_vs_flat
         assert recall["queries"] == len(toy_dataset.queries["val"]) and recall["recall"] >= 0.9
