@@ -142,7 +142,7 @@ def expectation_report(run_dir: Path, expected_path: Path) -> str:
     except (OSError, ValueError) as e:
         raise DatasetError(f"{expected_path}: cannot read the expected ranges ({e}); it is the ranges.json a "
                            f"`dxrag sweep` writes") from None
-    row, _ = seed_row(run_dir)
+    row = seed_row(run_dir)
     lines, outside = check_against(row, expected)
     head = (f"this run against the README's ranges ({expected_path}: min-max over seeds "
             f"{expected.get('seeds')}, git {str(expected.get('git'))[:12]}):")

@@ -17,7 +17,9 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from .fsutil import replace_dir
+from .jsonl import iter_jsonl
 from .records import EMPTY_LABEL_SET, LABEL_SET_SEPARATOR, CorpusItem, Query, normalize_answer
+
 
 SPLITS = ("train", "val", "test")
 TASKS = ("classification", "multilabel", "vqa")
@@ -121,19 +123,7 @@ def open_image(path: Path):
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if not path.exists():
-        raise DatasetError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return iter_jsonl(path, error=DatasetError)
 
 
 def _field(obj: dict, name: str, kind: type | tuple, where: str, required: bool = True, default: Any = None):

@@ -11,15 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import distributed, stages
 from .config import ConfigError, RunConfig
 from .dataset import Dataset
 from .fsutil import atomic_write_json
 from .predictions import write_tables
 from .provenance import provenance
-from .records import normalize_answer
 from .stages import SYSTEMS, RunContext
 from .training.runs import RunDir
 
@@ -78,24 +75,15 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
 
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
     """Accuracy (Wilson 95% interval) and macro-F1 of every system's final answer (for VQA sets: the closed
-    questions), and joint vs rag with an exact McNemar test on the same queries."""
-    from ..analysis.stats import mcnemar, wilson
+    questions), and joint vs rag with an exact McNemar test on the same queries (analysis.stats computes both)."""
+    import pandas as pd
 
-    labels = [normalize_answer(x) for x in ds.meta.labels]
-    out: dict[str, Any] = {}
-    correct: dict[str, dict[str, bool]] = {}
-    for system in dict.fromkeys(r["system"] for r in rows if r["kind"] == "answer"):
-        answers = [r for r in rows if r["kind"] == "answer" and r["system"] == system]
-        y = np.array([normalize_answer(r["label"]) for r in answers])
-        p = np.array([normalize_answer(r["prediction"]) for r in answers])
-        f1s = [2 * np.sum((p == c) & (y == c)) / (np.sum(p == c) + np.sum(y == c)) for c in labels if np.sum(y == c)]
-        lo, hi = wilson(int(np.sum(y == p)), len(y))
-        out[system] = {"n": len(y), "accuracy": float(np.mean(y == p)), "accuracy_lo": lo, "accuracy_hi": hi,
-                       "macro_f1": float(np.mean(f1s))}
-        correct[system] = {r["query_id"]: bool(a == b) for r, a, b in zip(answers, y, p)}
-    if "joint" in correct and "rag" in correct:
-        shared = sorted(correct["joint"].keys() & correct["rag"].keys())
-        test = mcnemar(np.array([correct["joint"][q] for q in shared]), np.array([correct["rag"][q] for q in shared]))
+    from ..analysis.stats import paired, system_metrics
+
+    answers = pd.DataFrame([r for r in rows if r["kind"] == "answer"])
+    out: dict[str, Any] = system_metrics(answers, ds.meta.labels)
+    if {"joint", "rag"} <= set(out):
+        test = paired(answers, "joint", "rag")
         out["joint_vs_rag"] = {"n": test.n, "only_joint": test.only_a, "only_rag": test.only_b,
                                "p_value": test.p_value}
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import distributed
+from .jsonl import iter_jsonl
 from .records import Answer, ContextPrediction
 
 CONTEXTS_FILE = "contexts.jsonl"
@@ -49,11 +50,7 @@ class PredictionLog:
 
 def read_logs(directory: Path) -> list[dict]:
     """Every complete row of every process's prediction log in `directory`, for queries whose answer row exists."""
-    rows: list[dict] = []
-    for path in sorted(directory.glob("log-*.jsonl")):
-        text = path.read_text(encoding="utf-8")
-        complete = text[: text.rfind("\n") + 1]
-        rows.extend(json.loads(line) for line in complete.splitlines())
+    rows = [obj for path in sorted(directory.glob("log-*.jsonl")) for _, obj in iter_jsonl(path, torn_tail=True)]
     finished = {(r["system"], r["query_id"]) for r in rows if r["kind"] == "answer"}
     return [r for r in rows if (r["system"], r["query_id"]) in finished]
 

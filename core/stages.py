@@ -15,6 +15,7 @@ import numpy as np
 
 from . import distributed
 from .config import RunConfig
+from ..analysis.selectors import fuse, fused_answer
 from .dataset import Dataset, DatasetError, load_dataset
 from .predictions import PredictionLog, read_logs
 from .records import Answer, ContextPrediction, Query
@@ -90,13 +91,6 @@ def interleave(hits: dict[str, list[tuple[str, float]]], order: Sequence[str]) -
                 item_id, score = hits[head][i]
                 out.append((head, item_id, score))
     return out
-
-
-def fuse(probs: np.ndarray, scores: np.ndarray, tau: float) -> np.ndarray:
-    """Per-context label distributions (n, C) weighted by softmax(retrieval score / tau) over the n contexts."""
-    w = np.exp((scores - scores.max()) / tau)
-    w /= w.sum()
-    return (w[:, None] * probs).sum(0)
 
 
 def main_first(fn, *args):
@@ -282,7 +276,7 @@ def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np
                               float(score), dict(zip(cands, map(float, p))))
             for rank, ((head, item_id, score), p) in enumerate(zip(ranked, probs), 1)]
     fused = fuse(probs, np.array([s for _, _, s in ranked]), tau)
-    plog.write(rows, Answer(system, query.id, cands[int(fused.argmax())], query.label,
+    plog.write(rows, Answer(system, query.id, cands[fused_answer(fused, cands)], query.label,
                             dict(zip(cands, map(float, fused)))))
 
 

@@ -27,9 +27,12 @@ RANGE_COLUMNS = ("closed_book_acc", "closed_book_macro_f1", "rag_acc", "joint_ac
                  "rag_oracle", "closed_book_acc_consistent", "closed_book_acc_inconsistent", "delta_fused")
 
 
-def seed_row(run_dir: Path, seed: int | None = None) -> tuple[dict[str, Any], list[tuple[bool, bool]]]:
-    """The sweep-table row of one finished run directory, and its (joint right, rag right) pairs per test query."""
+def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
+    """The sweep-table row of one finished run directory."""
+    import pandas as pd
+
     from ..analysis.report import OracleReport
+    from ..analysis.stats import paired
 
     contexts, answers = run_dir / "predictions" / "contexts.jsonl", run_dir / "predictions" / "answers.jsonl"
     record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -38,16 +41,15 @@ def seed_row(run_dir: Path, seed: int | None = None) -> tuple[dict[str, Any], li
                                       fusion_temperature=record["config"]["distill"]["tau_retriever"])
     acc = report.subsets().set_index(["system", "method", "subset"])["acc"]
     summary = report.summary().set_index("system")
-    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
-    right = {(r["system"], r["query_id"]): normalize_answer(r["label"]) == normalize_answer(r["prediction"])
-             for r in rows}
-    pairs = [(right[("joint", q)], right[("rag", q)]) for s, q in sorted(right) if s == "joint"]
+    frame = pd.read_json(answers, lines=True, dtype={"query_id": str, "prediction": str, "label": str})
+    test = paired(frame, "joint", "rag")
+    closed = frame.loc[frame["system"] == "closed-book", "prediction"]
     nan = float("nan")
     row = {
         "seed": record["seed"] if seed is None else seed,
         "closed_book_acc": acc.get(("closed-book", "answer", "all"), nan),
         "closed_book_macro_f1": metrics.get("closed-book", {}).get("macro_f1", nan),
-        "closed_book_distinct": len({normalize_answer(r["prediction"]) for r in rows if r["system"] == "closed-book"}),
+        "closed_book_distinct": int(closed.map(normalize_answer).nunique()),
         "rag_acc": acc[("rag", "answer", "all")],
         "joint_acc": acc[("joint", "answer", "all")],
         "rag_inconsistent_rate": float(summary.loc["rag", "inconsistent_rate"]),
@@ -58,10 +60,10 @@ def seed_row(run_dir: Path, seed: int | None = None) -> tuple[dict[str, Any], li
         "delta_fused_inconsistent": (acc.get(("joint", "answer", "inconsistent"), nan)
                                      - acc.get(("rag", "answer", "inconsistent"), nan)),
         "delta_top1": acc[("joint", "top1", "all")] - acc[("rag", "top1", "all")],
-        "only_joint": sum(a and not b for a, b in pairs),
-        "only_rag": sum(b and not a for a, b in pairs),
+        "only_joint": test.only_a,
+        "only_rag": test.only_b,
     }
-    return row, pairs
+    return row
 
 
 def seed_ranges(frame) -> dict[str, dict[str, float]]:
@@ -98,22 +100,20 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
     `ranges.json`. Returns (the per-seed DataFrame, the Markdown summary, the output directory)."""
     import pandas as pd
 
-    from ..analysis.stats import mcnemar
+    from ..analysis.stats import mcnemar_p
     from .provenance import provenance
 
     cfg = load_config(config, overrides)
     name = cfg.run
-    rows, pooled = [], []
+    rows = []
     for seed in seeds:
         seeded = {**overrides, "seed": seed, **({"data.seed": seed} if vary_data else {})}
         run_dir = trained / f"{name}-seed{seed}"
         log.info("seed %d: %s", seed, run_dir)
         run_pipeline(load_config(config, seeded), run_dir, reports / f"{name}-seed{seed}")
-        row, pairs = seed_row(run_dir, seed)
-        rows.append(row)
-        pooled += pairs
+        rows.append(seed_row(run_dir, seed))
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    test = mcnemar(np.array([a for a, _ in pooled]), np.array([b for _, b in pooled]))
+    only_joint, only_rag = int(frame["only_joint"].sum()), int(frame["only_rag"].sum())
     n = len(frame)
 
     def mean_se(col: str) -> str:
@@ -131,8 +131,8 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
              f"{int((frame['delta_fused'] > 0).sum())} of {n} seeds",
              f"- on rag's inconsistent queries: {mean_se('delta_fused_inconsistent')}",
              f"- top-1 context: {mean_se('delta_top1')}",
-             f"- pooled over {test.n} queries: {test.only_a} only joint right, {test.only_b} only rag right, "
-             f"exact McNemar p = {test.p_value:.3g}",
+             f"- pooled over every seed's queries: {only_joint} only joint right, {only_rag} only rag right, "
+             f"exact McNemar p = {mcnemar_p(only_joint, only_rag):.3g}",
              f"- closed-book reader answering a single class: {'seeds ' + str(collapsed) if collapsed else 'none'}"]
     text = "\n".join(lines) + "\n"
     ranges = {**provenance(cfg.to_dict(), cfg.seed), "seeds": list(seeds), "vary_data": vary_data,

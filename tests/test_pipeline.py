@@ -136,7 +136,8 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
     from PIL import Image
 
     from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.core.stages import closed_questions, fuse, interleave, same_image_exclusions
+    from dxrag.analysis.selectors import fuse
+    from dxrag.core.stages import closed_questions, interleave, same_image_exclusions
     from dxrag.core.records import CorpusItem, Query
 
     with DatasetWriter(tmp_path / "d") as w:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..dataset import SPLITS, DatasetError, DatasetMeta, DatasetWriter, load_dataset
+from ..jsonl import parse_line
 from ..records import CorpusItem
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,9 @@ def read_corpus_jsonl(corpus_jsonl: Path, image_root: Path) -> tuple[list[Corpus
             digest.update(raw)
             bar.update(len(raw))
             where = f"{corpus_jsonl}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DatasetError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+            obj = parse_line(raw, corpus_jsonl, lineno, DatasetError)
+            if obj is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             item_id, img_path, text = (_string_field(obj, name, where) for name in REQUIRED_FIELDS)
             if item_id in first_line:
                 raise DatasetError(f"{where}: field 'id': duplicate id {item_id!r} (first at line "

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dxrag.core.data import vqa_layouts as vl
 from dxrag.core.dataset import DatasetError, load_dataset
-from dxrag.core.pipeline import same_image_exclusions
+from dxrag.core.stages import same_image_exclusions
 
 
 
