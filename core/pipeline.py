@@ -237,7 +237,8 @@ class Pipeline:
                 continue
             task = DistillTask(tower, retriever.indexes[head], judge, pixels["train"], exclude["train"],
                                candidates=cfg.candidates, tau_gold=cfg.tau_gold, tau_retriever=cfg.tau_retriever,
-                               prior_tilt=cfg.prior_tilt)
+                               prior_tilt=cfg.prior_tilt, inconsistency_weighting=cfg.inconsistency_weighting,
+                               inconsistency_factor=cfg.inconsistency_factor)
             history = train_head(task, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.refresh_every,
                                  seed=self.cfg.seed, checkpoint_dir=self.run / "checkpoints" / f"distill-{head}",
                                  checkpoint_every=cfg.checkpoint_every)
