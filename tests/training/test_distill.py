@@ -308,3 +308,15 @@ def test_only_weighting_leaves_consistent_queries_untrained(toy):
         train_head(t, steps=3, batch_size=len(consistent_only), lr=0.05, weight_decay=0.0, refresh_every=100, seed=0)
         moved = any(not torch.equal(a, b) for a, b in zip(before, t.tower.trainable_parameters()))
         assert moved == changes, weighting
+
+
+def test_config_switch_is_checked_and_off_by_default():
+    from dxrag.core.config import ConfigError, load_config
+
+    assert load_config(None).distill.inconsistency_weighting == "none"
+    cfg = load_config(None, {"distill.inconsistency_weighting": "upweight", "distill.inconsistency_factor": 3})
+    assert (cfg.distill.inconsistency_weighting, cfg.distill.inconsistency_factor) == ("upweight", 3.0)
+    with pytest.raises(ConfigError, match=r"distill\.inconsistency_weighting 'sometimes' is not one of"):
+        load_config(None, {"distill.inconsistency_weighting": "sometimes"})
+    with pytest.raises(ConfigError, match=r"distill\.inconsistency_factor must be > 0"):
+        load_config(None, {"distill.inconsistency_factor": 0})
