@@ -112,6 +112,11 @@ class DistillSettings:
     tau_gold: float = 0.1
     tau_retriever: float = 0.1
     prior_tilt: float = 0.0  # > 0 adds prior_tilt * retriever log-prior to the gold logits (the reference's variant)
+    # per-query KL weight from whether the reader's predictions over the query's K candidates disagree (the
+    # reference's weighting_kl): none (every query 1), only (consistent queries 0, inconsistent 1), upweight
+    # (consistent 1, inconsistent inconsistency_factor); the loss is the weighted mean over the batch
+    inconsistency_weighting: str = "none"
+    inconsistency_factor: float = 2.0  # upweight: an inconsistent query's weight relative to a consistent one's
     lr: float = 1e-4
     weight_decay: float = 0.01
     checkpoint_every: int = 50
@@ -241,6 +246,11 @@ def _check(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: distill.heads: {bad} not in ['image', 'text']")
     if sorted(cfg.inference.rank_order) != ["image", "text"]:
         raise ConfigError(f"{where}: inference.rank_order must list 'image' and 'text' once each")
+    if cfg.distill.inconsistency_weighting not in ("none", "only", "upweight"):
+        raise ConfigError(f"{where}: distill.inconsistency_weighting {cfg.distill.inconsistency_weighting!r} is not "
+                          f"one of ['none', 'only', 'upweight']")
+    if cfg.distill.inconsistency_factor <= 0:
+        raise ConfigError(f"{where}: distill.inconsistency_factor must be > 0, got {cfg.distill.inconsistency_factor}")
     try:
         cfg.retriever.index.validate()
     except ValueError as e:

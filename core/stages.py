@@ -212,7 +212,8 @@ def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs)
             continue
         task = DistillTask(tower, retriever.indexes[head], judge, q.pixels["train"], q.exclude["train"],
                            candidates=cfg.candidates, tau_gold=cfg.tau_gold, tau_retriever=cfg.tau_retriever,
-                           prior_tilt=cfg.prior_tilt)
+                           prior_tilt=cfg.prior_tilt, inconsistency_weighting=cfg.inconsistency_weighting,
+                           inconsistency_factor=cfg.inconsistency_factor)
         history = train_head(task, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.refresh_every,
                              seed=ctx.cfg.seed, checkpoint_dir=ctx.run / "checkpoints" / f"distill-{head}",
                              checkpoint_every=cfg.checkpoint_every)

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class ReaderJudge:
-    """The frozen reader as teacher: `gold_logprobs(query_idx, item_ids)` = log p_reader(gold | query, item), scored
-    in batches and cached per (query, item) — the reader never changes during distillation."""
+    """The frozen reader as teacher: `gold_logprobs(query_idx, item_ids)` = log p_reader(gold | query, item) and
+    `predictions(...)` = the reader's answer (index into the query's candidates) for each (query, item), scored in
+    batches and cached per (query, item) — the reader never changes during distillation."""
 
     def __init__(self, reader, image_root: Path, queries: Sequence[Query], items: dict[str, CorpusItem],
                  batch_size: int = 64):
@@ -38,20 +39,38 @@ class ReaderJudge:
         self.queries = list(queries)
         self.items = items
         self.batch_size = batch_size
-        self.cache: dict[tuple[int, str], float] = {}
+        self.cache: dict[tuple[int, str], np.ndarray] = {}  # log p over the query's candidate answers
         self.calls = 0  # reader forwards actually run
 
-    def gold_logprobs(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    def _scores(self, query_idx: np.ndarray, item_ids: np.ndarray) -> list[list[np.ndarray]]:
         missing = sorted({(int(q), str(i)) for q, row in zip(query_idx, item_ids) for i in row} - self.cache.keys())
         if missing:
             mine = distributed.shard(missing)  # under torchrun each process scores its share, then all share all
             requests = [self._request(self.queries[q], self.items[i]) for q, i in mine]
             scores = self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
-            gold = [float(lp[req.answers.index(req.query.label)]) for req, lp in zip(requests, scores)]
-            self.cache.update(zip(missing, distributed.gather_shards(gold, len(missing))))
+            self.cache.update(zip(missing, distributed.gather_shards([np.asarray(lp) for lp in scores],
+                                                                     len(missing))))
             self.calls += len(missing)
-        return np.array([[self.cache[(int(q), str(i))] for i in row] for q, row in zip(query_idx, item_ids)],
+        return [[self.cache[(int(q), str(i))] for i in row] for q, row in zip(query_idx, item_ids)]
+
+    def gold_logprobs(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """(B, K) log p_reader(gold answer | query, item) for each query of `query_idx` and its K items."""
+        gold = [self.queries[int(q)].candidates.index(self.queries[int(q)].label) for q in query_idx]
+        return np.array([[float(lp[g]) for lp in row] for g, row in zip(gold, self._scores(query_idx, item_ids))],
                         dtype=np.float32)
+
+    def predictions(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """(B, K) the reader's answer given each single item, as an index into the query's candidate answers."""
+        return np.array([[int(np.argmax(lp)) for lp in row] for row in self._scores(query_idx, item_ids)],
+                        dtype=np.int64)
+
+
+WEIGHTINGS = ("none", "only", "upweight")
+
+
+def inconsistent(predictions: np.ndarray) -> np.ndarray:
+    """(B,) True where a query's K single-item predictions (B, K) are not all the same answer."""
+    return (predictions != predictions[:, :1]).any(axis=1)
 
 
 @dataclass
@@ -67,9 +86,16 @@ class DistillTask:
     tau_gold: float = 0.1
     tau_retriever: float = 0.1
     prior_tilt: float = 0.0
+    inconsistency_weighting: str = "none"  # none | only | upweight (see query_weights)
+    inconsistency_factor: float = 2.0
     snapshot: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.inconsistency_weighting not in WEIGHTINGS:
+            raise ValueError(f"inconsistency_weighting {self.inconsistency_weighting!r} is not one of "
+                             f"{list(WEIGHTINGS)}")
+        if self.inconsistency_factor <= 0:
+            raise ValueError(f"inconsistency_factor must be > 0, got {self.inconsistency_factor}")
         self.docs = torch.from_numpy(np.array(self.index.embeddings, dtype=np.float32))  # a writable copy
         if self.snapshot is None:
             self.refresh_snapshot()
@@ -89,15 +115,40 @@ class DistillTask:
         scores, ids = self.index.search(q, self.candidates, [self.exclude[i] for i in batch])
         return ids, scores
 
-    def loss(self, batch: np.ndarray, ids: np.ndarray, prior: np.ndarray, gold: np.ndarray) -> torch.Tensor:
-        q = self.tower(self.pixels[batch].to(self.device))  # (B, d), the only path with gradients
-        docs = self.docs[torch.from_numpy(self.index.rows(ids.reshape(-1)))].view(*ids.shape, -1)  # (B, K, d)
-        log_p_ret = F.log_softmax(torch.einsum("bd,bkd->bk", q, docs.to(self.device)) / self.tau_retriever, dim=-1)
+    def gold_distribution(self, gold: np.ndarray, prior: np.ndarray) -> torch.Tensor:
+        """P_gold (B, K) = softmax(gold / τ_g [+ prior_tilt · prior / τ_r]): the reader's judgement of each candidate,
+        optionally tilted toward the snapshot retriever's own ranking (its log-prior up to a constant)."""
         gold_logits = torch.from_numpy(gold).to(self.device) / self.tau_gold
         if self.prior_tilt:
             gold_logits = gold_logits + self.prior_tilt * torch.from_numpy(prior).to(self.device) / self.tau_retriever
-        p_gold = F.softmax(gold_logits, dim=-1)
-        return F.kl_div(log_p_ret, p_gold, reduction="batchmean")  # KL(P_gold ‖ P_ret)
+        return F.softmax(gold_logits, dim=-1)
+
+    def query_weights(self, predictions: np.ndarray) -> np.ndarray | None:
+        """Per-query KL weights (B,) from the reader's single-item predictions (B, K); None for `none`. `only` keeps
+        just the queries whose K candidates lead to different answers (the reference's weighting_kl); `upweight`
+        keeps every query and weighs the inconsistent ones `inconsistency_factor` times a consistent one."""
+        if self.inconsistency_weighting == "none":
+            return None
+        mixed = inconsistent(predictions)
+        if self.inconsistency_weighting == "only":
+            return mixed.astype(np.float32)
+        return np.where(mixed, self.inconsistency_factor, 1.0).astype(np.float32)
+
+    def loss(self, batch: np.ndarray, ids: np.ndarray, prior: np.ndarray, gold: np.ndarray,
+             weights: np.ndarray | None = None) -> torch.Tensor:
+        """KL(P_gold ‖ P_ret), the mean over the batch's queries, or their `weights`-weighted mean."""
+        q = self.tower(self.pixels[batch].to(self.device))  # (B, d), the only path with gradients
+        docs = self.docs[torch.from_numpy(self.index.rows(ids.reshape(-1)))].view(*ids.shape, -1)  # (B, K, d)
+        log_p_ret = F.log_softmax(torch.einsum("bd,bkd->bk", q, docs.to(self.device)) / self.tau_retriever, dim=-1)
+        p_gold = self.gold_distribution(gold, prior)
+        if weights is None:
+            return F.kl_div(log_p_ret, p_gold, reduction="batchmean")  # KL(P_gold ‖ P_ret)
+        per_query = F.kl_div(log_p_ret, p_gold, reduction="none").sum(dim=-1)
+        w = torch.from_numpy(weights).to(self.device)
+        # a weighted mean keeps the loss (and the learning rate) on the per-query KL scale; a batch of only
+        # consistent queries under `only` gives a zero loss (no update) instead of a division by zero
+        total = (w * per_query).sum()
+        return total / w.sum() if float(w.sum()) > 0 else total
 
 
 def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -133,11 +184,14 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
         batch = batch_for_step(len(task.pixels), batch_size, step, seed)
         ids, prior = task.retrieve(batch)
         gold = task.judge.gold_logprobs(batch, ids)
-        loss = task.loss(batch, ids, prior, gold)
+        predictions = task.judge.predictions(batch, ids)  # cached by gold_logprobs: no extra reader forward
+        weights = task.query_weights(predictions)
+        loss = task.loss(batch, ids, prior, gold, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         history["loss"].append(float(loss.item()))
+        history.setdefault("inconsistent_fraction", []).append(float(inconsistent(predictions).mean()))
         bar.set_postfix(kl=f"{loss.item():.4f}", reader_calls=task.judge.calls)
         done = step + 1
         if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps) and distributed.is_main():
@@ -148,4 +202,7 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
             on_step(done)
     task.tower.train(False)
     history["reader_calls"] = task.judge.calls
+    if history.get("inconsistent_fraction"):
+        log.info("%s head: %.0f%% of training queries had inconsistent candidates (mean over steps)",
+                 task.tower.head, 100 * float(np.mean(history["inconsistent_fraction"])))
     return history
