@@ -62,12 +62,14 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
         return {}
     contexts, answers = write_tables(rows, ctx.run / "predictions")
     summary: dict[str, Any] = {"run_dir": str(ctx.run.path), "contexts": str(contexts), "answers": str(answers)}
+    val_tables: tuple[Path, Path] | tuple[()] = ()
     if val_rows:
-        summary["val_contexts"], summary["val_answers"] = map(str, write_tables(val_rows, ctx.run / "predictions",
-                                                                                prefix="val_"))
+        val_tables = write_tables(val_rows, ctx.run / "predictions", prefix="val_")
+        summary["val_contexts"], summary["val_answers"] = map(str, val_tables)
     summary.update({"metrics": evaluate(rows, ds), "timings": timings, "reused_stages": reused})
     if cfg.report:
-        summary["report"], summary["compact"] = _timed(timings, "report", stages.report, ctx, contexts, answers)
+        summary["report"], summary["compact"] = _timed(timings, "report", stages.report, ctx, contexts, answers,
+                                                           *val_tables)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(ctx.run / "metrics.json", summary)
     return summary

@@ -281,11 +281,21 @@ def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np
                             dict(zip(cands, map(float, fused)))))
 
 
-def report(ctx: RunContext, contexts: Path, answers: Path) -> tuple[str, str]:
-    """The oracle report in the report directory; returns its path and the compact terminal table."""
+def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | None = None,
+           val_answers: Path | None = None) -> tuple[str, str]:
+    """The oracle report in the report directory (with the `learned` selector trained on the validation predictions
+    when they exist and scikit-learn is installed); returns its path and the compact terminal table."""
+    from importlib.util import find_spec
+
     from ..analysis.report import OracleReport
 
+    train = {}
+    if val_contexts is not None:
+        if find_spec("sklearn") is None:
+            log.warning("learned selector left out: scikit-learn is not installed (pip install 'dxrag[learn]')")
+        else:
+            train = {"selector_train": val_contexts, "selector_train_answers": val_answers}
     rep = OracleReport.from_tables(contexts, answers=answers, reference="rag",
-                                   fusion_temperature=ctx.cfg.distill.tau_retriever)
+                                   fusion_temperature=ctx.cfg.distill.tau_retriever, **train)
     rep.write(ctx.report_dir, figures=ctx.cfg.figures)
     return str(ctx.report_dir), rep.compact_table()
