@@ -59,6 +59,9 @@ class Family:
     prefill_state: Callable[[Any, dict], dict] | None = None
     # extra kwargs of a continuation of T tokens for rows `rows` of the prompt batch: (state, rows, T) -> kwargs
     continuation: Callable[[dict, torch.Tensor, int], dict] | None = None
+    # batch only prompts with the same number of images (Mllama: a closed-book prompt batched with two-image prompts
+    # moved log p by 4e-3, measured; its padded image slot is not exactly neutral)
+    same_image_count: bool = False
     fast_path: bool = False  # the cached-vision-features path (model.Reader._fast_*) equals the generic one (tested)
     chat: ChatFormat | None = None
     end_token: str = "<|im_end|>"  # the tiny tokenizer's end of an assistant turn
@@ -385,8 +388,10 @@ def _mllama_processor(tokenizer, template: str, settings: TinyReaderSettings):
 def tiny_mllama(tok, s: TinyReaderSettings):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    text = _text(tok, s, cross_attention_layers=[s.layers - 1], rope_parameters={"rope_type": "default",
-                                                                                   "rope_theta": 10000.0})
+    # one more layer, the second cross-attending: the cache's length is read from layer 0 (self-attention), and
+    # self-attention after the cross-attention carries the context image (seen by the context text) to the answer
+    text = _text(tok, s, num_hidden_layers=s.layers + 1, cross_attention_layers=[1],
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     text.pop("head_dim")
     config = MllamaConfig(
         vision_config=dict(hidden_size=s.vision_dim, intermediate_size=2 * s.vision_dim, num_hidden_layers=2,
@@ -429,7 +434,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llava_onevision", chat=ONEVISION_CHAT,
            special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"), tiny=tiny_onevision,
            tiny_processor=_onevision_processor),
-    Family("mllama", prefill_state=cross_attention_state, continuation=cross_attention_continuation,
+    Family("mllama", same_image_count=True, prefill_state=cross_attention_state, continuation=cross_attention_continuation,
            tail_fill={"cross_attention_mask": "repeat"}, chat=MLLAMA_CHAT, end_token="<|eot_id|>",
            special_tokens=("<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|image|>",
                            "<|python_tag|>"), tiny=tiny_mllama, tiny_processor=_mllama_processor),

@@ -521,8 +521,7 @@ class Reader:
         try:
             with torch.inference_mode(), tqdm(total=len(requests), desc="scoring", unit="ctx",
                                               disable=not show) as bar:
-                for start in range(0, len(order), batch_size):
-                    idx = order[start:start + batch_size]
+                for idx in self._batches(order, requests, batch_size):
                     for i, lp in zip(idx, self._score_batch([requests[i] for i in idx], [cand_ids[i] for i in idx],
                                                             root, features)):
                         results[i] = lp
@@ -532,6 +531,17 @@ class Reader:
         finally:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
+
+    def _batches(self, order: list[int], requests: Sequence[ScoreRequest], batch_size: int) -> list[list[int]]:
+        """Consecutive chunks of `order`, split where the image count changes when the family needs that."""
+        out = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if self.family.same_image_count:
+                out += [[i for i in idx if (requests[i].context is None) == closed] for closed in (False, True)]
+            else:
+                out.append(idx)
+        return [b for b in out if b]
 
     def _score_batch(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]], root: Path,
                      features: OrderedDict) -> list[np.ndarray]:
@@ -603,6 +613,14 @@ class Reader:
         """Teacher forcing: logits (B, A + 1, V) of the last A + 1 positions of prompt + answer tokens, A the longest
         answer; `logits[b, A - len(answer_b) + j]` predicts answer token j (answers end at the last position)."""
         A = max(len(a) for a in answers)
+        if self.family.same_image_count and len({c is None for _, c, _ in items}) > 1:
+            groups = [[i for i, (_, c, _) in enumerate(items) if (c is None) == closed] for closed in (False, True)]
+            parts = [self.sequence_logits([items[i] for i in g], [answers[i] for i in g], image_root)
+                     for g in groups]
+            # each part keeps the last max(its answers) + 1 positions; align them to A + 1 by left-padding
+            parts = [torch.nn.functional.pad(x, (0, 0, A + 1 - x.shape[1], 0)) for x in parts]
+            order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
+            return torch.cat(parts)[torch.argsort(order)]
         return self._run(items, Path(image_root), tails=answers, logits_to_keep=A + 1).logits
 
     def answer_loss(self, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike
