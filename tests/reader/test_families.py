@@ -123,7 +123,7 @@ def test_lora_step_reduces_the_loss_and_save_load_round_trips(toy_dataset, famil
     optimizer.step()
     with torch.no_grad():
         after = reader.answer_loss(examples, toy_dataset.root)
-    assert float(after) < float(before)
+    assert after.item() < before.item()
     trained = {n for n, p in reader.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n and reader.family.language_model in n for n in trained)
 
