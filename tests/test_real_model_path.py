@@ -1,5 +1,6 @@
 """The real-models path of configs/qwen2vl-7b.yaml on tiny local stand-ins: a `local-dir:` open_clip encoder, a
-Qwen2-VL saved as a local HF model directory (LoRA on), and a ROCO-style JSONL corpus; plus `dxrag data corpus`.
+Qwen2-VL saved as a local HF model directory (LoRA on), and a ROCO-style JSONL corpus; plus `dxrag data corpus`; and
+configs/pixtral-12b.yaml, qwen2.5-vl-7b.yaml, medgemma-4b.yaml with tiny stand-ins of their reader families.
 """
 
 from __future__ import annotations
@@ -232,3 +233,91 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
     assert config["retriever"]["encoder"] == f"local-dir:{encoder_dir}"
     assert config["reader"]["model"] == str(reader_dir) and config["reader"]["lora"]["r"] == 8
     assert (config["distill"]["tau_gold"], config["distill"]["alpha"]) == (1.0, 0.15)
+
+
+# ------------------------------------------------------------------------------------------------ other reader families
+
+# (config, model name it holds, tiny stand-in family, the YAML's max_pixels)
+FAMILY_CONFIGS = [("pixtral-12b", "mistral-community/pixtral-12b", "llava", 262144),
+                  ("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 401408),
+                  ("medgemma-4b", "google/medgemma-4b-it", "gemma3", None)]
+SMALL_IMAGES = {"llava": 32 * 32, "qwen2_5_vl": 56 * 56, "gemma3": None}  # a tiny stand-in's budget (short prompts)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(roco, tmp_path_factory):
+    """A saved tiny reader of each stand-in family, vocabulary from the ROCO-style dataset."""
+    from dxrag.core.reader.model import Reader
+    from dxrag.core.reader.settings import ReaderSettings, TinyReaderSettings
+
+    out = tmp_path_factory.mktemp("family-readers")
+    data = build_corpus_dataset(roco["jsonl"], roco["queries"], out / "retinamnist-roco")
+    ds = load_dataset(data)
+    dirs = {"data": data}
+    for _, _, family, _ in FAMILY_CONFIGS:
+        settings = ReaderSettings(model="tiny", device="cpu", dtype="float32", tiny=TinyReaderSettings(family=family))
+        dirs[family] = Reader.from_config(settings, ds).save(out / family)
+    return dirs
+
+
+@pytest.mark.parametrize("name, model, family, max_pixels", FAMILY_CONFIGS)
+def test_family_config_builds_its_reader_from_a_tiny_stand_in(family_dirs, name, model, family, max_pixels):
+    """The YAML names the real model; with the model swapped for a saved tiny dir of the same family, the config's
+    reader section loads (pixel budget through the family's processor kwargs, LoRA) and scores."""
+    import numpy as np
+
+    from dxrag.core.config import load_config
+    from dxrag.core.reader.model import Reader, ScoreRequest
+
+    path = REPO / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    assert (cfg.reader.model, cfg.reader.max_pixels, cfg.reader.dtype) == (model, max_pixels, "bfloat16")
+    assert cfg.reader.lora is not None and cfg.run.startswith(name)
+    cfg = load_config(path, {"reader.model": str(family_dirs[family]), "reader.device": "cpu",
+                             "reader.dtype": "float32", "reader.max_pixels": SMALL_IMAGES[family]})
+    reader = Reader.from_config(cfg.reader)
+    assert reader.family.model_type == family
+    if family == "llava":
+        assert reader.processor.image_processor.size["longest_edge"] == 32  # sqrt of the pixel budget
+    ds = load_dataset(family_dirs["data"])
+    requests = [ScoreRequest(q, ds.corpus[i]) for i, q in enumerate(ds.queries["test"][:3])]
+    for s in reader.score(requests, ds.root):
+        assert np.exp(s).sum() == pytest.approx(1.0, abs=1e-6)
+    reader.add_lora(cfg.reader.lora)
+    assert reader.answer_loss([(r.query, r.context) for r in requests], ds.root).item() > 0
+
+
+def test_fixed_size_family_rejects_a_pixel_budget(family_dirs):
+    from dxrag.core.reader.model import Reader, ReaderError
+    from dxrag.core.reader.settings import ReaderSettings
+
+    with pytest.raises(ReaderError, match=r"reader.max_pixels: model type 'gemma3' resizes images to a fixed size; "
+                                          r"set max_pixels to null"):
+        Reader.from_config(ReaderSettings(model=str(family_dirs["gemma3"]), device="cpu", max_pixels=4096))
+
+
+@pytest.mark.parametrize("name, model, family, max_pixels", FAMILY_CONFIGS)
+def test_dxrag_run_with_a_tiny_reader_of_each_family(family_dirs, tmp_path, name, model, family, max_pixels):
+    """`dxrag run --config configs/<name>.yaml` end to end with the reader swapped for a saved tiny dir of its family
+    (LoRA fine-tuning, distillation with the reader as teacher, per-context predictions)."""
+    from dxrag.core.retrieval.encoders import TINY_MODEL, Encoder
+
+    from dxrag_test_support import _sets
+
+    encoder_dir = Encoder.load(TINY_MODEL).save(tmp_path / "clip")
+    overrides = {
+        "threads": 1, "figures": False, "data.path": str(family_dirs["data"]),
+        "retriever.encoder": f"local-dir:{encoder_dir}", "retriever.device": "cpu",
+        "reader.model": str(family_dirs[family]), "reader.device": "cpu", "reader.dtype": "float32",
+        "reader.max_pixels": SMALL_IMAGES[family], "reader.finetune.steps": 4, "reader.finetune.batch_size": 4,
+        "reader.finetune.eval_every": 0, "reader.finetune.checkpoint_every": 2,
+        "distill.steps": 2, "distill.batch_size": 4, "distill.candidates": 4, "distill.refresh_every": 2,
+        "distill.checkpoint_every": 2,
+    }
+    run_dir = tmp_path / "trained"
+    assert main(["run", "--config", str(REPO / "configs" / f"{name}.yaml"), *_sets(overrides),
+                 "--run-dir", str(run_dir), "--report-dir", str(tmp_path / "reports")]) == 0
+    answers = (run_dir / "predictions" / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 3 * len(load_dataset(family_dirs["data"]).queries["test"])
+    assert (run_dir / "reader" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["config"]["reader"]["model"] == str(family_dirs[family])

@@ -1,5 +1,5 @@
-"""The reader model: loading (`from_pretrained`, or the tiny random-weight Qwen2-VL with an offline tokenizer), saving,
-and batched per-context scoring `log p(answer | query, context)` over each request's candidate answers.
+"""The reader model: loading (`from_pretrained` of any family in `families.FAMILIES`, or a tiny random-weight model with
+an offline tokenizer), saving, and batched per-context scoring `log p(answer | query, context)` over candidate answers.
 """
 
 from __future__ import annotations
@@ -19,30 +19,14 @@ from ..dataset import Dataset, DatasetError, open_image
 from .. import distributed
 from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query
-from .prompts import PROMPT_WORDS, PromptRenderer, prompt_images
-from .settings import LoraSettings, ReaderSettings, TinyReaderSettings
+from .families import FAMILIES, Family, build_tiny, family_of, mrope_continuation
+from .prompts import PromptRenderer, prompt_images
+from .settings import LoraSettings, ReaderSettings
 
 log = logging.getLogger(__name__)
 
-# Model families whose prompt layout (image placeholder expansion, M-RoPE positions, vision features scattered into the
-# token embeddings) this module implements; loading another model type fails with a clear error.
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-# PEFT target regex: every linear projection of the language model (attention and MLP), none of the vision tower.
-LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-# The tiny reader's chat template: Qwen2-VL's ChatML layout without the default system turn (shorter prompts).
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>")
-TINY_TEMPLATE_WORDS = ("system", "user", "assistant")
-UNK_TOKEN = "[UNK]"
-TINY_IMAGE_PIXELS = 56 * 56
+# The text the assistant header is cut from (answer tokens are the suffix of tokenizing header + answer).
+_HEADER_SENTINEL = "\x00end of the user turn\x00"
 
 
 class ReaderError(ValueError):
@@ -75,12 +59,23 @@ class ScoreRequest:
 
 @dataclass
 class _Prompt:
-    """One request's prompt, tokenized with its image tokens expanded, and its M-RoPE positions."""
+    """Fast path: one request's prompt, tokenized with its image tokens expanded, and its M-RoPE positions."""
 
     ids: list[int]
     images: list[str]  # absolute image paths in placeholder order
     positions: np.ndarray  # (3, len(ids))
     next_position: int  # position of the first token after the prompt
+
+
+@dataclass
+class _Forward:
+    """A prompt batch's forward pass: logits of the last kept positions, the left-padded attention mask, the KV cache
+    (when asked for) and what the family's continuation needs (`Family.prefill_state`)."""
+
+    logits: torch.Tensor
+    mask: torch.Tensor
+    cache: object | None
+    state: dict
 
 
 # ------------------------------------------------------------------------------------------------------- tiny reader
@@ -92,64 +87,6 @@ def vocabulary_from_dataset(dataset: Dataset) -> tuple[list[str], list[str]]:
     texts = [q.question for q in queries] + [item.text for item in dataset.corpus]
     answers = list(dataset.meta.labels) + [c for q in queries for c in q.candidates]
     return texts, answers
-
-
-def build_tiny_processor(texts: Iterable[str], answers: Iterable[str]):
-    """A Qwen2VLProcessor over an offline word-level tokenizer: every word of `texts` and of the prompts is a token,
-    every answer string is one token (matched as a whole word), plus the chat and vision special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
-
-    splitter = pre_tokenizers.Whitespace()
-    answers = sorted({a.strip() for a in answers if a.strip()})
-    words = set(PROMPT_WORDS) | set(TINY_TEMPLATE_WORDS)
-    for text in list(texts) + answers:
-        words.update(w for w, _ in splitter.pre_tokenize_str(text))
-    vocab = {UNK_TOKEN: 0, **{w: i + 1 for i, w in enumerate(sorted(words))}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = splitter
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
-    backend.add_tokens([AddedToken(a, single_word=True, normalized=False) for a in answers])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK_TOKEN, pad_token="<|endoftext|>",
-                                        eos_token="<|im_end|>", padding_side="left")
-    # Every image is resized to about 56x56 pixels (4 LLM tokens), large radiographs included.
-    images = Qwen2VLImageProcessor(min_pixels=TINY_IMAGE_PIXELS, max_pixels=TINY_IMAGE_PIXELS)
-    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_CHAT_TEMPLATE)
-
-
-def build_tiny_model(processor, settings: TinyReaderSettings, seed: int = 0):
-    """A randomly initialised Qwen2VLForConditionalGeneration sized by `settings` for `processor`'s vocabulary."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    tok = processor.tokenizer
-    head_dim = settings.hidden_size // settings.heads
-    if sum(settings.mrope_section) * 2 != head_dim:
-        raise ReaderError(f"tiny reader: mrope_section {settings.mrope_section} must sum to head_dim/2 = "
-                          f"{head_dim // 2} (hidden_size {settings.hidden_size} / heads {settings.heads} / 2)")
-    ids = tok.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
-            num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
-            num_key_value_heads=settings.heads, max_position_embeddings=settings.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": list(settings.mrope_section)},
-            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tok.pad_token_id),
-        vision_config=dict(
-            depth=settings.vision_depth, embed_dim=settings.vision_dim, hidden_size=settings.hidden_size,
-            num_heads=settings.vision_heads, mlp_ratio=2, patch_size=settings.patch_size, spatial_merge_size=2,
-            temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    return model
 
 
 # ------------------------------------------------------------------------------------------------------------ reader
@@ -164,10 +101,19 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-class Reader:
-    """A Qwen2-VL-family model with its processor, scoring candidate answers per (query, context).
+def _family(model_type: str, where: str) -> Family:
+    try:
+        return family_of(model_type, where)
+    except ValueError as e:
+        raise ReaderError(str(e)) from None
 
-    Images are read from `image_root` (the dataset directory) given to `score`; preprocessed images are cached.
+
+class Reader:
+    """An image-text-to-text LVLM with its processor, scoring candidate answers per (query, context).
+
+    Scoring runs the processor and `model(**inputs)` (the generic path, exact for every family in `FAMILIES`), or for
+    families whose adapter has `fast_path` the equivalent cached-vision-features path (images encoded once per
+    distinct image). Images are read from `image_root` (the dataset directory) given to `score`.
     """
 
     def __init__(self, model, processor, config: ReaderSettings):
@@ -177,42 +123,71 @@ class Reader:
         self.model = model  # the HF model, or a PeftModel wrapping it
         self.hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         hf_config = self.hf_model.config
-        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ReaderError(f"reader model {config.model!r}: model type {hf_config.model_type!r} is not supported; "
-                              f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+        self.family = _family(hf_config.model_type, f"reader model {config.model!r}")
         try:
             config.check()
         except ValueError as e:
             raise ReaderError(str(e)) from None
         self.device = next(self.hf_model.parameters()).device
-        self.image_token_id = hf_config.image_token_id
-        self.merge = hf_config.vision_config.spatial_merge_size
+        self.image_token_id = getattr(hf_config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(hf_config, "image_token_index", None)
         text_config = hf_config.get_text_config()
         self.max_length = config.max_length or text_config.max_position_embeddings
+        self.tokenizer.padding_side = "left"  # prompts end where the answer starts
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.unk_id = self.tokenizer.unk_token_id
+        self.fast = self.family.fast_path and config.fast_path
+        if self.fast:
+            self.merge = hf_config.vision_config.spatial_merge_size
+        self.placeholder = processor.image_token  # what the chat template renders an image as
         self._pixels: OrderedDict[str, tuple[torch.Tensor, tuple[int, int, int]]] = OrderedDict()
         self._answer_ids: dict[str, list[int]] = {}
         self._grid_offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._render = PromptRenderer(processor)
+        self._header = self._assistant_header()
+
+    def _assistant_header(self) -> str:
+        """The chat template's text between the end of the user's content and the answer."""
+        try:
+            text = self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "text", "text": _HEADER_SENTINEL}]}], tokenize=False,
+                add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a processor without a (usable) chat template
+            raise ReaderError(f"reader model {self.config.model!r}: the processor's chat template cannot render a "
+                              f"user turn ({e}); save the processor with a chat template") from None
+        if text.count(_HEADER_SENTINEL) != 1:
+            raise ReaderError(f"reader model {self.config.model!r}: the chat template does not insert the user's "
+                              f"text verbatim; prompts cannot be scored")
+        return text.split(_HEADER_SENTINEL)[1]
 
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
     def from_config(cls, config: ReaderSettings, dataset: Dataset | None = None, seed: int = 0) -> "Reader":
-        """Build the tiny reader (`model: tiny`, vocabulary from `dataset`, weights from `seed`) or load one with
-        `from_pretrained`."""
+        """Build the tiny reader (`model: tiny`, vocabulary from `dataset`, weights from `seed`, family
+        `tiny.family`) or load one with `from_pretrained` (a hub name or a local directory)."""
         device = torch.device(distributed.resolve_device(config.device))
         dtype = _resolve_dtype(config.dtype, device)
         if config.model == "tiny":
             if dataset is None:
                 raise ReaderError("reader model 'tiny' builds its vocabulary from the dataset; pass dataset=")
-            processor = build_tiny_processor(*vocabulary_from_dataset(dataset))
-            model = build_tiny_model(processor, config.tiny, seed=seed)
+            family = _family(config.tiny.family, "reader.tiny.family")
+            try:
+                processor, model = build_tiny(family, *vocabulary_from_dataset(dataset), config.tiny, seed=seed)
+            except ValueError as e:
+                raise ReaderError(str(e)) from None
         else:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-            sizes = {"max_pixels": config.max_pixels} if config.max_pixels else {}
+            family = _family(AutoConfig.from_pretrained(config.model).model_type, f"reader model {config.model!r}")
+            sizes = {}
+            if config.max_pixels:
+                if family.pixel_budget is None:
+                    raise ReaderError(f"reader.max_pixels: model type {family.model_type!r} resizes images to a fixed "
+                                      f"size; set max_pixels to null (families with a pixel budget: "
+                                      f"{sorted(k for k, f in FAMILIES.items() if f.pixel_budget)})")
+                sizes = family.pixel_budget(config.max_pixels)
             processor = AutoProcessor.from_pretrained(config.model, **sizes)
             model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
@@ -221,8 +196,8 @@ class Reader:
 
             # with `lora` settings too, fine-tuning continues the loaded adapters
             model = PeftModel.from_pretrained(model, config.adapter, is_trainable=config.lora is not None).eval()
-        log.info("reader %s: %s, %.2f M parameters on %s (%s)", config.model, type(model).__name__,
-                 sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
+        log.info("reader %s (%s): %s, %.2f M parameters on %s (%s)", config.model, family.model_type,
+                 type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
         return cls(model, processor, config)
 
     def add_lora(self, settings: LoraSettings) -> None:
@@ -230,7 +205,7 @@ class Reader:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=settings.target_modules or LANGUAGE_MODEL_LINEAR, bias="none")
+                          target_modules=settings.target_modules or self.family.lora_targets, bias="none")
         self.model = get_peft_model(self.hf_model, lora)
         self.hf_model = self.model.get_base_model()
 
@@ -243,7 +218,125 @@ class Reader:
             self.processor.save_pretrained(tmp)
         return out
 
-    # ------------------------------------------------------------------------------------------------ encoding
+    # ------------------------------------------------------------------------------------------------ generic path
+
+    def _open_images(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path) -> list:
+        out = []
+        for query, context, _ in items:
+            row = []
+            for record, rel in zip(([context] if context is not None else []) + [query],
+                                   prompt_images(query, context)):
+                kind = "context" if record is context else "query"
+                try:
+                    row.append(open_image(root / rel))
+                except DatasetError as e:
+                    raise ReaderError(f"{kind} {record.id!r} field 'image': {e}") from None
+            out.append(row)
+        return out
+
+    def _generic_inputs(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path,
+                        tails: Sequence[Sequence[int]] | None = None) -> dict:
+        """The processor's model inputs for the prompts (left-padded), optionally followed by answer tokens."""
+        texts = [self._render(q, c, cands) for q, c, cands in items]
+        for (q, c, _), text in zip(items, texts):
+            n_images = 1 + (c is not None)
+            if text.count(self.placeholder) != n_images:
+                raise ReaderError(f"{ScoreRequest(q, c).describe()}: the chat template produced "
+                                  f"{text.count(self.placeholder)} image placeholders ({self.placeholder!r}) for "
+                                  f"{n_images} images")
+        images = self._open_images(items, root)
+        try:
+            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                                    add_special_tokens=False, **self.family.call_kwargs(self.processor))
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise ReaderError(f"{self._names(items)}: the processor rejected the prompt ({e})") from None
+        inputs = {k: v for k, v in inputs.items() if k not in self.family.drop_inputs}
+        if tails is not None:
+            inputs = self._append(inputs, tails)
+        dtype = self.hf_model.dtype
+        return {k: (v.to(self.device, dtype=dtype) if torch.is_floating_point(v) else v.to(self.device))
+                for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+
+    @staticmethod
+    def _names(items) -> str:
+        return "; ".join(ScoreRequest(q, c).describe() for q, c, _ in items)
+
+    def _append(self, inputs: dict, tails: Sequence[Sequence[int]]) -> dict:
+        """Re-pad each row as [padding, prompt, tail]: per-token inputs take the family's value at the tail."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        B, L = ids.shape
+        lengths = mask.sum(1).tolist()
+        new_L = max(n + len(t) for n, t in zip(lengths, tails))
+        per_token = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2
+                     and v.shape[:2] == (B, L) and not torch.is_floating_point(v)}
+        fill = {"input_ids": None, "attention_mask": 1, **self.family.tail_fill}
+        unknown = sorted(set(per_token) - set(fill))
+        if unknown:
+            raise ReaderError(f"model type {self.family.model_type!r}: the processor returns per-token inputs "
+                              f"{unknown} that the reader cannot extend over answer tokens; add them to the family's "
+                              f"tail_fill (core/reader/families.py)")
+        out = dict(inputs)
+        for key, value in per_token.items():
+            pad = self.pad_id if key == "input_ids" else 0
+            new = torch.full((B, new_L, *value.shape[2:]), pad, dtype=value.dtype)
+            for b, (n, tail) in enumerate(zip(lengths, tails)):
+                start = new_L - n - len(tail)
+                new[b, start:start + n] = value[b, L - n:]
+                if not tail:
+                    continue
+                how = fill[key]
+                if key == "input_ids":
+                    new[b, new_L - len(tail):] = torch.tensor(list(tail), dtype=value.dtype)
+                elif how == "repeat":
+                    new[b, new_L - len(tail):] = value[b, L - 1:L]
+                else:
+                    new[b, new_L - len(tail):] = how
+            out[key] = new
+        return out
+
+    def _image_token_counts(self, inputs: dict) -> list[int]:
+        if self.image_token_id is None:
+            return []
+        return (inputs["input_ids"] == self.image_token_id).sum(1).tolist()
+
+    def _generic_forward(self, items, root: Path, tails=None, logits_to_keep: int = 1, use_cache: bool = False,
+                         answer_lengths: Sequence[int] | None = None) -> _Forward:
+        inputs = self._generic_inputs(items, root, tails)
+        tail_lengths = [len(t) for t in tails] if tails is not None else [0] * len(items)
+        self._check_lengths(items, [n - t for n, t in zip(inputs["attention_mask"].sum(1).tolist(), tail_lengths)],
+                            answer_lengths or tail_lengths)
+        try:
+            out = self.hf_model(**inputs, logits_to_keep=logits_to_keep, use_cache=use_cache)
+        except (ValueError, RuntimeError, IndexError) as e:
+            counts = self._image_token_counts(inputs)
+            images = [1 + (c is not None) for _, c, _ in items]
+            raise ReaderError(f"{self._names(items)}: the model rejected the processor's inputs ({e}); the processor "
+                              f"yielded {counts} image tokens for {images} images per prompt; its image settings "
+                              f"(image_seq_length, patch and image sizes) must match the model's config") from None
+        state = self.family.prefill_state(self.hf_model, inputs) if use_cache and self.family.prefill_state else {}
+        return _Forward(out.logits, inputs["attention_mask"], out.cache if use_cache else None, state)
+
+    def _check_lengths(self, items, prompt_lengths: Sequence[int], answer_lengths: Sequence[int]) -> None:
+        for (q, c, _), n, a in zip(items, prompt_lengths, answer_lengths):
+            if n + a > self.max_length:
+                raise ReaderError(f"{ScoreRequest(q, c).describe()}: prompt of {n} tokens plus an answer of up to {a} "
+                                  f"tokens exceeds the reader's context of {self.max_length} tokens; shorten the "
+                                  f"context text or raise max_length")
+
+    def _run(self, items, root: Path, tails=None, logits_to_keep: int = 1, use_cache: bool = False,
+             features: OrderedDict | None = None, answer_lengths: Sequence[int] | None = None) -> _Forward:
+        """One forward pass over the prompts of `items` (+ answer `tails`) on the fast or the generic path;
+        `answer_lengths` (default: the tails') is what the length check adds to each prompt."""
+        if not self.fast:
+            return self._generic_forward(items, root, tails, logits_to_keep, use_cache, answer_lengths)
+        prompts = self._encode(items, root)
+        tail_lengths = [len(t) for t in tails] if tails is not None else [0] * len(items)
+        self._check_lengths(items, [len(p.ids) for p in prompts], answer_lengths or tail_lengths)
+        logits, mask, cache = self._forward(prompts, tails, features, logits_to_keep, use_cache)
+        state = {"next_position": torch.tensor([p.next_position for p in prompts], device=self.device)}
+        return _Forward(logits, mask, cache, state)
+
+    # ------------------------------------------------------------------------------------------------ fast path
 
     def _images(self, wanted: dict[str, str]) -> dict[str, tuple[torch.Tensor, tuple[int, int, int]]]:
         """Preprocessed patches and merged (t, h, w) token grid of each image path (keys; values name the record
@@ -316,37 +409,6 @@ class Reader:
                                    np.concatenate(positions, axis=1), cursor))
         return prompts
 
-    def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of an answer as it follows the assistant-turn header."""
-        ids = self._answer_ids.get(answer)
-        if ids is None:
-            ids = self._answer_ids[answer] = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def _candidate_ids(self, request: ScoreRequest) -> list[list[int]]:
-        answers = request.answers
-        if not answers:
-            raise ReaderError(f"{request.describe()}: no candidate answers")
-        if len(set(answers)) != len(answers):
-            raise ReaderError(f"{request.describe()}: duplicate candidate answers {list(answers)}")
-        out = []
-        for a in answers:
-            ids = self.answer_ids(a)
-            if not ids:
-                raise ReaderError(f"{request.describe()}: candidate {a!r} encodes to no tokens")
-            if self.unk_id is not None and self.unk_id in ids:
-                raise ReaderError(f"{request.describe()}: candidate {a!r} contains words outside the tokenizer's "
-                                  f"vocabulary (unknown token); build the tiny reader from a dataset that lists it")
-            out.append(ids)
-        if len(out) > 1 and any(a != b and a == b[:len(a)] for a in out for b in out):
-            # a candidate that is a prefix of another would win by construction: score complete answers instead
-            end = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eos_token) if self.tokenizer.eos_token else None
-            if end is None:
-                raise ReaderError(f"{request.describe()}: a candidate is a prefix of another ({list(answers)}) and "
-                                  f"the tokenizer has no end token to close the answers")
-            out = [ids + [end] for ids in out]
-        return out
-
     def _collate(self, prompts: Sequence[_Prompt], tails: Sequence[Sequence[int]] | None = None):
         """Left-padded ids, attention mask and (3, B, L) positions of prompts followed by optional answer tokens."""
         tails = tails or [()] * len(prompts)
@@ -392,6 +454,53 @@ class Reader:
                             logits_to_keep=logits_to_keep)
         return out.logits, mask, (out.cache if use_cache else None)
 
+    # ------------------------------------------------------------------------------------------------ answers
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer as it follows the assistant-turn header: the suffix of tokenizing header + answer
+        beyond the header's tokens (SentencePiece/BPE pieces such as a leading-space word then come out as in the
+        full prompt)."""
+        ids = self._answer_ids.get(answer)
+        if ids is None:
+            header = self.tokenizer(self._header, add_special_tokens=False)["input_ids"]
+            full = self.tokenizer(self._header + answer, add_special_tokens=False)["input_ids"]
+            if full[:len(header)] != header:
+                raise ReaderError(f"candidate {answer!r} merges with the end of the assistant header "
+                                  f"{self._header!r} into other tokens; its log-probability is not defined after "
+                                  f"the prompt (start the answer with a word boundary)")
+            ids = self._answer_ids[answer] = full[len(header):]
+        return ids
+
+    def _candidate_ids(self, request: ScoreRequest) -> list[list[int]]:
+        answers = request.answers
+        if not answers:
+            raise ReaderError(f"{request.describe()}: no candidate answers; give at least one non-empty candidate")
+        if len(set(answers)) != len(answers):
+            raise ReaderError(f"{request.describe()}: duplicate candidate answers {list(answers)}; candidates must "
+                              f"be distinct")
+        out = []
+        for a in answers:
+            try:
+                ids = self.answer_ids(a)
+            except ReaderError as e:
+                raise ReaderError(f"{request.describe()}: {e}") from None
+            if not ids:
+                raise ReaderError(f"{request.describe()}: candidate {a!r} encodes to no tokens; candidates must "
+                                  f"contain at least one token (a non-empty, non-whitespace string)")
+            if self.unk_id is not None and self.unk_id in ids:
+                raise ReaderError(f"{request.describe()}: candidate {a!r} contains words outside the tokenizer's "
+                                  f"vocabulary (unknown token); build the tiny reader from a dataset that lists it")
+            out.append(ids)
+        if len(out) > 1 and any(a != b and a == b[:len(a)] for a in out for b in out):
+            # a candidate that is a prefix of another would win by construction: score complete answers instead
+            end = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eos_token) if self.tokenizer.eos_token else None
+            if end is None:
+                raise ReaderError(f"{request.describe()}: a candidate is a prefix of another ({list(answers)}) and "
+                                  f"the tokenizer has no end token to close the answers; give candidates none of "
+                                  f"which is a prefix of another")
+            out = [ids + [end] for ids in out]
+        return out
+
     # ------------------------------------------------------------------------------------------------ scoring
 
     def score(self, requests: Sequence[ScoreRequest], image_root: str | os.PathLike, batch_size: int | None = None,
@@ -412,8 +521,7 @@ class Reader:
         try:
             with torch.inference_mode(), tqdm(total=len(requests), desc="scoring", unit="ctx",
                                               disable=not show) as bar:
-                for start in range(0, len(order), batch_size):
-                    idx = order[start:start + batch_size]
+                for idx in self._batches(order, requests, batch_size):
                     for i, lp in zip(idx, self._score_batch([requests[i] for i in idx], [cand_ids[i] for i in idx],
                                                             root, features)):
                         results[i] = lp
@@ -424,22 +532,28 @@ class Reader:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
 
+    def _batches(self, order: list[int], requests: Sequence[ScoreRequest], batch_size: int) -> list[list[int]]:
+        """Consecutive chunks of `order`, split where the image count changes when the family needs that."""
+        out = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if self.family.same_image_count:
+                out += [[i for i in idx if (requests[i].context is None) == closed] for closed in (False, True)]
+            else:
+                out.append(idx)
+        return [b for b in out if b]
+
     def _score_batch(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]], root: Path,
-                     features: dict) -> list[np.ndarray]:
-        prompts = self._encode([(r.query, r.context, r.answers) for r in requests], root)
-        for r, p, cands in zip(requests, prompts, cand_ids):
-            need = len(p.ids) + max(len(c) for c in cands)
-            if need > self.max_length:
-                raise ReaderError(f"{r.describe()}: prompt of {len(p.ids)} tokens plus an answer of up to "
-                                  f"{need - len(p.ids)} tokens exceeds the reader's context of {self.max_length} "
-                                  f"tokens; shorten the context text or raise max_length")
+                     features: OrderedDict) -> list[np.ndarray]:
         modes = [self._mode(r, cands) for r, cands in zip(requests, cand_ids)]
         multi = any(m == "full" and max(len(c) for c in cands) > 1 for m, cands in zip(modes, cand_ids))
-        logits, mask, cache = self._forward(prompts, feature_cache=features, use_cache=multi)
-        first = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        items = [(r.query, r.context, r.answers) for r in requests]
+        fwd = self._run(items, root, use_cache=multi, features=features,
+                        answer_lengths=[max(len(c) for c in cands) for cands in cand_ids])
+        first = torch.log_softmax(fwd.logits[:, -1].float(), dim=-1)
         seq_lp = [first[b, [c[0] for c in cands]] for b, cands in enumerate(cand_ids)]
         if multi:
-            self._add_continuations(prompts, cand_ids, modes, mask, cache, seq_lp)
+            self._add_continuations(fwd, cand_ids, modes, seq_lp)
         return [torch.log_softmax(lp, dim=0).cpu().numpy().astype(np.float64) for lp in seq_lp]
 
     def _mode(self, request: ScoreRequest, cands: list[list[int]]) -> str:
@@ -457,7 +571,14 @@ class Reader:
                 seen[c[0]] = answer
         return mode
 
-    def _add_continuations(self, prompts, cand_ids, modes, mask, cache, seq_lp) -> None:
+    def _continuation_inputs(self, fwd: _Forward, rows: torch.Tensor, steps: int) -> dict:
+        if self.fast:
+            return mrope_continuation(fwd.state, rows, steps)
+        if self.family.continuation is None:
+            return {}
+        return self.family.continuation(fwd.state, rows, steps)
+
+    def _add_continuations(self, fwd: _Forward, cand_ids, modes, seq_lp) -> None:
         """Add log p(tokens 2.. of each multi-token candidate) by running the candidates' continuations against the
         prompt's KV cache (one batched pass per chunk of rows, never one generate() per candidate)."""
         from transformers import DynamicCache
@@ -476,13 +597,10 @@ class Reader:
                 cont_mask[r, :len(c) - 1] = 1
             batch_rows = torch.tensor([b for b, _ in part], device=self.device)
             sub = DynamicCache(config=self.hf_model.config.get_text_config())
-            for layer_idx, layer in enumerate(cache.layers):
+            for layer_idx, layer in enumerate(fwd.cache.layers):
                 sub.update(layer.keys[batch_rows], layer.values[batch_rows], layer_idx)
-            next_pos = torch.tensor([prompts[b].next_position for b, _ in part], device=self.device)
-            pos = (next_pos[:, None] + torch.arange(T, device=self.device)[None]).unsqueeze(0).expand(3, -1, -1)
-            out = self.hf_model(inputs_embeds=self.hf_model.get_input_embeddings()(inputs),
-                                attention_mask=torch.cat([mask[batch_rows], cont_mask], dim=1),
-                                position_ids=pos, cache=sub, use_cache=True)
+            out = self.hf_model(input_ids=inputs, attention_mask=torch.cat([fwd.mask[batch_rows], cont_mask], dim=1),
+                                cache=sub, use_cache=True, **self._continuation_inputs(fwd, batch_rows, T))
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             for r, ((b, k), c) in enumerate(zip(part, conts)):
                 targets = torch.tensor(c[1:], device=self.device)
@@ -490,19 +608,27 @@ class Reader:
 
     # ------------------------------------------------------------------------------------------------ training
 
+    def sequence_logits(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]],
+                        answers: Sequence[Sequence[int]], image_root: str | os.PathLike) -> torch.Tensor:
+        """Teacher forcing: logits (B, A + 1, V) of the last A + 1 positions of prompt + answer tokens, A the longest
+        answer; `logits[b, A - len(answer_b) + j]` predicts answer token j (answers end at the last position)."""
+        A = max(len(a) for a in answers)
+        if self.family.same_image_count and len({c is None for _, c, _ in items}) > 1:
+            groups = [[i for i, (_, c, _) in enumerate(items) if (c is None) == closed] for closed in (False, True)]
+            parts = [self.sequence_logits([items[i] for i in g], [answers[i] for i in g], image_root)
+                     for g in groups]
+            # each part keeps the last max(its answers) + 1 positions; align them to A + 1 by left-padding
+            parts = [torch.nn.functional.pad(x, (0, 0, A + 1 - x.shape[1], 0)) for x in parts]
+            order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
+            return torch.cat(parts)[torch.argsort(order)]
+        return self._run(items, Path(image_root), tails=answers, logits_to_keep=A + 1).logits
+
     def answer_loss(self, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike
                     ) -> torch.Tensor:
         """Mean cross-entropy of the gold answers' tokens (the assistant turn) given single-context prompts."""
-        root = Path(image_root)
-        prompts = self._encode([(q, c, q.candidates) for q, c in examples], root)
         answers = [self.answer_ids(q.label) for q, _ in examples]
-        for (q, c), p, a in zip(examples, prompts, answers):
-            if len(p.ids) + len(a) > self.max_length:
-                raise ReaderError(f"{ScoreRequest(q, c).describe()}: prompt + answer of {len(p.ids) + len(a)} "
-                                  f"tokens exceeds the reader's context of {self.max_length} tokens")
+        logits = self.sequence_logits([(q, c, q.candidates) for q, c in examples], answers, image_root)
         A = max(len(a) for a in answers)
-        logits, _, _ = self._forward(prompts, tails=answers, logits_to_keep=A + 1)
-        # logits[:, j] predicts the token at position L - A + j; answers end at the last position (left padding)
         targets = torch.full((len(answers), A), -100, dtype=torch.long, device=self.device)
         for b, a in enumerate(answers):
             targets[b, A - len(a):] = torch.tensor(a, device=self.device)

@@ -22,17 +22,19 @@ class LoraSettings:
 
 @dataclass
 class TinyReaderSettings:
-    """Shape of the random-weight Qwen2-VL of the embedded default (DESIGN.md's measured settings, ~0.3 M params)."""
+    """Shape of the random-weight reader of `model: tiny`: by default the Qwen2-VL of the embedded default (DESIGN.md's
+    measured settings, ~0.3 M params); `family` builds another model type of the same size (tests, benchmarks)."""
 
+    family: str = "qwen2_vl"  # model type (a key of core/reader/families.py FAMILIES)
     hidden_size: int = 64
     intermediate_size: int = 128
     layers: int = 2
     heads: int = 2
-    mrope_section: list[int] = field(default_factory=lambda: [6, 5, 5])  # sums to hidden_size / heads / 2
+    mrope_section: list[int] = field(default_factory=lambda: [6, 5, 5])  # Qwen: sums to hidden_size / heads / 2
     vision_depth: int = 2
     vision_dim: int = 64
     vision_heads: int = 2
-    patch_size: int = 14
+    patch_size: int = 14  # Qwen2-VL / Qwen2.5-VL vision patches; the other tiny families use fixed small sizes
     max_position_embeddings: int = 512
 
 
@@ -67,6 +69,9 @@ class ReaderSettings:
     max_length: int | None = None  # prompt + answer tokens; None: the model's max_position_embeddings
     max_pixels: int | None = None  # images are resized to at most this many pixels; None: the processor's setting
     scoring: str = "auto"  # auto (single-token when every candidate is one token), first_token, full
+    # the cached-vision-features scoring path where the family has one that a parity test shows equals the generic
+    # processor + model(**inputs) path (families.FAMILIES[...].fast_path: qwen2_vl, qwen2_5_vl); false: always generic
+    fast_path: bool = True
     lora: LoraSettings | None = None
     adapter: str | None = None  # directory of saved LoRA adapters to load on top of `model`
     image_cache: int = 8192  # preprocessed images kept in memory (LRU)

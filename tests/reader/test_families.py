@@ -1,0 +1,188 @@
+"""Tests of every reader family through the generic path (tiny random-weight models, offline word-level tokenizers):
+batched = unbatched, multi-token = teacher forcing, LoRA step, save/load, fast path = generic path, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dxrag.core.reader.families import FAMILIES  # noqa: E402
+from dxrag.core.reader.model import Reader, ReaderError, ScoreRequest  # noqa: E402
+from dxrag.core.reader.settings import LoraSettings, ReaderSettings, TinyReaderSettings  # noqa: E402
+from dxrag.core.records import CorpusItem  # noqa: E402
+
+from .conftest import LABELS  # noqa: E402
+
+MULTI = ("mild disease", "severe disease", "normal eye", "moderate")  # multi-token answers, mixed lengths
+TESTED = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "idefics3", "internvl", "llava_onevision",
+          "mllama"]
+FAST = [f for f in TESTED if FAMILIES[f].fast_path]
+
+
+def settings(family: str, **kw) -> ReaderSettings:
+    return ReaderSettings(model="tiny", device="cpu", batch_size=4, tiny=TinyReaderSettings(family=family), **kw)
+
+
+@pytest.fixture(scope="module")
+def readers(toy_dataset):
+    """One tiny reader per family, built on first use and shared by this module's tests (never trained here)."""
+    cache: dict[str, Reader] = {}
+
+    def get(family: str, **kw) -> Reader:
+        key = family + repr(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = Reader.from_config(settings(family, **kw), dataset=toy_dataset)
+        return cache[key]
+    return get
+
+
+def requests_for(ds, n=5, candidates=None):
+    """Closed-book and context requests with different prompt lengths (left padding differs across the batch)."""
+    out = []
+    for i, q in enumerate(ds.queries["val"][:n]):
+        ctx = None if i % 3 == 0 else ds.corpus[i]
+        if i % 4 == 1:
+            ctx = CorpusItem(id=f"long{i}", image=ds.corpus[i].image, text=ds.corpus[i].text + " mild eye" * i)
+        out.append(ScoreRequest(q, ctx, candidates))
+    return out
+
+
+def teacher_forced(reader, request, root):
+    """Reference log p(candidate | prompt): one forward over prompt + candidate per candidate, log-softmaxed."""
+    totals = []
+    with torch.inference_mode():
+        for ids in reader._candidate_ids(request):
+            logits = reader.sequence_logits([(request.query, request.context, request.answers)], [ids], root)[0]
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            totals.append(float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum()))
+    return torch.log_softmax(torch.tensor(totals, dtype=torch.float64), dim=0).numpy()
+
+
+@pytest.mark.parametrize("family", TESTED)
+def test_batched_equals_unbatched_and_teacher_forcing(readers, toy_dataset, family):
+    reader = readers(family)
+    assert reader.hf_model.config.model_type == family and reader.fast == FAMILIES[family].fast_path
+    requests = requests_for(toy_dataset) + requests_for(toy_dataset, 4, MULTI)
+    batched = reader.score(requests, toy_dataset.root, batch_size=4)
+    for r, b in zip(requests, batched):
+        np.testing.assert_allclose(b, reader.score([r], toy_dataset.root)[0], atol=1e-4)
+        assert np.exp(b).sum() == pytest.approx(1.0, abs=1e-6)
+    for r, b in zip(requests[-2:], batched[-2:]):  # multi-token candidates continued from the KV cache
+        np.testing.assert_allclose(b, teacher_forced(reader, r, toy_dataset.root), atol=1e-4)
+    # the images matter (zero-initialised projectors / gates are re-initialised by the tiny builders)
+    q = toy_dataset.queries["val"][1]
+    a, b = (reader.score([ScoreRequest(q, CorpusItem(id="x", image=toy_dataset.corpus[k].image, text="mild eye"))],
+                         toy_dataset.root)[0] for k in (0, 1))
+    assert np.abs(a - b).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAST)
+@pytest.mark.parametrize("candidates", [None, MULTI])
+def test_fast_path_equals_the_generic_path(readers, toy_dataset, family, candidates):
+    """The gate of `Family.fast_path`: cached vision features + precomputed positions give the generic scores,
+    single-token and multi-token, batched."""
+    fast = readers(family)
+    generic = Reader(fast.model, fast.processor, settings(family, fast_path=False))
+    assert fast.fast and not generic.fast
+    requests = requests_for(toy_dataset, 6, candidates)
+    for a, b in zip(fast.score(requests, toy_dataset.root, batch_size=4),
+                    generic.score(requests, toy_dataset.root, batch_size=4)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_qwen3_vl_is_kept_off_the_fast_path(readers, toy_dataset):
+    """Forcing the Qwen2-VL fast path onto Qwen3-VL drops its deepstack features: plausible but wrong scores."""
+    generic = readers("qwen3_vl")
+    forced = Reader(generic.model, generic.processor, settings("qwen3_vl"))
+    forced.fast, forced.merge = True, generic.hf_model.config.vision_config.spatial_merge_size
+    requests = requests_for(toy_dataset, 4)
+    diff = max(np.abs(a - b).max() for a, b in zip(forced.score(requests, toy_dataset.root),
+                                                   generic.score(requests, toy_dataset.root)))
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("family", TESTED)
+def test_lora_step_reduces_the_loss_and_save_load_round_trips(toy_dataset, family, tmp_path):
+    reader = Reader.from_config(settings(family), dataset=toy_dataset)
+    requests = requests_for(toy_dataset, 4) + requests_for(toy_dataset, 2, MULTI)
+    out = reader.save(tmp_path / "full")
+    loaded = Reader.from_config(ReaderSettings(model=str(out), device="cpu", batch_size=4))
+    assert loaded.family is reader.family
+    for a, b in zip(reader.score(requests, toy_dataset.root), loaded.score(requests, toy_dataset.root)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    reader.add_lora(LoraSettings(r=4, alpha=8))
+    examples = [(q, toy_dataset.corpus[i]) for i, q in enumerate(toy_dataset.queries["train"][:4])]
+    params = [p for p in reader.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    reader.model.train()
+    before = reader.answer_loss(examples, toy_dataset.root)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = reader.answer_loss(examples, toy_dataset.root)
+    assert after.item() < before.item()
+    trained = {n for n, p in reader.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and reader.family.language_model in n for n in trained)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_unknown_model_type_is_an_error_listing_the_supported_ones(toy_dataset):
+    from transformers import BertConfig, BertModel
+
+    with pytest.raises(ReaderError, match=r"reader.tiny.family: model type 'blip_2' is not supported; supported: "
+                                          r"\[.*'gemma3'.*'qwen2_vl'"):
+        Reader.from_config(settings("blip_2"), dataset=toy_dataset)
+    bert = BertModel(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8))
+    processor = Reader.from_config(settings("qwen2_vl"), dataset=toy_dataset).processor
+    with pytest.raises(ReaderError, match=r"model type 'bert' is not supported; supported: \[.*'llava'"):
+        Reader(bert, processor, ReaderSettings(model="some/bert"))
+
+
+def test_processor_yielding_the_wrong_number_of_image_tokens_is_an_error(readers, toy_dataset):
+    from transformers import Gemma3Processor
+
+    good = readers("gemma3")
+    bad = Gemma3Processor(image_processor=good.processor.image_processor, tokenizer=good.processor.tokenizer,
+                          image_seq_length=3, chat_template=good.processor.chat_template)
+    reader = Reader(good.model, bad, settings("gemma3"))
+    q = toy_dataset.queries["val"][0]
+    with pytest.raises(ReaderError, match=r"query 'val000' with context 'c000': the model rejected the processor's "
+                                          r"inputs .* yielded \[6\] image tokens for \[2\] images"):
+        reader.score([ScoreRequest(q, toy_dataset.corpus[0])], toy_dataset.root)
+
+
+def test_chat_template_with_the_wrong_placeholder_count_is_an_error(readers, toy_dataset):
+    good = readers("llava")
+    reader = Reader(good.model, good.processor, settings("llava"))
+    reader._render = lambda q, c, cands: good._render(q, c, cands).replace("[IMG]", "", 1)
+    q = toy_dataset.queries["val"][0]
+    with pytest.raises(ReaderError, match=r"query 'val000' \(closed-book\): the chat template produced 0 image "
+                                          r"placeholders \('\[IMG\]'\) for 1 images"):
+        reader.score([ScoreRequest(q, None)], toy_dataset.root)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl"])
+def test_empty_and_prefix_candidates(readers, toy_dataset, family):
+    reader = readers(family)
+    q = toy_dataset.queries["val"][0]
+    with pytest.raises(ReaderError, match=r"query 'val000' \(closed-book\): candidate ' ' encodes to no tokens; "
+                                          r"candidates must contain at least one token"):
+        reader.score([ScoreRequest(q, None, ("mild", " "))], toy_dataset.root)
+    # a prefix of another candidate is scored as a complete answer (closed by the end-of-turn token)
+    ids = reader._candidate_ids(ScoreRequest(q, None, ("mild", "mild disease")))
+    assert ids[0][-1] == ids[1][-1] == reader.tokenizer.convert_tokens_to_ids(FAMILIES[family].end_token)
+    (s,) = reader.score([ScoreRequest(q, None, ("mild", "mild disease"))], toy_dataset.root)
+    assert np.exp(s).sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_answer_tokens_are_the_suffix_after_the_assistant_header(readers):
+    reader = readers("idefics3")  # header ends in "Assistant:", a word-level token before the answer
+    assert reader._header.endswith("Assistant:")
+    assert reader.answer_ids("mild") == [reader.tokenizer.convert_tokens_to_ids("mild")]
+    assert all(len(reader.answer_ids(a)) == 1 for a in LABELS)
