@@ -295,7 +295,16 @@ def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | 
             log.warning("learned selector left out: scikit-learn is not installed (pip install 'dxrag[learn]')")
         else:
             train = {"selector_train": val_contexts, "selector_train_answers": val_answers}
-    rep = OracleReport.from_tables(contexts, answers=answers, reference="rag",
-                                   fusion_temperature=ctx.cfg.distill.tau_retriever, **train)
+    from ..analysis.tables import TableError
+
+    tau = ctx.cfg.distill.tau_retriever
+    try:
+        rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau, **train)
+    except TableError as e:
+        if not train:
+            raise
+        # e.g. every validation context right (or wrong): nothing to learn from; the other selectors still report
+        log.warning("learned selector left out: %s", e)
+        rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau)
     rep.write(ctx.report_dir, figures=ctx.cfg.figures)
     return str(ctx.report_dir), rep.compact_table()
