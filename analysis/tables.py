@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..core.fsutil import atomic_path
 from ..core.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -894,13 +894,6 @@ def load_rerank(path: str | os.PathLike) -> RerankTable:
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _atomic_target(path: Path) -> tuple[Path, Callable[[], None]]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp), lambda: os.replace(tmp, path)
-
-
 def _probs_cell(value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -918,8 +911,7 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     if suffix not in SUFFIXES:
         raise TableError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
     df = df.reset_index(drop=True)
-    tmp, commit = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".parquet":
             arrays = {}
             for name in df.columns:
@@ -947,10 +939,6 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
                 for rec in df.to_dict(orient="records"):
                     clean = {k: _json_cell(k, v) for k, v in rec.items()}
                     f.write(json.dumps(clean, ensure_ascii=False) + "\n")
-        commit()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

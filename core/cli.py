@@ -193,33 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data import corpus, labels_csv, medmnist, vqa_layouts, vqarad
 
-    p = dsub.add_parser("medmnist", help="convert a 2D MedMNIST dataset (local npz, or download when online)")
-    medmnist.add_arguments(p)
-    p.set_defaults(func=medmnist.run)
-
-    p = dsub.add_parser("labels-csv", help="convert a multi-label table (image_id + one 0/1 column per label, "
-                                           "VinDr-PCXR / BRSET style) and its image folder")
-    labels_csv.add_arguments(p)
-    p.set_defaults(func=labels_csv.run)
-
-    p = dsub.add_parser("vqa-rad", help="convert VQA-RAD (MEVF json layout)")
-    vqarad.add_arguments(p)
-    p.set_defaults(func=vqarad.run)
-
-    p = dsub.add_parser("vqa-hf", help="convert a VQA set saved from Hugging Face (parquet files or a "
-                                       "save_to_disk folder: image, question, answer): VQA-RAD, SLAKE, PathVQA")
-    vqa_layouts.add_hf_arguments(p)
-    p.set_defaults(func=vqa_layouts.run_hf)
-
-    p = dsub.add_parser("slake", help="convert SLAKE in its own json layout (train/validate/test.json, imgs/), "
-                                      "English questions")
-    vqa_layouts.add_slake_arguments(p)
-    p.set_defaults(func=vqa_layouts.run_slake)
-
-    p = dsub.add_parser("corpus", help="pair an external image-text corpus (JSONL: id, img_path, text) with the "
-                                       "queries of a dataset directory")
-    corpus.add_arguments(p)
-    p.set_defaults(func=corpus.run)
+    # the converters: (subcommand, help, add_arguments, run), each a function pair of its module
+    converters = (
+        ("medmnist", "convert a 2D MedMNIST dataset (local npz, or download when online)",
+         medmnist.add_arguments, medmnist.run),
+        ("labels-csv", "convert a multi-label table (image_id + one 0/1 column per label, VinDr-PCXR / BRSET style) "
+                       "and its image folder", labels_csv.add_arguments, labels_csv.run),
+        ("vqa-rad", "convert VQA-RAD (MEVF json layout)", vqarad.add_arguments, vqarad.run),
+        ("vqa-hf", "convert a VQA set saved from Hugging Face (parquet files or a save_to_disk folder: image, "
+                   "question, answer): VQA-RAD, SLAKE, PathVQA", vqa_layouts.add_hf_arguments, vqa_layouts.run_hf),
+        ("slake", "convert SLAKE in its own json layout (train/validate/test.json, imgs/), English questions",
+         vqa_layouts.add_slake_arguments, vqa_layouts.run_slake),
+        ("corpus", "pair an external image-text corpus (JSONL: id, img_path, text) with the queries of a dataset "
+                   "directory", corpus.add_arguments, corpus.run),
+    )
+    for name, help_text, add_arguments, run in converters:
+        p = dsub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
 
     p = sub.add_parser("run", help="run the pipeline of a config: data, retriever, reader, joint training, "
                                    "predictions, analysis",

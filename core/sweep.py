@@ -28,11 +28,9 @@ RANGE_COLUMNS = ("closed_book_acc", "closed_book_macro_f1", "rag_acc", "joint_ac
 
 
 def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
-    """The sweep-table row of one finished run directory."""
-    import pandas as pd
-
+    """The sweep-table row of one finished run directory: accuracies and joint-vs-rag counts as the run computed
+    them (metrics.json), subset accuracies and inconsistency from the oracle analysis of its tables."""
     from ..analysis.report import OracleReport
-    from ..analysis.stats import paired
 
     contexts, answers = run_dir / "predictions" / "contexts.jsonl", run_dir / "predictions" / "answers.jsonl"
     record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -41,29 +39,27 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
                                       fusion_temperature=record["config"]["distill"]["tau_retriever"])
     acc = report.subsets().set_index(["system", "method", "subset"])["acc"]
     summary = report.summary().set_index("system")
-    frame = pd.read_json(answers, lines=True, dtype={"query_id": str, "prediction": str, "label": str})
-    test = paired(frame, "joint", "rag")
-    closed = frame.loc[frame["system"] == "closed-book", "prediction"]
+    answered = report.answers.frame
+    closed = answered.loc[answered["system"] == "closed-book", "prediction"]
     nan = float("nan")
-    row = {
+    return {
         "seed": record["seed"] if seed is None else seed,
-        "closed_book_acc": acc.get(("closed-book", "answer", "all"), nan),
+        "closed_book_acc": metrics.get("closed-book", {}).get("accuracy", nan),
         "closed_book_macro_f1": metrics.get("closed-book", {}).get("macro_f1", nan),
         "closed_book_distinct": int(closed.map(normalize_answer).nunique()),
-        "rag_acc": acc[("rag", "answer", "all")],
-        "joint_acc": acc[("joint", "answer", "all")],
+        "rag_acc": metrics["rag"]["accuracy"],
+        "joint_acc": metrics["joint"]["accuracy"],
         "rag_inconsistent_rate": float(summary.loc["rag", "inconsistent_rate"]),
         "rag_oracle": float(summary.loc["rag", "oracle_acc"]),
         "closed_book_acc_consistent": acc.get(("closed-book", "answer", "consistent"), nan),
         "closed_book_acc_inconsistent": acc.get(("closed-book", "answer", "inconsistent"), nan),
-        "delta_fused": acc[("joint", "answer", "all")] - acc[("rag", "answer", "all")],
+        "delta_fused": metrics["joint"]["accuracy"] - metrics["rag"]["accuracy"],
         "delta_fused_inconsistent": (acc.get(("joint", "answer", "inconsistent"), nan)
                                      - acc.get(("rag", "answer", "inconsistent"), nan)),
         "delta_top1": acc[("joint", "top1", "all")] - acc[("rag", "top1", "all")],
-        "only_joint": test.only_a,
-        "only_rag": test.only_b,
+        "only_joint": metrics["joint_vs_rag"]["only_joint"],
+        "only_rag": metrics["joint_vs_rag"]["only_rag"],
     }
-    return row
 
 
 def seed_ranges(frame) -> dict[str, dict[str, float]]:

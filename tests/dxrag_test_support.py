@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+# ../shared/data beside the checkout, or DXRAG_SHARED_DATA
+SHARED_DATA = Path(os.environ.get("DXRAG_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared_vqarad() -> Path:
+    """The shared VQA-RAD folder (MEVF layout); skips the calling test when it is absent."""
+    import pytest
+
+    root = SHARED_DATA / "vqa-rad"
+    if not (root / "trainset.json").is_file():
+        pytest.skip("../shared/data/vqa-rad not present (set DXRAG_SHARED_DATA to its data folder)")
+    return root
+
 # A small variant of configs/embedded.yaml: well under a minute on 2 cores instead of a few minutes.
 SMALL = {
     "run": "small",

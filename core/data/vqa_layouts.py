@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from ..dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
 from ..records import CorpusItem, Query
-from .vqarad import YES_NO, corpus_text, split_val_images
+from .vqarad import YES_NO, corpus_text, json_entries, split_val_images
 
 log = logging.getLogger(__name__)
 
@@ -285,19 +284,8 @@ def convert_hf(root: Path, out: Path, name: str | None = None, image_column: str
 def read_slake_file(path: Path, language: str = "en") -> tuple[list[VQARow], int]:
     """One SLAKE json file (a list of {qid, img_name, question, answer, answer_type, q_lang, location, modality,
     content_type, ...}); rows in other languages are dropped (returned count)."""
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(entries, list):
-        raise DatasetError(f"{path}: expected a JSON list of question objects, got {type(entries).__name__}")
     rows, dropped = [], 0
-    for i, entry in enumerate(entries):
-        where = f"{path}: entry {i}"
-        if not isinstance(entry, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {type(entry).__name__}")
-        if "qid" in entry:
-            where += f" (qid {entry['qid']})"
+    for where, entry in json_entries(path):
         for key in ("qid", "img_name", "question", "answer", "answer_type", "q_lang"):
             if entry.get(key) is None:
                 raise DatasetError(f"{where}: missing field '{key}'")

@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
@@ -60,24 +61,29 @@ def _field(entry: dict, name: str, kinds: tuple[type, ...], where: str, required
     return value
 
 
-def read_qa_file(path: Path) -> list[QA]:
-    """Parse one MEVF json file (a list of objects with qid, image_name, question, answer, answer_type)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found; a MEVF VQA-RAD folder holds {TRAIN_FILE}, {TEST_FILE} and "
-                           f"images/")
+def json_entries(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, object) for each entry of a JSON file holding a list of question objects (the MEVF and SLAKE layouts);
+    `where` names the file, the entry index and its qid for error messages."""
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(entries, list):
         raise DatasetError(f"{path}: expected a JSON list of question objects, got {type(entries).__name__}")
-    rows = []
     for i, entry in enumerate(entries):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(entry).__name__}")
-        if "qid" in entry:
-            where += f" (qid {entry['qid']})"
+        yield where + (f" (qid {entry['qid']})" if "qid" in entry else ""), entry
+
+
+def read_qa_file(path: Path) -> list[QA]:
+    """Parse one MEVF json file (a list of objects with qid, image_name, question, answer, answer_type)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found; a MEVF VQA-RAD folder holds {TRAIN_FILE}, {TEST_FILE} and "
+                           f"images/")
+    rows = []
+    for where, entry in json_entries(path):
         qid = _field(entry, "qid", (int, str), where)
         answer = str(_field(entry, "answer", (str, int), where)).strip().lower()
         if not answer:

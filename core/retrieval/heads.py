@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..fsutil import atomic_path
 from .encoders import Encoder, ImageLike
 
 HEADS = ("image", "text")  # image head: query image -> image index; text head: query image -> text index
@@ -83,16 +84,11 @@ class QueryTower(torch.nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trainable copy's state dict as safetensors (atomically), with head, alpha and encoder hash."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable.state_dict().items()}
         metadata = {"head": self.head, "alpha": repr(self.alpha), "encoder_name": self.encoder_name,
                     "encoder_weights_hash": self.encoder_hash}
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     def load(self, path: str | os.PathLike) -> "QueryTower":

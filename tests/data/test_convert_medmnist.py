@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,15 +12,11 @@ import pytest
 
 from dxrag.core.data import medmnist as mm
 from dxrag.core.dataset import DatasetError, load_dataset, sha256_file
-
-
-def shared_data() -> Path:
-    env = os.environ.get("DXRAG_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from dxrag_test_support import SHARED_DATA
 
 
 def shared_npz(flag: str) -> Path:
-    path = shared_data() / flag / f"{flag}.npz"
+    path = SHARED_DATA / flag / f"{flag}.npz"
     if not path.is_file():
         pytest.skip(f"../shared/data/{flag}/{flag}.npz not present (set DXRAG_SHARED_DATA to its data folder)")
     return path

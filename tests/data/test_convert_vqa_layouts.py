@@ -7,7 +7,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,17 +15,10 @@ import pytest
 from PIL import Image
 
 from dxrag.core.data import vqa_layouts as vl
+from dxrag.core.cli import main
 from dxrag.core.dataset import DatasetError, load_dataset
+from dxrag_test_support import shared_vqarad
 from dxrag.core.stages import same_image_exclusions
-
-
-
-def shared_vqarad() -> Path:
-    env = os.environ.get("DXRAG_SHARED_DATA")
-    root = (Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data") / "vqa-rad"
-    if not (root / "trainset.json").is_file():
-        pytest.skip("../shared/data/vqa-rad not present (set DXRAG_SHARED_DATA to its data folder)")
-    return root
 
 
 def png(shade: int, fmt: str = "PNG") -> bytes:
@@ -173,9 +165,7 @@ def make_slake(tmp_path: Path) -> Path:
 
 def test_slake_json_layout(tmp_path):
     root = make_slake(tmp_path)
-    parser = argparse.ArgumentParser()
-    vl.add_slake_arguments(parser)
-    assert vl.run_slake(parser.parse_args(["--root", str(root), "--out", str(tmp_path / "slake")])) == 0
+    assert main(["data", "slake", "--root", str(root), "--out", str(tmp_path / "slake")]) == 0
     ds = load_dataset(tmp_path / "slake", decode_images=True)
     q = ds.queries_by_id()
     assert set(q) == {"q1", "q2", "q4", "q5", "q6", "q7", "q8"}  # the Chinese question is dropped

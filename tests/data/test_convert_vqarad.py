@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -13,15 +11,9 @@ import pytest
 from PIL import Image
 
 from dxrag.core.data import vqarad
+from dxrag.core.cli import main
 from dxrag.core.dataset import DatasetError, load_dataset
-
-
-def shared_vqarad() -> Path:
-    env = os.environ.get("DXRAG_SHARED_DATA")
-    root = (Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data") / "vqa-rad"
-    if not (root / "trainset.json").is_file():
-        pytest.skip("../shared/data/vqa-rad not present (set DXRAG_SHARED_DATA to its data folder)")
-    return root
+from dxrag_test_support import shared_vqarad
 
 
 def sha256(path: Path) -> str:
@@ -129,9 +121,7 @@ def assert_nothing_left(parent: Path, out: Path) -> None:
 
 def test_small_generated_folder(tmp_path):
     root = make_root(tmp_path)
-    parser = argparse.ArgumentParser()
-    vqarad.add_arguments(parser)
-    assert vqarad.run(parser.parse_args(["--root", str(root), "--out", str(tmp_path / "out")])) == 0
+    assert main(["data", "vqa-rad", "--root", str(root), "--out", str(tmp_path / "out")]) == 0
     ds = load_dataset(tmp_path / "out", decode_images=True)
     # image 0 is a test image; of the train-only images 1..3 one goes to val, the other two form the corpus
     assert len(ds.corpus) == 2 and len(ds.queries["val"]) >= 1
