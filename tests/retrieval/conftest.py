@@ -103,6 +103,12 @@ def save_tiny_hf_dual_encoder(out, family: str, texts, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_builder():
+    """The `save_tiny_hf_dual_encoder` builder (test modules cannot import conftest under --import-mode=importlib)."""
+    return save_tiny_hf_dual_encoder
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """family -> a saved tiny random-weight model directory (built once per session) for `hf:` names; its vocabulary
     covers the toy texts of seeds 0-2."""
