@@ -146,7 +146,7 @@ class Pipeline:
             else:
                 from .data.synth import generate
 
-                generate(path, seed=cfg.seed, overwrite=True, **cfg.synth)
+                generate(path, seed=cfg.seed, overwrite=True, **dataclasses.asdict(cfg.synth))
             self.run.mark_done("data", {"path": str(path)})
         return load_dataset(path)
 
