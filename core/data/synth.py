@@ -18,6 +18,15 @@ Knobs that move the two retrieval-matters properties (see tests/test_synth.py fo
 - `lesion_contrast` up / `lesion_rate` slope up → images alone become informative → the classifier catches up.
 - `misleading_fraction`, `mislabeled_fraction` up → more top-k disagreement, lower kNN accuracy.
 - `n_patients` up at fixed corpus size → fewer prior exams per patient → weaker retrieval.
+
+Latent per-exam difficulty (acquisition quality / lesion visibility), d ~ Beta(`difficulty_a`, `difficulty_b`),
+recorded as `metadata.difficulty` of every query and corpus item. Each effect scales with d (all 0 by default, which
+reproduces the images of the generator without difficulty: d has its own random stream):
+- `jitter_gain` → anatomy jitter × (1 + jitter_gain·d): the exam looks less like the patient's other exams → wrong
+  patients retrieved, more top-k disagreement.
+- `noise_gain` → pixel noise × (1 + noise_gain·d): both retrieval and lesion reading degrade.
+- `blur` → Gaussian blur of sigma blur·d pixels: small lesion spots smear out.
+- `lesion_fade` → lesion contrast × (1 − lesion_fade·d): fainter lesions → closed-book errors on hard exams.
 """
 
 from __future__ import annotations
