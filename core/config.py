@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .data.synth import SynthConfig
 from .reader.settings import ReaderSettings
 
 
@@ -25,7 +26,7 @@ class DataConfig:
     kind: str = "synth"  # synth | medmnist (both built into <run dir>/data) | dir (an existing dataset directory)
     path: str | None = None  # dataset directory for kind=dir
     seed: int = 0
-    synth: dict[str, Any] = field(default_factory=dict)  # SynthConfig knobs
+    synth: SynthConfig = field(default_factory=SynthConfig)  # kind=synth: the generator's knobs
     flag: str | None = None  # kind=medmnist: the MedMNIST flag, e.g. breastmnist
     npz: str | None = None  # kind=medmnist: local npz file (None: the medmnist package downloads it when online)
 
@@ -199,7 +200,10 @@ def build(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     if unknown:
         raise ConfigError(f"{where.rstrip(':')}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
     kwargs = {k: _convert(v, hints[k], _key(where, k)) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a settings dataclass's own range checks (__post_init__)
+        raise ConfigError(f"{where.rstrip(':')}: {e}") from None
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -120,7 +120,7 @@ def dataset(ctx: RunContext) -> Dataset:
         else:
             from .data.synth import generate
 
-            generate(path, seed=cfg.seed, overwrite=True, **cfg.synth)
+            generate(path, seed=cfg.seed, overwrite=True, **dataclasses.asdict(cfg.synth))
         ctx.run.mark_done("data", {"path": str(path)})
     return load_dataset(path)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from dxrag.core.data.synth import GRADES, generate
 from dxrag.core.dataset import load_dataset, sha256_file
+
+EMBEDDED = str(Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml")
 
 
 def _pixels(ds, items) -> np.ndarray:
@@ -87,3 +91,68 @@ def test_top5_neighbours_disagree_for_some_queries(features):
     top5 = f["cy"][np.argsort(d, axis=1)[:, :5]]
     inconsistent = np.mean([len(set(v)) > 1 for v in top5])
     assert 0.15 <= inconsistent <= 0.5, inconsistent
+
+
+HARD = dict(n_patients=40, n_corpus=400, n_train=10, n_val=5, n_test=300,
+            jitter_gain=2.0, noise_gain=3.0, blur=1.5, lesion_fade=0.9)
+
+
+def test_hard_exams_are_harder_to_retrieve(tmp_path):
+    """What the docstring says of difficulty: hard queries find their patient's prior exams less often (lower
+    pixel-kNN accuracy) and their top-4 neighbours disagree more often than easy queries'."""
+    ds = load_dataset(generate(tmp_path / "hard", seed=1, **HARD))
+    c, te = _pixels(ds, ds.corpus), _pixels(ds, ds.queries["test"])
+    cy, ey = _labels(ds.corpus), _labels(ds.queries["test"])
+    d = (te**2).sum(1)[:, None] - 2 * te @ c.T + (c**2).sum(1)[None]
+    top4 = cy[np.argsort(d, axis=1)[:, :4]]
+    difficulty = np.array([q.metadata["difficulty"] for q in ds.queries["test"]])
+    hard = difficulty > np.median(difficulty)
+    top1 = top4[:, 0] == ey
+    disagree = np.array([len(set(v)) > 1 for v in top4])
+    assert top1[hard].mean() < top1[~hard].mean() - 0.1, (top1[hard].mean(), top1[~hard].mean())
+    assert disagree[hard].mean() > disagree[~hard].mean() + 0.05, (disagree[hard].mean(), disagree[~hard].mean())
+
+
+def test_hard_exams_show_fainter_lesions():
+    """Lesion visibility: the lesions' pixel signal (image with spots minus the same image without, noise off)
+    shrinks by (1 - lesion_fade) at difficulty 1, and blur spreads it out."""
+    from dxrag.core.data.synth import SynthConfig, _Renderer
+
+    cfg = SynthConfig(pixel_noise=0.0, lesion_fade=0.8, blur=1.5, lesion_contrast=0.3)
+    renderer = _Renderer(cfg, np.random.default_rng(0))
+    anatomy = np.zeros(cfg.anatomy_dims)
+
+    def signal(difficulty: float) -> np.ndarray:
+        spots = renderer.render(anatomy, 6, difficulty, np.random.default_rng(5)).astype(float)
+        clean = renderer.render(anatomy, 0, difficulty, np.random.default_rng(5)).astype(float)
+        return np.abs(spots - clean)
+
+    easy, hard = signal(0.0), signal(1.0)
+    assert hard.sum() < 0.5 * easy.sum()
+    assert hard.max() < 0.2 * easy.max()
+
+
+def test_difficulty_effects_off_give_the_plain_generator(tmp_path):
+    """Difficulty draws come from their own stream: with every effect at 0 the Beta parameters change nothing."""
+    small = dict(n_patients=10, n_corpus=30, n_train=5, n_val=2, n_test=3, lesion_fade=0.0, noise_gain=0.0,
+                 blur=0.0, jitter_gain=0.0)
+    a = generate(tmp_path / "a", seed=2, **small, difficulty_a=1.0, difficulty_b=1.0)
+    b = generate(tmp_path / "b", seed=2, **small, difficulty_a=5.0, difficulty_b=0.5)
+    for name in ("c000003.png", "q000004.png"):
+        assert sha256_file(a / "images" / name) == sha256_file(b / "images" / name)
+
+
+def test_synth_typo_fails_at_config_load_before_run_json(tmp_path, capsys):
+    from dxrag.core.cli import main
+
+    run_dir = tmp_path / "run"
+    rc = main(["run", "--config", EMBEDDED, "--run-dir", str(run_dir), "--report-dir",
+               str(tmp_path / "rep"), "--set", "data.synth.anatomy_jiter=0.4"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "data.synth: unknown key 'anatomy_jiter'; valid keys:" in err and "anatomy_jitter" in err
+    assert not (run_dir / "run.json").exists()
+    rc = main(["run", "--config", EMBEDDED, "--run-dir", str(run_dir), "--set",
+               "data.synth.lesion_fade=1.5"])
+    assert rc == 2 and "lesion_fade must be in [0, 1]" in capsys.readouterr().err
+    assert not run_dir.exists() or not (run_dir / "run.json").exists()
