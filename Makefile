@@ -19,7 +19,7 @@ $(STAMP):
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dxrag run --config configs/embedded.yaml
+	$(VENV)/bin/dxrag run --config configs/embedded.yaml --expect docs/results/embedded-seeds.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

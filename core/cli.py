@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .dataset import DatasetError, load_dataset
-from .logs import setup_logging
+from .logs import quiet_weight_bars, setup_logging
 
 EXAMPLES = """\
 examples:
@@ -115,6 +115,8 @@ def format_summary(summary: dict) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     require_train_extra("run")
+    if not args.verbose:
+        quiet_weight_bars()
     from . import distributed
     from .config import load_config
     from .pipeline import run_pipeline
@@ -154,6 +156,8 @@ def expectation_report(run_dir: Path, expected_path: Path) -> str:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     require_train_extra("sweep")
+    if not args.verbose:
+        quiet_weight_bars()
     from .sweep import sweep
 
     _, text, out = sweep(args.config, args.seeds, _parse_sets(args.set), vary_data=not args.same_data)

@@ -62,6 +62,14 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     }
 
 
+def _mean_se(values) -> str:
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return "–"
+    return f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
 def seed_ranges(frame) -> dict[str, dict[str, float]]:
     """Per column of RANGE_COLUMNS: min, max, mean and standard error over the seeds."""
     out = {}
@@ -92,8 +100,8 @@ def check_against(row: dict[str, Any], expected: dict[str, Any]) -> tuple[list[s
 
 def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_data: bool = True,
           trained: Path = Path("trained"), reports: Path = Path("reports")) -> tuple[Any, str, Path]:
-    """Run (or continue) one pipeline run per seed, then write `<reports>/<run>-seeds/seeds.csv`, `seeds.md` and
-    `ranges.json`. Returns (the per-seed DataFrame, the Markdown summary, the output directory)."""
+    """Run (or continue) one pipeline run per seed, then write `<reports>/<run>-seeds/seeds.csv`, `selectors.csv`
+    (every seed's selector rows with a `seed` column), `seeds.md` and `ranges.json`. Returns (the per-seed DataFrame, the Markdown summary, the output directory)."""
     import pandas as pd
 
     from ..analysis.stats import mcnemar_p
@@ -101,14 +109,16 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
 
     cfg = load_config(config, overrides)
     name = cfg.run
-    rows = []
+    rows, selector_tables = [], []
     for seed in seeds:
         seeded = {**overrides, "seed": seed, **({"data.seed": seed} if vary_data else {})}
         run_dir = trained / f"{name}-seed{seed}"
         log.info("seed %d: %s", seed, run_dir)
         run_pipeline(load_config(config, seeded), run_dir, reports / f"{name}-seed{seed}")
         rows.append(seed_row(run_dir, seed))
+        selector_tables.append(pd.read_csv(reports / f"{name}-seed{seed}" / "selectors.csv").assign(seed=seed))
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    selectors = pd.concat(selector_tables, ignore_index=True)
     only_joint, only_rag = int(frame["only_joint"].sum()), int(frame["only_rag"].sum())
     n = len(frame)
 
@@ -129,13 +139,18 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
              f"- top-1 context: {mean_se('delta_top1')}",
              f"- pooled over every seed's queries: {only_joint} only joint right, {only_rag} only rag right, "
              f"exact McNemar p = {mcnemar_p(only_joint, only_rag):.3g}",
-             f"- closed-book reader answering a single class: {'seeds ' + str(collapsed) if collapsed else 'none'}"]
+             f"- closed-book reader answering a single class: {'seeds ' + str(collapsed) if collapsed else 'none'}",
+             "", "Selectors, mean ± s.e. over seeds (selectors.csv has every seed's rows):", "",
+             "| system | selector | accuracy | gap closed |", "|---|---|---|---|",
+             *(f"| {system} | {selector} | {_mean_se(g['acc'])} | {_mean_se(g['gap_closed'])} |"
+               for (system, selector), g in selectors.groupby(["system", "selector"], sort=False))]
     text = "\n".join(lines) + "\n"
     ranges = {**provenance(cfg.to_dict(), cfg.seed), "seeds": list(seeds), "vary_data": vary_data,
               "ranges": seed_ranges(frame)}
     out = reports / f"{name}-seeds"
     with atomic_dir(out) as tmp:
         frame.to_csv(tmp / "seeds.csv", index=False)
+        selectors.to_csv(tmp / "selectors.csv", index=False)
         (tmp / "seeds.md").write_text(text, encoding="utf-8")
         (tmp / "ranges.json").write_text(json.dumps(ranges, indent=2) + "\n", encoding="utf-8")
     return frame, text, out

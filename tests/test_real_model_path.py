@@ -226,8 +226,16 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
     assert keys and all("lora_" in k for k in keys)
     history = json.loads((run_dir / "stages" / "reader.json").read_text())["history"]
     assert 0 < history["trainable_parameters"] < sum(v.numel() for v in base_weights.values()) / 2
-    reloaded = Reader.from_config(ReaderSettings(model=str(reader_dir), device="cpu")).hf_model.state_dict()
-    assert all(torch.equal(reloaded[k], v) for k, v in base_weights.items())
+    # the trained adapters loaded over the base: every base weight is the one the run started from, the adapters moved
+    # (peft initialises lora_B to zero, so a nonzero lora_B is the fine-tuning's doing)
+    trained = Reader.from_config(ReaderSettings(model=str(reader_dir), adapter=str(reader_out), device="cpu"))
+    state = trained.hf_model.state_dict()
+    base_part = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                 for k, v in state.items() if "lora_" not in k}
+    assert base_part.keys() == base_weights.keys()
+    assert all(torch.equal(base_part[k], v) for k, v in base_weights.items())
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
 
     config = json.loads((run_dir / "run.json").read_text())["config"]
     assert config["retriever"]["encoder"] == f"local-dir:{encoder_dir}"

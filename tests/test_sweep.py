@@ -38,6 +38,12 @@ def test_sweep_over_two_seeds(tmp_path, capsys, monkeypatch):
     pooled = int(frame["only_joint"].sum()), int(frame["only_rag"].sum())
     assert f"{pooled[0]} only joint right, {pooled[1]} only rag right" in out
     assert (tmp_path / "reports" / "small-seeds" / "seeds.md").read_text().startswith("# small: joint vs rag over 2")
+    selectors = pd.read_csv(tmp_path / "reports" / "small-seeds" / "selectors.csv")
+    per_seed = pd.read_csv(tmp_path / "reports" / "small-seed1" / "selectors.csv")
+    pd.testing.assert_frame_equal(selectors[selectors["seed"] == 1].drop(columns="seed").reset_index(drop=True),
+                                  per_seed)
+    oracle = selectors[(selectors["system"] == "rag") & (selectors["selector"] == "oracle")]["acc"]
+    assert f"| rag | oracle | {oracle.mean():.3f} ± " in out
     ranges = json.loads((tmp_path / "reports" / "small-seeds" / "ranges.json").read_text())
     assert ranges["seeds"] == [0, 1] and ranges["config"]["run"] == "small"
     for col in ("rag_acc", "joint_acc", "closed_book_macro_f1"):

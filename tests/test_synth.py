@@ -156,3 +156,23 @@ def test_synth_typo_fails_at_config_load_before_run_json(tmp_path, capsys):
                "data.synth.lesion_fade=1.5"])
     assert rc == 2 and "lesion_fade must be in [0, 1]" in capsys.readouterr().err
     assert not run_dir.exists() or not (run_dir / "run.json").exists()
+
+
+def test_lesion_haze_grows_with_grade_and_fades_with_difficulty():
+    """The diffuse exudate tint: a whole-image colour shift proportional to the grade at difficulty 0, gone at
+    difficulty 1 with lesion_fade 1 (the closed-book cue that hard exams lose)."""
+    from dxrag.core.data.synth import SynthConfig, _Renderer
+
+    cfg = SynthConfig(pixel_noise=0.0, lesion_haze=0.05, lesion_fade=1.0)
+    renderer = _Renderer(cfg, np.random.default_rng(0))
+    anatomy = np.zeros(cfg.anatomy_dims)
+
+    def mean_shift(grade: int, difficulty: float) -> float:
+        hazy = renderer.render(anatomy, 0, difficulty, np.random.default_rng(1), grade).astype(float)
+        clear = renderer.render(anatomy, 0, difficulty, np.random.default_rng(1), 0).astype(float)
+        return float((hazy - clear).mean())
+
+    shifts = [mean_shift(g, 0.0) for g in range(len(GRADES))]
+    assert shifts[0] == 0 and all(b > a + 1 for a, b in zip(shifts, shifts[1:])), shifts
+    assert mean_shift(4, 1.0) == 0
+    assert 0 < mean_shift(4, 0.5) < shifts[4]

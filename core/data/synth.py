@@ -74,16 +74,17 @@ class SynthConfig:
     lesion_base: float = 0.5  # Poisson mean of lesion spots = lesion_base + lesion_slope * grade
     lesion_slope: float = 1.1
     lesion_contrast: float = 0.18  # at difficulty 0
+    lesion_haze: float = 0.08  # diffuse exudate tint per grade step (lesion load as a colour shift), at difficulty 0
     pixel_noise: float = 0.04  # at difficulty 0
-    misleading_fraction: float = 0.05  # prior exams one grade away from the patient's grade (text and image agree)
-    mislabeled_fraction: float = 0.03  # reports stating a wrong grade (the image shows the true one)
+    misleading_fraction: float = 0.03  # prior exams one grade away from the patient's grade (text and image agree)
+    mislabeled_fraction: float = 0.02  # reports stating a wrong grade (the image shows the true one)
     # Latent per-exam difficulty d ~ Beta(difficulty_a, difficulty_b), and what d = 1 does to the exam:
     difficulty_a: float = 1.0
     difficulty_b: float = 1.0
-    lesion_fade: float = 0.0  # lesion contrast x (1 - lesion_fade * d)
-    noise_gain: float = 0.0  # pixel noise x (1 + noise_gain * d)
+    lesion_fade: float = 1.0  # lesion contrast x (1 - lesion_fade * d)
+    noise_gain: float = 1.0  # pixel noise x (1 + noise_gain * d)
     blur: float = 0.0  # Gaussian blur of sigma blur * d pixels
-    jitter_gain: float = 0.0  # anatomy jitter x (1 + jitter_gain * d)
+    jitter_gain: float = 0.5  # anatomy jitter x (1 + jitter_gain * d)
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 64:
@@ -98,11 +99,14 @@ class SynthConfig:
             if getattr(self, name) <= 0:
                 raise DatasetError(f"{name} must be positive (Beta distribution parameter), got {getattr(self, name)}")
         for name in ("noise_gain", "blur", "jitter_gain", "anatomy_jitter", "pixel_noise", "lesion_contrast",
-                     "lesion_base", "lesion_slope"):
+                     "lesion_haze", "lesion_base", "lesion_slope"):
             if getattr(self, name) < 0:
                 raise DatasetError(f"{name} must be >= 0, got {getattr(self, name)}")
         if min(self.n_patients, self.n_corpus, self.n_train, self.n_val, self.n_test) < 1:
             raise DatasetError("all counts must be positive")
+
+
+_EXUDATE = np.array([0.9, 0.85, 0.3], dtype=np.float32)  # the bright lesions' yellow
 
 
 def _blur_matrix(size: int, sigma: float) -> np.ndarray:
@@ -133,17 +137,22 @@ class _Renderer:
         r = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
         disc = np.clip(1.2 - 1.6 * r, 0, 1)[..., None]
         self.base = (disc * np.array([0.75, 0.38, 0.18], dtype=np.float32)).astype(np.float32)
+        self.disc = disc.astype(np.float32)
         self.yy, self.xx = yy, xx
 
-    def render(self, anatomy: np.ndarray, n_spots: int, difficulty: float, rng: np.random.Generator) -> np.ndarray:
+    def render(self, anatomy: np.ndarray, n_spots: int, difficulty: float, rng: np.random.Generator,
+               grade: int = 0) -> np.ndarray:
         cfg = self.cfg
         img = self.base + np.tensordot(anatomy.astype(np.float32), self.basis, axes=1) * 0.5
-        contrast = cfg.lesion_contrast * (1.0 - cfg.lesion_fade * difficulty)
+        visibility = 1.0 - cfg.lesion_fade * difficulty
+        contrast = cfg.lesion_contrast * visibility
+        if cfg.lesion_haze > 0:
+            img = img + (cfg.lesion_haze * visibility * grade) * self.disc * _EXUDATE
         for _ in range(n_spots):
             cx, cy = rng.uniform(0.2, 0.8, size=2)
             rad = rng.uniform(0.025, 0.05)
             blob = np.exp(-(((self.xx - cx) ** 2 + (self.yy - cy) ** 2) / (2 * rad**2)))
-            tint = np.array([0.9, 0.85, 0.3]) if rng.random() < 0.5 else np.array([-0.6, -0.5, -0.3])
+            tint = _EXUDATE if rng.random() < 0.5 else np.array([-0.6, -0.5, -0.3])
             img = img + contrast * blob[..., None] * tint[None, None, :].astype(np.float32)
         sigma = cfg.blur * difficulty
         if sigma > 0.05:  # below that the kernel is the identity to float precision
@@ -190,7 +199,7 @@ def generate(out: str | Path, seed: int = 0, overwrite: bool = False, **knobs) -
         jitter = cfg.anatomy_jitter * (1.0 + cfg.jitter_gain * d)
         anatomy = patient_anatomy[patient] + rng.normal(scale=jitter, size=cfg.anatomy_dims)
         n_spots = int(rng.poisson(cfg.lesion_base + cfg.lesion_slope * grade))
-        return renderer.render(anatomy, n_spots, d, rng), n_spots, d
+        return renderer.render(anatomy, n_spots, d, rng, grade), n_spots, d
 
     with DatasetWriter(out, overwrite=overwrite) as w:
         corpus_patients = np.concatenate([np.arange(cfg.n_patients),

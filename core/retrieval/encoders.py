@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -184,6 +185,27 @@ class Encoder:
         return _stack(out, self.dim)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _random_init_quiet(active: bool):
+    """open_clip warns on the root logger whenever a model is built without weights; for a built-in architecture asked
+    for with no pretrained tag (the tiny embedded encoder) that is the intent, not a problem, so the warning is
+    dropped there (and only there: a failed load of requested weights still warns)."""
+    if not active:
+        yield
+        return
+    filt = _DropRandomInitWarning()
+    logging.getLogger().addFilter(filt)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(filt)
+
+
 class OpenCLIPEncoder(Encoder):
     """An open_clip CLIP model with its inference transform and tokenizer; saves as open_clip's `local-dir:`."""
 
@@ -218,7 +240,10 @@ class OpenCLIPEncoder(Encoder):
                                  f"transformers CLIP/SigLIP model as 'hf:org/name' or 'hf:/path'")
         else:
             model_cfg = open_clip.get_model_config(name)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        with _random_init_quiet(schema is None and pretrained is None):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        if schema is None and pretrained is None:
+            log.info("%s: no pretrained tag given, weights initialised randomly", name)
         tokenizer = open_clip.get_tokenizer(name)
         encoder = cls(model, preprocess, tokenizer, recorded_name, model_cfg)
         if schema == "local-dir" and raw.get("weights_hash") not in (None, encoder.weights_hash):
