@@ -182,9 +182,9 @@ def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
     prompts = TaskPrompts.of(ds.meta)
     hits = retriever.search({h: q.frozen["train"] for h in HEADS}, ft.contexts_per_head, q.exclude["train"])
     # a multi-label query trains on its per-label yes/no questions, an open one on its answer's tokens
-    examples = [(asked, items[item_id]) for head in HEADS
-                for query, row in zip(ds.queries["train"], hits[head]) for item_id, _ in row
-                for asked in prompts.training_queries(query)]
+    examples = prompts.training_examples([(query, items[item_id]) for head in HEADS
+                                          for query, row in zip(ds.queries["train"], hits[head])
+                                          for item_id, _ in row])
     val = ds.queries.get("val", [])
     val_hits = retriever.search({"image": q.frozen["val"]}, 1, q.exclude["val"])["image"] if val else []
     # validation accuracy over the candidate-scored questions (per label for multi-label; open ones left out)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -60,11 +61,12 @@ class TaskPrompts:
     def label_queries(self, query: Query) -> list[Query]:
         """A multi-label query's per-label yes/no questions, one per label it offers (its candidates, in label-set
         order); each has gold label "yes" when the label is in the query's gold set."""
-        gold = set(query.label_set or ())
-        return [Query(id=query.id, image=query.image, metadata=query.metadata, candidates=(YES, NO),
-                      question=with_legend(LABEL_QUESTION.format(label=label), self.legend),
-                      label=YES if label in gold else NO)
-                for label in self.offered(query)]
+        return [self.label_query(query, label) for label in self.offered(query)]
+
+    def label_query(self, query: Query, label: str) -> Query:
+        return Query(id=query.id, image=query.image, metadata=query.metadata, candidates=(YES, NO),
+                     question=with_legend(LABEL_QUESTION.format(label=label), self.legend),
+                     label=YES if label in (query.label_set or ()) else NO)
 
     def offered(self, query: Query) -> tuple[str, ...]:
         """The labels a multi-label query asks about, in label-set order."""
@@ -74,6 +76,10 @@ class TaskPrompts:
     def training_queries(self, query: Query) -> list[Query]:
         """What the reader is fine-tuned on for one query: its per-label questions (multi-label) or the query."""
         return self.label_queries(query) if self.task == "multilabel" else [self.prompt_query(query)]
+
+    def training_examples(self, pairs: Sequence[tuple[Query, Any]]) -> "TrainingExamples":
+        """The fine-tuning examples of (query, context) pairs: `training_queries` of each, built when read."""
+        return TrainingExamples(self, list(pairs))
 
     def predicted_set(self, query: Query, p_yes: Sequence[float]) -> list[str]:
         """The predicted set from p(yes) of each offered label: the labels with p(yes) > 0.5; when none is and the
@@ -88,6 +94,31 @@ class TaskPrompts:
     def set_answer(self, query: Query, p_yes: Sequence[float]) -> str:
         """The predicted set's canonical string (`records.format_label_set`; "none" for the empty set)."""
         return format_label_set(self.predicted_set(query, p_yes), self.labels)
+
+
+class TrainingExamples(SequenceABC):
+    """(asked query, context) per `TaskPrompts.training_queries` of each pair, in pair order, built on access: a
+    multi-label corpus of N pairs over L labels gives N·L examples without holding N·L queries in memory."""
+
+    def __init__(self, prompts: TaskPrompts, pairs: list[tuple[Query, Any]]):
+        self.prompts, self.pairs = prompts, pairs
+        self.offered = [prompts.offered(q) if prompts.task == "multilabel" else (None,) for q, _ in pairs]
+        self.starts = np.concatenate([[0], np.cumsum([len(o) for o in self.offered])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        query, context = self.pairs[k]
+        label = self.offered[k][i - self.starts[k]]
+        asked = self.prompts.prompt_query(query) if label is None else self.prompts.label_query(query, label)
+        return asked, context
 
 
 def open_answer(texts: Sequence[str], weights: Sequence[float]) -> str:

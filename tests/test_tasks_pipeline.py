@@ -118,3 +118,27 @@ def test_bad_multilabel_and_open_rows_are_errors(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=r"queries-train.jsonl:2: field 'label': empty; an open question needs"):
         load_dataset(data, verify_checksums=False)
+
+
+@pytest.mark.slow
+def test_chestmnist_config_runs_on_a_generated_npz(tmp_path):
+    """configs/chestmnist.yaml end to end (MedMNIST's multi-label flag, 14 findings) on a small generated npz in the
+    MedMNIST layout (the real one needs a download), with the stages shortened."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 6), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.15).astype(np.uint8)
+    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    sets = {**QUICK, "data.npz": str(tmp_path / "chestmnist.npz"), "retriever.index": {"factory": "Flat"},
+            "reader.finetune.steps": 20}
+    code = main(["run", "--config", str(REPO / "configs" / "chestmnist.yaml"), "--run-dir", str(tmp_path / "t"),
+                 "--report-dir", str(tmp_path / "r"), *_sets(sets)])
+    assert code == 0
+    summary = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    ds = load_dataset(tmp_path / "t" / "data")
+    assert ds.meta.task == "multilabel" and len(ds.meta.labels) == 14
+    contexts = _rows(summary["contexts"])
+    assert len(contexts) == 2 * 8 * 4 and all(r["answer_type"] == "set" for r in contexts)  # top_n 2 per head
+    assert all(parse_label_set(r["prediction"], ds.meta.labels) is not None for r in contexts)
+    assert set(summary["metrics"]["rag"]) >= {"accuracy", "macro_f1", "label_f1"}

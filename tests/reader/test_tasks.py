@@ -139,6 +139,10 @@ def test_multilabel_queries_become_per_label_yes_no_questions(tmp_path):
     assert prompts.set_answer(q1, [0.4, 0.51]) == "mass"  # q1 offers (opacity, mass), in label-set order
     strict = TaskPrompts("multilabel", ("opacity", "effusion", "mass"), {}, allow_empty=False)
     assert strict.set_answer(q0, [0.1, 0.4, 0.3]) == "effusion"  # no empty set: the most probable label alone
+    examples = prompts.training_examples([(q0, "ctx0"), (q1, None)])  # built on access, in pair order
+    assert len(examples) == 5
+    assert list(examples) == [(a, "ctx0") for a in asked] + [(a, None) for a in prompts.label_queries(q1)]
+    assert examples[-1] == examples[4] and examples[1:3] == [(asked[1], "ctx0"), (asked[2], "ctx0")]
     reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=ds)
     scores = reader.score([ScoreRequest(a, ds.corpus[0]) for a in asked], ds.root)  # yes/no are in the vocabulary
     assert all(np.exp(s).sum() == pytest.approx(1) for s in scores)
