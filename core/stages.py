@@ -253,6 +253,7 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
                                       q.exclude[split])}
     todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
                               if (s, queries[qi].id) not in plog.done])
+    tau = ctx.cfg.distill.tau_retriever
     per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" else 1  # reader requests per context
     chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n * per_context))
     bar = tqdm(total=len(todo), desc=f"per-context predictions ({split})", unit="query",
@@ -272,7 +273,6 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
             texts = iter(model.generate([r for rs, o in zip(requests, opened) if o for r in rs], ds.root,
                                         progress=False) if any(opened) else [])
             for (system, query, ranked), ask, is_open in zip(plans, asked, opened):
-                tau = ctx.cfg.distill.tau_retriever
                 if is_open:
                     _log_open(plog, system, query, ranked, [next(texts) for _ in ranked], tau)
                     continue

@@ -48,8 +48,7 @@ class ReaderJudge:
         self.items = items
         self.batch_size = batch_size
         self.prompts = prompts
-        # per query: what the reader is asked (the closed query, its per-label questions, or the open query)
-        self.asked = [self._asked(q) for q in self.queries]
+        self._asked_of: dict[int, list[Query]] = {}  # per query index, built on first use (see `asked`)
         # (query, item) -> the closed question's log p over its candidates; a multi-label query's (L, 2) log p of
         # yes/no per label; an open question's (1,) mean per-token gold log p
         self.cache: dict[tuple[int, str], np.ndarray] = {}
@@ -58,25 +57,31 @@ class ReaderJudge:
     def _type(self, q: int) -> str:
         return "closed" if self.prompts is None else self.prompts.answer_type(self.queries[q])
 
-    def _asked(self, query: Query) -> list[Query]:
-        if self.prompts is None:
-            return [query]
-        if self.prompts.answer_type(query) == "set":
-            return self.prompts.label_queries(query)
-        return [self.prompts.prompt_query(query)]
+    def asked(self, q: int) -> list[Query]:
+        """What the reader is asked for query `q`: the closed or open query (legend prepended), or a multi-label
+        query's per-label yes/no questions."""
+        if q not in self._asked_of:
+            query = self.queries[q]
+            if self.prompts is None:
+                self._asked_of[q] = [query]
+            elif self.prompts.answer_type(query) == "set":
+                self._asked_of[q] = self.prompts.label_queries(query)
+            else:
+                self._asked_of[q] = [self.prompts.prompt_query(query)]
+        return self._asked_of[q]
 
     def _score_pairs(self, pairs: list[tuple[int, str]]) -> list[np.ndarray]:
         scored = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) != "open"]
         opened = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) == "open"]
         out: list[np.ndarray | None] = [None] * len(pairs)
-        requests = [self._request(a, self.items[i]) for _, q, i in scored for a in self.asked[q]]
+        requests = [self._request(a, self.items[i]) for _, q, i in scored for a in self.asked(q)]
         scores = iter(self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
                       if requests else [])
         for k, q, i in scored:
-            rows = [np.asarray(next(scores)) for _ in self.asked[q]]
+            rows = [np.asarray(next(scores)) for _ in self.asked(q)]
             out[k] = rows[0] if self._type(q) == "closed" else np.stack(rows)
         if opened:
-            gold = self.reader.gold_logprobs([self._request(self.asked[q][0], self.items[i]) for _, q, i in opened],
+            gold = self.reader.gold_logprobs([self._request(self.asked(q)[0], self.items[i]) for _, q, i in opened],
                                              self.image_root, batch_size=self.batch_size)
             for (k, _, _), g in zip(opened, gold):
                 out[k] = np.array([g])
@@ -98,7 +103,7 @@ class ReaderJudge:
             query = self.queries[q]
             return float(lp[query.candidates.index(query.label)])
         if kind == "set":
-            gold = [0 if a.label == a.candidates[0] else 1 for a in self.asked[q]]
+            gold = [0 if a.label == a.candidates[0] else 1 for a in self.asked(q)]
             return float(np.mean(lp[np.arange(len(gold)), gold]))
         return float(lp[0])
 
