@@ -151,7 +151,7 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
         w.meta = DatasetMeta(name="d", task="vqa", labels=["a", "b"],
                              extra={"same_image_keys": ["source_split", "source_index"]})
     ds = load_dataset(tmp_path / "d")
-    assert same_image_exclusions(ds, ds.queries["train"]) == [{"c1"}, set(), {"c0"}]
+    assert same_image_exclusions(ds, ds.queries["train"]) == [{"c1"}, set(), set()]
     # open questions are kept (answered by generation); a closed question needs two candidates
     assert [q.id for q in answerable(ds).queries["train"]] == ["q0", "q1"]
     ranked = interleave({"image": [("c0", 0.9), ("c1", 0.8)], "text": [("c2", 0.3)]}, ["image", "text"])
