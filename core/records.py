@@ -84,6 +84,7 @@ class ContextPrediction:
     head: str | None = None
     retrieval_score: float | None = None
     probs: dict[str, float] | None = None
+    answer_type: str | None = None  # closed | set | open (core/tasks.py); None: closed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +99,7 @@ class Answer:
     prediction: str
     label: str
     probs: dict[str, float] | None = None
+    answer_type: str | None = None  # closed | set | open (core/tasks.py); None: closed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

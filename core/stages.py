@@ -15,10 +15,11 @@ import numpy as np
 
 from . import distributed
 from .config import RunConfig
-from ..analysis.selectors import fuse, fused_answer
+from ..analysis.selectors import fuse, fused_answer, fusion_weights
 from .dataset import Dataset, DatasetError, load_dataset
 from .predictions import PredictionLog, read_logs
 from .records import Answer, ContextPrediction, Query
+from .tasks import OPEN, SET, TaskPrompts, open_answer
 from .training.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,16 @@ def same_image_exclusions(ds: Dataset, queries: Sequence[Query]) -> list[set[str
     return [set(by_path.get(q.image, ())) for q in queries]
 
 
-def closed_questions(ds: Dataset) -> Dataset:
-    """The dataset with only the queries the reader can score: those with at least two candidate answers (VQA sets
-    keep open questions with free-text answers; the pipeline evaluates the closed ones). Multi-label datasets are
-    refused: the reader does not score label sets yet."""
-    if ds.meta.task == "multilabel":
-        raise DatasetError(f"{ds.root}: task 'multilabel' is not supported by `dxrag run` yet (the reader scores one "
-                           f"answer per query, not a label set); `analyze-oracle` reads multi-label prediction tables "
-                           f"whose answers are the canonical set strings")
-    kept = {split: [q for q in qs if len(q.candidates) >= 2] for split, qs in ds.queries.items()}
+def answerable(ds: Dataset) -> Dataset:
+    """The dataset with the queries the reader can answer: multi-label queries (one yes/no question per offered
+    label), open VQA questions (answered by generation) and closed questions with at least two candidate answers;
+    closed questions with fewer are left out (logged)."""
+    prompts = TaskPrompts.of(ds.meta)
+    kept = {split: [q for q in qs if prompts.answer_type(q) != "closed" or len(q.candidates) >= 2]
+            for split, qs in ds.queries.items()}
     for split, qs in ds.queries.items():
         if len(kept[split]) < len(qs):
-            log.info("%s: %d of %d %s queries are open questions without candidate answers; left out",
+            log.info("%s: %d of %d %s queries are closed questions with fewer than two candidate answers; left out",
                      ds.root, len(qs) - len(kept[split]), len(qs), split)
     return dataclasses.replace(ds, queries=kept)
 
@@ -180,12 +179,17 @@ def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
     model = Reader.from_config(cfg, ds, seed)
     ft = cfg.finetune
     items = ds.corpus_by_id()
+    prompts = TaskPrompts.of(ds.meta)
     hits = retriever.search({h: q.frozen["train"] for h in HEADS}, ft.contexts_per_head, q.exclude["train"])
-    examples = [(query, items[item_id]) for head in HEADS
-                for query, row in zip(ds.queries["train"], hits[head]) for item_id, _ in row]
+    # a multi-label query trains on its per-label yes/no questions, an open one on its answer's tokens
+    examples = prompts.training_examples([(query, items[item_id]) for head in HEADS
+                                          for query, row in zip(ds.queries["train"], hits[head])
+                                          for item_id, _ in row])
     val = ds.queries.get("val", [])
     val_hits = retriever.search({"image": q.frozen["val"]}, 1, q.exclude["val"])["image"] if val else []
-    val_requests = [ScoreRequest(query, items[row[0][0]]) for query, row in zip(val, val_hits) if row]
+    # validation accuracy over the candidate-scored questions (per label for multi-label; open ones left out)
+    val_requests = [ScoreRequest(asked, items[row[0][0]]) for query, row in zip(val, val_hits) if row
+                    for asked in prompts.training_queries(query) if prompts.answer_type(query) != OPEN]
     history = finetune(model, examples, ds.root, ft, val_requests=val_requests, seed=seed,
                        checkpoint_dir=ctx.run / "checkpoints" / "reader")
     if distributed.is_main():
@@ -203,7 +207,8 @@ def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs)
 
     cfg = ctx.cfg.distill
     towers = {}
-    judge = ReaderJudge(model, ds.root, ds.queries["train"], ds.corpus_by_id(), batch_size=ctx.cfg.reader.batch_size)
+    judge = ReaderJudge(model, ds.root, ds.queries["train"], ds.corpus_by_id(), batch_size=ctx.cfg.reader.batch_size,
+                        prompts=TaskPrompts.of(ds.meta))
     for head in cfg.heads:
         tower = QueryTower(enc, head, alpha=cfg.alpha)
         path = ctx.run / "heads" / f"{head}.safetensors"
@@ -230,7 +235,10 @@ def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs)
 def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towers, split: str,
             log_dir: Path) -> list[dict]:
     """Per-context predictions of closed-book, rag and joint on `split`, logged as they are produced (a rerun skips
-    finished queries); every process of a torchrun group scores its shard. Returns every finished row."""
+    finished queries); every process of a torchrun group scores its shard. Returns every finished row.
+
+    Closed questions score their candidates; multi-label queries ask one yes/no question per offered label per
+    context (core/tasks.py); open questions are answered by greedy generation, one answer per context."""
     from tqdm.auto import tqdm
 
     from .reader.model import ScoreRequest
@@ -238,13 +246,16 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     cfg = ctx.cfg.inference
     queries = ds.queries[split]
     items = ds.corpus_by_id()
+    prompts = TaskPrompts.of(ds.meta)
     plog = PredictionLog(log_dir)
     hits = {"rag": retriever.search({h: q.frozen[split] for h in HEADS}, cfg.top_n, q.exclude[split]),
             "joint": retriever.search({h: towers[h].embed(q.pixels[split]) for h in HEADS}, cfg.top_n,
                                       q.exclude[split])}
     todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
                               if (s, queries[qi].id) not in plog.done])
-    chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n))
+    tau = ctx.cfg.distill.tau_retriever
+    per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" else 1  # reader requests per context
+    chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n * per_context))
     bar = tqdm(total=len(todo), desc=f"per-context predictions ({split})", unit="query",
                disable=not distributed.is_main())
     try:
@@ -252,12 +263,24 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
             part = todo[start:start + chunk]
             plans = [(system, queries[qi], [("", "", 0.0)] if system == "closed-book" else
                       interleave({h: hits[system][h][qi] for h in HEADS}, cfg.rank_order)) for system, qi in part]
-            requests = [ScoreRequest(query, items[item_id] if item_id else None)
-                        for _, query, ranked in plans for _, item_id, _ in ranked]
-            scores = iter(model.score(requests, ds.root, progress=False))
-            for system, query, ranked in plans:
-                probs = np.stack([np.exp(next(scores)) for _ in ranked])
-                _log_query(plog, system, query, ranked, probs, ctx.cfg.distill.tau_retriever)
+            asked = [[prompts.prompt_query(query)] if prompts.answer_type(query) != SET
+                     else prompts.label_queries(query) for _, query, _ in plans]
+            opened = [prompts.answer_type(query) == OPEN for _, query, _ in plans]
+            requests = [[ScoreRequest(a, items[item_id] if item_id else None) for _, item_id, _ in ranked
+                         for a in ask] for (_, _, ranked), ask in zip(plans, asked)]
+            scores = iter(model.score([r for rs, o in zip(requests, opened) if not o for r in rs], ds.root,
+                                      progress=False))
+            texts = iter(model.generate([r for rs, o in zip(requests, opened) if o for r in rs], ds.root,
+                                        progress=False) if any(opened) else [])
+            for (system, query, ranked), ask, is_open in zip(plans, asked, opened):
+                if is_open:
+                    _log_open(plog, system, query, ranked, [next(texts) for _ in ranked], tau)
+                    continue
+                probs = np.stack([np.stack([np.exp(next(scores)) for _ in ask]) for _ in ranked])
+                if prompts.answer_type(query) == SET:
+                    _log_set(plog, prompts, system, query, ranked, probs[:, :, 0], tau)
+                else:
+                    _log_query(plog, system, query, ranked, probs[:, 0], tau)
             bar.update(len(part))
     finally:
         bar.close()
@@ -267,18 +290,48 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
 
 
 def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np.ndarray, tau: float) -> None:
-    """One query's context rows and its final answer (closed-book: the one prompt; else the fused contexts)."""
+    """One closed question's context rows and its final answer (closed-book: the one prompt; else the fused
+    contexts)."""
     cands = list(query.candidates)
     if system == "closed-book":
         plog.write([], Answer(system, query.id, cands[int(probs[0].argmax())], query.label,
-                              dict(zip(cands, map(float, probs[0])))))
+                              dict(zip(cands, map(float, probs[0]))), answer_type="closed"))
         return
     rows = [ContextPrediction(system, query.id, rank, query.label, cands[int(p.argmax())], item_id, head,
-                              float(score), dict(zip(cands, map(float, p))))
+                              float(score), dict(zip(cands, map(float, p))), answer_type="closed")
             for rank, ((head, item_id, score), p) in enumerate(zip(ranked, probs), 1)]
     fused = fuse(probs, np.array([s for _, _, s in ranked]), tau)
     plog.write(rows, Answer(system, query.id, cands[fused_answer(fused, cands)], query.label,
-                            dict(zip(cands, map(float, fused)))))
+                            dict(zip(cands, map(float, fused))), answer_type="closed"))
+
+
+def _log_set(plog: PredictionLog, prompts: TaskPrompts, system: str, query: Query, ranked, p_yes: np.ndarray,
+             tau: float) -> None:
+    """One multi-label query: per context the predicted set's canonical string; the final answer thresholds the
+    per-label p(yes) averaged over the contexts with the fusion weights (softmax of retrieval score / tau). Rows
+    carry no probs: the reader's per-label p(yes) is no distribution over set answers."""
+    if system == "closed-book":
+        plog.write([], Answer(system, query.id, prompts.set_answer(query, p_yes[0]), query.label,
+                              answer_type=SET))
+        return
+    rows = [ContextPrediction(system, query.id, rank, query.label, prompts.set_answer(query, p), item_id, head,
+                              float(score), answer_type=SET)
+            for rank, ((head, item_id, score), p) in enumerate(zip(ranked, p_yes), 1)]
+    fused = fuse(p_yes, np.array([s for _, _, s in ranked]), tau)
+    plog.write(rows, Answer(system, query.id, prompts.set_answer(query, fused), query.label, answer_type=SET))
+
+
+def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: list[str], tau: float) -> None:
+    """One open question: per context the generated answer; the final answer is the generated answer with the
+    largest total fusion weight (`tasks.open_answer`). No probs."""
+    if system == "closed-book":
+        plog.write([], Answer(system, query.id, texts[0], query.label, answer_type=OPEN))
+        return
+    rows = [ContextPrediction(system, query.id, rank, query.label, text, item_id, head, float(score),
+                              answer_type=OPEN)
+            for rank, ((head, item_id, score), text) in enumerate(zip(ranked, texts), 1)]
+    weights = fusion_weights(np.array([s for _, _, s in ranked]), tau)
+    plog.write(rows, Answer(system, query.id, open_answer(texts, weights), query.label, answer_type=OPEN))
 
 
 def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | None = None,

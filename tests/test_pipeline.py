@@ -137,7 +137,7 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
 
     from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
     from dxrag.analysis.selectors import fuse
-    from dxrag.core.stages import closed_questions, interleave, same_image_exclusions
+    from dxrag.core.stages import answerable, interleave, same_image_exclusions
     from dxrag.core.records import CorpusItem, Query
 
     with DatasetWriter(tmp_path / "d") as w:
@@ -146,12 +146,14 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
             w.corpus.append(CorpusItem(f"c{i}", rel, "t", "a", {"source_split": "train", "source_index": i}))
         w.queries["train"] += [Query("q0", "images/c1.png", "?", ("a", "b"), "a",
                                      {"source_split": "train", "source_index": 1}),
-                               Query("q1", "images/c2.png", "?", (), "free text", {"answer_type": "open"})]
+                               Query("q1", "images/c2.png", "?", (), "free text", {"answer_type": "open"}),
+                               Query("q2", "images/c0.png", "?", ("a",), "a")]
         w.meta = DatasetMeta(name="d", task="vqa", labels=["a", "b"],
                              extra={"same_image_keys": ["source_split", "source_index"]})
     ds = load_dataset(tmp_path / "d")
-    assert same_image_exclusions(ds, ds.queries["train"]) == [{"c1"}, set()]
-    assert [q.id for q in closed_questions(ds).queries["train"]] == ["q0"]
+    assert same_image_exclusions(ds, ds.queries["train"]) == [{"c1"}, set(), set()]
+    # open questions are kept (answered by generation); a closed question needs two candidates
+    assert [q.id for q in answerable(ds).queries["train"]] == ["q0", "q1"]
     ranked = interleave({"image": [("c0", 0.9), ("c1", 0.8)], "text": [("c2", 0.3)]}, ["image", "text"])
     assert ranked == [("image", "c0", 0.9), ("text", "c2", 0.3), ("image", "c1", 0.8)]
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])

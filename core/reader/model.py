@@ -20,7 +20,7 @@ from .. import distributed
 from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query
 from .families import FAMILIES, Family, build_tiny, family_of, mrope_continuation
-from .prompts import PromptRenderer, prompt_images
+from .prompts import LABEL_QUESTION_WORDS, LEGEND_WORDS, PromptRenderer, prompt_images
 from .settings import LoraSettings, ReaderSettings
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,20 @@ class _Forward:
 
 
 def vocabulary_from_dataset(dataset: Dataset) -> tuple[list[str], list[str]]:
-    """Texts (questions, corpus texts) and answers (labels, candidates) to build the tiny tokenizer from."""
+    """Texts (questions, corpus texts, open answers, the legend) and answers (labels, candidates; yes/no of the
+    per-label questions of a multi-label task) to build the tiny tokenizer from. Open answers are texts, so their
+    words are separate tokens and generating one takes several steps."""
+    from ..tasks import NO, YES
+
     queries = [q for split in dataset.queries.values() for q in split]
     texts = [q.question for q in queries] + [item.text for item in dataset.corpus]
     answers = list(dataset.meta.labels) + [c for q in queries for c in q.candidates]
+    texts += [q.label for q in queries if q.answer_type == "open"]
+    if dataset.meta.task == "multilabel":
+        texts += list(LABEL_QUESTION_WORDS)
+        answers += [YES, NO]
+    if dataset.meta.legend:
+        texts += list(LEGEND_WORDS) + list(dataset.meta.legend.values())
     return texts, answers
 
 
@@ -623,10 +633,32 @@ class Reader:
             return torch.cat(parts)[torch.argsort(order)]
         return self._run(items, Path(image_root), tails=answers, logits_to_keep=A + 1).logits
 
+    def target_ids(self, query: Query) -> list[int]:
+        """The tokens of a query's gold answer as the assistant turn: the answer's tokens, and for an open question
+        the tokenizer's end token after them (what makes generation stop after the answer)."""
+        ids = self.answer_ids(query.label)
+        if query.answer_type == "open" and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids
+
+    def _target_logprobs(self, examples: Sequence[tuple[Query, CorpusItem | None]], answers: Sequence[list[int]],
+                         image_root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: (B, A) log p of each answer token (0 where a row has fewer) and the (B, A) token mask."""
+        logits = self.sequence_logits([(q, c, q.candidates) for q, c in examples], answers, image_root)
+        A = max(len(a) for a in answers)
+        targets = torch.zeros((len(answers), A), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(answers), A), dtype=torch.bool, device=self.device)
+        for b, a in enumerate(answers):
+            targets[b, A - len(a):] = torch.tensor(a, device=self.device)
+            mask[b, A - len(a):] = True
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+        return logp * mask, mask
+
     def answer_loss(self, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike
                     ) -> torch.Tensor:
-        """Mean cross-entropy of the gold answers' tokens (the assistant turn) given single-context prompts."""
-        answers = [self.answer_ids(q.label) for q, _ in examples]
+        """Mean cross-entropy of the gold answers' tokens (the assistant turn; `target_ids`) given single-context
+        prompts."""
+        answers = [self.target_ids(q) for q, _ in examples]
         logits = self.sequence_logits([(q, c, q.candidates) for q, c in examples], answers, image_root)
         A = max(len(a) for a in answers)
         targets = torch.full((len(answers), A), -100, dtype=torch.long, device=self.device)
@@ -634,6 +666,58 @@ class Reader:
             targets[b, A - len(a):] = torch.tensor(a, device=self.device)
         return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                  targets.reshape(-1), ignore_index=-100)
+
+    def gold_logprobs(self, requests: Sequence[ScoreRequest], image_root: str | os.PathLike,
+                      batch_size: int | None = None) -> np.ndarray:
+        """Per request, the mean per-token log p of its query's gold answer (`target_ids`, end token included for
+        open questions) given its prompt: the open questions' judgement in retriever distillation. The mean, not the
+        sum, keeps the scale of one token whatever the answer's length (for one query, sum = length x mean: the
+        ranking of its contexts is the same)."""
+        batch_size = batch_size or self.config.batch_size
+        out = np.zeros(len(requests), dtype=np.float64)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(requests), batch_size):
+                    part = requests[start:start + batch_size]
+                    answers = [self.target_ids(r.query) for r in part]
+                    logp, mask = self._target_logprobs([(r.query, r.context) for r in part], answers, image_root)
+                    out[start:start + len(part)] = (logp.sum(1) / mask.sum(1)).cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[ScoreRequest], image_root: str | os.PathLike, batch_size: int | None = None,
+                 progress: bool | None = None) -> list[str]:
+        """Greedy answers to open questions (the model's own `generate`, at most `generate_max_tokens` new tokens,
+        left-padded batches on the generic path), decoded without special tokens and stripped, in input order."""
+        root = Path(image_root)
+        batch_size = batch_size or self.config.batch_size
+        max_new = self.config.generate_max_tokens
+        order = sorted(range(len(requests)), key=lambda i: -requests[i].prompt_size())
+        results: list[str | None] = [None] * len(requests)
+        show = progress if progress is not None else len(requests) > 8 * batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), tqdm(total=len(requests), desc="generating", unit="ctx",
+                                              disable=not show) as bar:
+                for idx in self._batches(order, requests, batch_size):
+                    items = [(requests[i].query, requests[i].context, ()) for i in idx]
+                    inputs = self._generic_inputs(items, root)
+                    self._check_lengths(items, inputs["attention_mask"].sum(1).tolist(), [max_new] * len(items))
+                    out = self.hf_model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
+                                                 pad_token_id=self.pad_id)
+                    new = out[:, inputs["input_ids"].shape[1]:]
+                    for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+                        results[i] = text.strip()
+                    bar.update(len(idx))
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
 
 
 def predictions(requests: Sequence[ScoreRequest], scores: Sequence[np.ndarray]) -> list[str]:

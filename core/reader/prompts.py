@@ -12,14 +12,21 @@ BACKGROUND_PREFIX = "Background: "
 OPTIONS_PREFIX = "Options: "
 # Words the prompts add around the dataset's own text; the tiny reader's offline vocabulary must contain them.
 PROMPT_WORDS = ("Background", "Options", ":", ",", ".", "?")
+# ... and those of the per-label questions of multi-label tasks (core/tasks.py) and of label legends, added to the
+# vocabulary only for datasets that use them (the tiny reader of every other dataset keeps its vocabulary).
+LABEL_QUESTION_WORDS = ("Is", "present", "?")
 
 
 def question_text(question: str, candidates: Sequence[str]) -> str:
-    """The query turn's text: the question followed by its candidate answers ("Options: a, b, c")."""
+    """The query turn's text: the question followed by its candidate answers ("Options: a, b, c"); an open question
+    (no candidates) alone."""
+    if not candidates:
+        return question.strip()
     return f"{question.strip()} {OPTIONS_PREFIX}{', '.join(candidates)}"
 
 
 LEGEND_PREFIX = "Provide answer according to the labels:"
+LEGEND_WORDS = (LEGEND_PREFIX, "-", "'")
 
 
 def with_legend(question: str, legend: Mapping[str, str]) -> str:

@@ -69,6 +69,7 @@ class ReaderSettings:
     max_length: int | None = None  # prompt + answer tokens; None: the model's max_position_embeddings
     max_pixels: int | None = None  # images are resized to at most this many pixels; None: the processor's setting
     scoring: str = "auto"  # auto (single-token when every candidate is one token), first_token, full
+    generate_max_tokens: int = 16  # open VQA questions: greedy generation stops after this many new tokens
     # the cached-vision-features scoring path where the family has one that a parity test shows equals the generic
     # processor + model(**inputs) path (families.FAMILIES[...].fast_path: qwen2_vl, qwen2_5_vl); false: always generic
     fast_path: bool = True
@@ -84,5 +85,7 @@ class ReaderSettings:
             raise ValueError(f"{where}.scoring {self.scoring!r} is not one of {list(SCORING_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"{where}.dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.generate_max_tokens < 1:
+            raise ValueError(f"{where}.generate_max_tokens must be at least 1, got {self.generate_max_tokens}")
         if not 0 <= self.finetune.closed_book_fraction <= 1:
             raise ValueError(f"{where}.finetune.closed_book_fraction must lie in [0, 1]")

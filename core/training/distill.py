@@ -26,11 +26,19 @@ log = logging.getLogger(__name__)
 
 class ReaderJudge:
     """The frozen reader as teacher: `gold_logprobs(query_idx, item_ids)` = log p_reader(gold | query, item) and
-    `predictions(...)` = the reader's answer (index into the query's candidates) for each (query, item), scored in
-    batches and cached per (query, item) — the reader never changes during distillation."""
+    `predictions(...)` = a code of the reader's answer for each (query, item), scored in batches and cached per
+    (query, item) — the reader never changes during distillation.
+
+    By task type (`prompts`, core/tasks.py; None: every query closed, as asked): a closed question scores its
+    candidates (gold = log p of the gold candidate, prediction = the best candidate's index); a multi-label query
+    asks one yes/no question per label (gold = the mean over its labels of log p(the gold yes/no), which ranks
+    contexts like log p(gold set) = the sum, on the scale of one decision; prediction = the predicted set as a
+    bitmask); an open question scores the gold answer's tokens (gold = `Reader.gold_logprobs`, the mean per-token
+    log p; prediction = 0: no answer is generated during distillation, so the inconsistency weighting counts open
+    queries as consistent)."""
 
     def __init__(self, reader, image_root: Path, queries: Sequence[Query], items: dict[str, CorpusItem],
-                 batch_size: int = 64):
+                 batch_size: int = 64, prompts=None):
         from ..reader.model import ScoreRequest
 
         self._request = ScoreRequest
@@ -39,30 +47,85 @@ class ReaderJudge:
         self.queries = list(queries)
         self.items = items
         self.batch_size = batch_size
-        self.cache: dict[tuple[int, str], np.ndarray] = {}  # log p over the query's candidate answers
-        self.calls = 0  # reader forwards actually run
+        self.prompts = prompts
+        self._asked_of: dict[int, list[Query]] = {}  # per query index, built on first use (see `asked`)
+        # (query, item) -> the closed question's log p over its candidates; a multi-label query's (L, 2) log p of
+        # yes/no per label; an open question's (1,) mean per-token gold log p
+        self.cache: dict[tuple[int, str], np.ndarray] = {}
+        self.calls = 0  # (query, item) pairs actually scored
+
+    def _type(self, q: int) -> str:
+        return "closed" if self.prompts is None else self.prompts.answer_type(self.queries[q])
+
+    def asked(self, q: int) -> list[Query]:
+        """What the reader is asked for query `q`: the closed or open query (legend prepended), or a multi-label
+        query's per-label yes/no questions."""
+        if q not in self._asked_of:
+            query = self.queries[q]
+            if self.prompts is None:
+                self._asked_of[q] = [query]
+            elif self.prompts.answer_type(query) == "set":
+                self._asked_of[q] = self.prompts.label_queries(query)
+            else:
+                self._asked_of[q] = [self.prompts.prompt_query(query)]
+        return self._asked_of[q]
+
+    def _score_pairs(self, pairs: list[tuple[int, str]]) -> list[np.ndarray]:
+        scored = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) != "open"]
+        opened = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) == "open"]
+        out: list[np.ndarray | None] = [None] * len(pairs)
+        requests = [self._request(a, self.items[i]) for _, q, i in scored for a in self.asked(q)]
+        scores = iter(self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
+                      if requests else [])
+        for k, q, i in scored:
+            rows = [np.asarray(next(scores)) for _ in self.asked(q)]
+            out[k] = rows[0] if self._type(q) == "closed" else np.stack(rows)
+        if opened:
+            gold = self.reader.gold_logprobs([self._request(self.asked(q)[0], self.items[i]) for _, q, i in opened],
+                                             self.image_root, batch_size=self.batch_size)
+            for (k, _, _), g in zip(opened, gold):
+                out[k] = np.array([g])
+        return out  # type: ignore[return-value]
 
     def _scores(self, query_idx: np.ndarray, item_ids: np.ndarray) -> list[list[np.ndarray]]:
         missing = sorted({(int(q), str(i)) for q, row in zip(query_idx, item_ids) for i in row} - self.cache.keys())
         if missing:
             mine = distributed.shard(missing)  # under torchrun each process scores its share, then all share all
-            requests = [self._request(self.queries[q], self.items[i]) for q, i in mine]
-            scores = self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
+            scores = self._score_pairs(mine)
             self.cache.update(zip(missing, distributed.gather_shards([np.asarray(lp) for lp in scores],
                                                                      len(missing))))
             self.calls += len(missing)
         return [[self.cache[(int(q), str(i))] for i in row] for q, row in zip(query_idx, item_ids)]
 
+    def _gold(self, q: int, lp: np.ndarray) -> float:
+        kind = self._type(q)
+        if kind == "closed":
+            query = self.queries[q]
+            return float(lp[query.candidates.index(query.label)])
+        if kind == "set":
+            gold = [0 if a.label == a.candidates[0] else 1 for a in self.asked(q)]
+            return float(np.mean(lp[np.arange(len(gold)), gold]))
+        return float(lp[0])
+
+    def _prediction(self, q: int, lp: np.ndarray) -> int:
+        kind = self._type(q)
+        if kind == "closed":
+            return int(np.argmax(lp))
+        if kind == "set":
+            query = self.queries[q]
+            members = set(self.prompts.predicted_set(query, np.exp(lp[:, 0])))
+            return sum(1 << j for j, label in enumerate(self.prompts.offered(query)) if label in members)
+        return 0
+
     def gold_logprobs(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """(B, K) log p_reader(gold answer | query, item) for each query of `query_idx` and its K items."""
-        gold = [self.queries[int(q)].candidates.index(self.queries[int(q)].label) for q in query_idx]
-        return np.array([[float(lp[g]) for lp in row] for g, row in zip(gold, self._scores(query_idx, item_ids))],
-                        dtype=np.float32)
+        return np.array([[self._gold(int(q), lp) for lp in row]
+                         for q, row in zip(query_idx, self._scores(query_idx, item_ids))], dtype=np.float32)
 
     def predictions(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        """(B, K) the reader's answer given each single item, as an index into the query's candidate answers."""
-        return np.array([[int(np.argmax(lp)) for lp in row] for row in self._scores(query_idx, item_ids)],
-                        dtype=np.int64)
+        """(B, K) a code of the reader's answer given each single item (equal codes: the same answer)."""
+        return np.array([[self._prediction(int(q), lp) for lp in row]
+                         for q, row in zip(query_idx, self._scores(query_idx, item_ids))], dtype=np.int64)
 
 
 WEIGHTINGS = ("none", "only", "upweight")

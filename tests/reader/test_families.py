@@ -186,3 +186,13 @@ def test_answer_tokens_are_the_suffix_after_the_assistant_header(readers):
     assert reader._header.endswith("Assistant:")
     assert reader.answer_ids("mild") == [reader.tokenizer.convert_tokens_to_ids("mild")]
     assert all(len(reader.answer_ids(a)) == 1 for a in LABELS)
+
+
+@pytest.mark.parametrize("family", TESTED)
+def test_generate_batched_equals_unbatched(readers, toy_dataset, family):
+    """Greedy generation (open questions) through the model's own generate on left-padded batches."""
+    reader = readers(family, generate_max_tokens=4)
+    requests = requests_for(toy_dataset)
+    batched = reader.generate(requests, toy_dataset.root, batch_size=5)
+    assert batched == [reader.generate([r], toy_dataset.root, batch_size=1)[0] for r in requests]
+    assert all(isinstance(t, str) and len(t.split()) <= 4 for t in batched) and any(batched)
