@@ -154,6 +154,17 @@ def expectation_report(run_dir: Path, expected_path: Path) -> str:
     return "\n".join(["", head, *lines, verdict])
 
 
+def _cmd_compare_sweeps(args: argparse.Namespace) -> int:
+    from .sweep import compare_sweeps
+
+    if len(args.a) != len(args.b):
+        print(f"dxrag: error: --a has {len(args.a)} run directories, --b {len(args.b)}; give one per seed to each",
+              file=sys.stderr)
+        return 2
+    print(compare_sweeps(args.a, args.b, args.system), end="")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     require_train_extra("sweep")
     if not args.verbose:
@@ -240,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vary only the model seed (default: the synthetic data's seed varies too)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, as for `run`")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("compare-sweeps", help="one system's answers in two sweeps of the same seeds (an option on/off)",
+                       epilog="example (inconsistency-aware distillation vs the default, seeds 0-4):\n"
+                              "  dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 4 "
+                              "--set run=embedded-upweight --set distill.inconsistency_weighting=upweight\n"
+                              "  dxrag compare-sweeps --a trained/embedded-seed{0,1,2,3,4} "
+                              "--b trained/embedded-upweight-seed{0,1,2,3,4}\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a", type=Path, nargs="+", required=True, help="run directories of sweep a, in seed order")
+    p.add_argument("--b", type=Path, nargs="+", required=True, help="run directories of sweep b, same seeds and order")
+    p.add_argument("--system", default="joint", help="the system compared (default joint)")
+    p.set_defaults(func=_cmd_compare_sweeps)
     return parser
 
 

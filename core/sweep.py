@@ -62,12 +62,13 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     }
 
 
-def _mean_se(values) -> str:
+def _mean_se(values, signed: bool = False) -> str:
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
     if not len(v):
         return "–"
-    return f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    mean = f"{v.mean():+.3f}" if signed else f"{v.mean():.3f}"
+    return f"{mean} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}" if len(v) > 1 else mean
 
 
 def seed_ranges(frame) -> dict[str, dict[str, float]]:
@@ -154,3 +155,42 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
         (tmp / "seeds.md").write_text(text, encoding="utf-8")
         (tmp / "ranges.json").write_text(json.dumps(ranges, indent=2) + "\n", encoding="utf-8")
     return frame, text, out
+
+
+def compare_sweeps(a_dirs: Sequence[Path], b_dirs: Sequence[Path], system: str = "joint") -> str:
+    """Markdown comparing `system`'s fused answers between two sweeps run over the same seeds (e.g. a distillation
+    option on and off): per seed b − a overall and on rag's inconsistent queries (rag is the same reader and
+    retriever in both), mean ± s.e., and a McNemar test pooled over every seed's queries."""
+    import pandas as pd
+
+    from ..analysis.report import OracleReport
+    from ..analysis.stats import mcnemar_p
+
+    rows, only_a, only_b = [], 0, 0
+    for a, b in zip(a_dirs, b_dirs, strict=True):
+        correct = {}
+        for tag, run_dir in (("a", a), ("b", b)):
+            answers = pd.DataFrame(json.loads(line) for line in
+                                   (run_dir / "predictions" / "answers.jsonl").read_text(encoding="utf-8").splitlines())
+            answers = answers[answers["system"] == system].set_index("query_id")
+            correct[tag] = answers["prediction"].map(normalize_answer) == answers["label"].map(normalize_answer)
+        if set(correct["a"].index) != set(correct["b"].index):
+            raise ValueError(f"{a} and {b}: {system} answered different queries; compare runs of the same seeds")
+        per_query = OracleReport.from_tables(a / "predictions" / "contexts.jsonl").per_query()
+        rag = per_query[per_query["system"] == "rag"].set_index("query_id")
+        inconsistent = rag.index[~rag["consistent"].astype(bool)]
+        ca, cb = correct["a"], correct["b"].reindex(correct["a"].index)
+        only_a += int((ca & ~cb).sum())
+        only_b += int((cb & ~ca).sum())
+        rows.append({"a": a.name, "b": b.name, "delta": cb.mean() - ca.mean(),
+                     "delta_inconsistent": cb[inconsistent].mean() - ca[inconsistent].mean(),
+                     "n_inconsistent": len(inconsistent)})
+    frame = pd.DataFrame(rows)
+    lines = [f"| run a | run b | {system} b − a | on rag-inconsistent (n) |", "|---|---|---|---|",
+             *(f"| {r.a} | {r.b} | {r.delta:+.3f} | {r.delta_inconsistent:+.3f} ({r.n_inconsistent}) |"
+               for r in frame.itertuples()),
+             "", f"- b − a: {_mean_se(frame['delta'], signed=True)} (mean ± s.e.); on rag-inconsistent queries: "
+                 f"{_mean_se(frame['delta_inconsistent'], signed=True)}",
+             f"- pooled: {only_b} queries only b right, {only_a} only a right, exact McNemar p = "
+             f"{mcnemar_p(only_b, only_a):.3g}"]
+    return "\n".join(lines) + "\n"

@@ -60,3 +60,10 @@ def test_sweep_over_two_seeds(tmp_path, capsys, monkeypatch):
     shifted.write_text(json.dumps(ranges))
     text = expectation_report(tmp_path / "trained" / "small-seed0", shifted)
     assert "1 number(s) outside" in text and "rag_acc" in text and "OUTSIDE" in text
+    # compare-sweeps: a sweep against itself differs nowhere; unpaired run lists are refused
+    runs = [str(tmp_path / "trained" / f"small-seed{seed}") for seed in (0, 1)]
+    assert main(["compare-sweeps", "--a", *runs, "--b", *runs]) == 0
+    out = capsys.readouterr().out
+    assert "| small-seed0 | small-seed0 | +0.000 |" in out and "0 queries only b right, 0 only a right" in out
+    assert main(["compare-sweeps", "--a", *runs, "--b", runs[0]]) == 2
+    assert "give one per seed to each" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def test_top5_neighbours_disagree_for_some_queries(features):
     d = (f["te"] ** 2).sum(1)[:, None] - 2 * f["te"] @ f["c"].T + (f["c"] ** 2).sum(1)[None]
     top5 = f["cy"][np.argsort(d, axis=1)[:, :5]]
     inconsistent = np.mean([len(set(v)) > 1 for v in top5])
-    assert 0.15 <= inconsistent <= 0.5, inconsistent
+    assert 0.15 <= inconsistent <= 0.6, inconsistent
 
 
 HARD = dict(n_patients=40, n_corpus=400, n_train=10, n_val=5, n_test=300,
