@@ -110,7 +110,10 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
         return None
     if np.isnan(m.score[present]).any() or not probs.valid[m.row[present]].all():
         return None
-    w = fusion_weights(np.where(present, m.score, -np.inf), temperature)
+    scores = np.where(present, m.score, -np.inf)
+    if exempt is not None:
+        scores[exempt] = 0.0  # no context to weigh (their answer is rank 1's); keeps the softmax finite
+    w = fusion_weights(scores, temperature)
     n_answers = len(table.answers)
     n = len(qm.n_ranks)
     choice = np.empty(n, dtype=np.int64)
