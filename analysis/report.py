@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -234,15 +234,19 @@ class OracleReport:
             recall[is_open], f1[is_open] = self.contexts.token_scores(answer[is_open], m.label[is_open])
         return recall, f1
 
-    def _answer_scores(self, qm: QueryMetrics, source: str, answer: np.ndarray) -> dict[str, float]:
-        """Multi-label F1 (over the set queries) and mean token scores (over the open queries) of the answers one
-        method gives a system; `source` names the method (one cache entry and one bootstrap stream each)."""
+    def _answer_scores(self, qm: QueryMetrics, source: str, answers: Callable[[], np.ndarray]) -> dict[str, float]:
+        """Multi-label F1 (over the set queries) and mean token scores (over the open queries) of the answer codes
+        `answers()` one method gives a system; `source` names the method (one cache entry and one bootstrap stream
+        each)."""
         key = (qm.system, source)
         if key in self._answer_cache:
             return self._answer_cache[key]
         m = qm.matrix
         out = dict(macro_f1=np.nan, macro_f1_lo=np.nan, macro_f1_hi=np.nan, micro_f1=np.nan, token_f1=np.nan,
                    token_recall=np.nan)
+        if m.answer_type is None:  # closed only: none of these apply
+            return out
+        answer = answers()
         is_set = m.type_mask(SET)
         if is_set.any():
             label, pred = m.label[is_set], answer[is_set]
@@ -285,7 +289,7 @@ class OracleReport:
                 row.update(relevance_metrics(qm))
                 row.update({f"n_{t}": int(m.type_mask(t).sum()) for t in ANSWER_TYPES})
                 for name, col in (("top1", qm.top1_col), ("majority", qm.majority_col)):
-                    scores = self._answer_scores(qm, name, qm.prediction_at(col))
+                    scores = self._answer_scores(qm, name, lambda col=col: qm.prediction_at(col))
                     row.update({f"{name}_{c}": v for c, v in scores.items()})
                 rows.append(row)
             return pd.DataFrame(rows)
@@ -340,7 +344,7 @@ class OracleReport:
                     source = {"retriever": "top1"}.get(sel.name, sel.name)  # the summary's top-1 numbers
                     rows.append(dict(system=qm.system, selector=sel.name, n=qm.n_queries, acc=acc, acc_lo=lo,
                                      acc_hi=hi, gap_closed=gap_closed(acc, top1, oracle), n_fallback=sel.n_fallback,
-                                     **self._answer_scores(qm, source, sel.answer)))
+                                     **self._answer_scores(qm, source, lambda sel=sel: sel.answers(qm))))
             return pd.DataFrame(rows)
         return self._cached("selectors", build)
 

@@ -29,13 +29,20 @@ class SelectorResult:
     name: str
     correct: np.ndarray  # bool per query
     n_fallback: int = 0  # queries where the selector could not choose and rank 1 was used
-    answer: np.ndarray | None = None  # answer code chosen per query (for F1 and token metrics)
+    answer: np.ndarray | None = None  # answer code chosen per query (fusion), else taken from `col`
+    col: np.ndarray | None = None  # the chosen context's column per query
+
+    def answers(self, qm: QueryMetrics) -> np.ndarray:
+        """Answer code chosen per query (for F1 and token scores; computed on demand)."""
+        return self.answer if self.answer is not None else qm.prediction_at(self.col)
 
 
-def _pick(qm: QueryMetrics, name: str, col: np.ndarray, n_fallback: int = 0) -> SelectorResult:
-    """A selector that chooses one context (column) per query."""
-    rows = np.arange(len(col))
-    return SelectorResult(name, qm.matrix.correct[rows, col], n_fallback, qm.matrix.prediction[rows, col])
+def _pick(qm: QueryMetrics, name: str, col: np.ndarray, n_fallback: int = 0,
+          correct: np.ndarray | None = None) -> SelectorResult:
+    """A selector that chooses one context (column) per query; `correct` when already known."""
+    if correct is None:
+        correct = qm.matrix.correct[np.arange(len(col)), col]
+    return SelectorResult(name, correct, n_fallback, col=col)
 
 
 def _probs_exempt(qm: QueryMetrics) -> np.ndarray | None:
@@ -178,8 +185,8 @@ def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | N
                   fusion_temperature: float = 1.0, learned_model: LearnedSelector | None = None) -> list[SelectorResult]:
     """Every available selector for one system (confidence and fusion need probs / retrieval scores, learned a
     trained model)."""
-    results = [_pick(qm, "retriever", qm.top1_col)]
-    for extra in (confidence(table, qm), _pick(qm, "majority", qm.majority_col),
+    results = [_pick(qm, "retriever", qm.top1_col, correct=qm.top1_correct)]
+    for extra in (confidence(table, qm), _pick(qm, "majority", qm.majority_col, correct=qm.majority_correct),
                   fusion(table, qm, fusion_temperature)):
         if extra is not None:
             results.append(extra)
@@ -190,7 +197,8 @@ def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | N
     if rerank is not None:
         results.extend(rerank_selectors(table, qm, rerank))
     # The oracle's answer: its best correct context's, else rank 1's (what it reports when nothing is correct).
-    results.append(_pick(qm, "oracle", np.where(qm.oracle_correct, qm.first_correct_rank - 1, qm.top1_col)))
+    results.append(_pick(qm, "oracle", np.where(qm.oracle_correct, qm.first_correct_rank - 1, qm.top1_col),
+                         correct=qm.oracle_correct))
     return results
 
 

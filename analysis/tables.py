@@ -672,7 +672,7 @@ def _typed_vocabulary(inputs: list[tuple[np.ndarray, pa.Array, np.ndarray]],
         pairs, inverse = np.unique(types.astype(np.int64) * n_u + codes, return_inverse=True)
         values = uniques.to_pylist()
         normalized.append([normalize_answer(values[c], ANSWER_TYPES[t], settings.empty_set)
-                           if c >= 0 and values[c] is not None else ""
+                           if values[c] is not None else ""
                            for t, c in zip((pairs // n_u).tolist(), (pairs % n_u).tolist())])
         inverses.append(inverse.reshape(-1))
     vocab = sorted(set().union(*normalized))
