@@ -437,12 +437,32 @@ class OracleReport:
                                   "accuracy": _with_interval(sel, ""),
                                   "gap closed": sel["gap_closed"].map(lambda g: "n/a" if np.isnan(g) else f"{g:.2f}"),
                                   "fallbacks": sel["n_fallback"]})
+        typed = []
+        if (s["n_set"] > 0).any():
+            f1 = pd.DataFrame({"system": s["system"], "set queries": s["n_set"],
+                               **{label: [_f1_cell(r, m) for r in s.itertuples()]
+                                  for label, m in (("top-1 macro-F1", "top1"), ("majority macro-F1", "majority"))},
+                               "top-1 micro-F1": s["top1_micro_f1"].map(_fmt)})
+            typed += ["## Multi-label queries (label sets)", "",
+                      "Accuracies above are exact-match subset accuracy; macro-F1 over the gold labels seen, with a "
+                      "query-bootstrap 95% interval.", "", _markdown(f1), ""]
+        if (s["n_open"] > 0).any():
+            tok = pd.DataFrame({"system": s["system"], "open queries": s["n_open"],
+                                **{label: s[col].map(_fmt) for label, col in (
+                                    ("top-1 token F1", "top1_token_f1"), ("top-1 token recall", "top1_token_recall"),
+                                    ("majority token F1", "majority_token_f1"),
+                                    ("majority token recall", "majority_token_recall"))}})
+            rule = self.contexts.settings
+            how = ("normalised exact match" if not rule.graded_open
+                   else f"token {rule.open_correct} >= {rule.open_threshold:g}")
+            typed += ["## Open (free-text) queries", "", f"An open answer counts correct by {how}.", "",
+                      _markdown(tok), ""]
         relevance = pd.DataFrame({"system": s["system"], "k": s["k"],
                                   **{label: s[col].map("{:.3f}".format) for label, col in RELEVANCE_LABELS}})
         parts = ["# Oracle analysis", "",
                  f"Contexts: `{self.contexts.path}`; intervals: {self.interval} 95%. Column meanings: "
                  f"reports/README.md.", "", "## Systems (top-k single-context predictions)", "", _markdown(systems),
-                 "", f"## Accuracy on the consistent and inconsistent queries of `{self.reference}`", "",
+                 "", *typed, f"## Accuracy on the consistent and inconsistent queries of `{self.reference}`", "",
                  _markdown(subsets), "", "## Selectors (gap closed = (selector - top-1) / (oracle - top-1))", "",
                  _markdown(selectors), ""]
         if self.learned is not None:
@@ -562,6 +582,12 @@ def _with_interval(df: pd.DataFrame, prefix: str) -> list[str]:
     stem = f"{prefix}_acc" if prefix else "acc"
     return ["n/a" if np.isnan(a) else f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
             for a, lo, hi in zip(df[stem], df[f"{stem}_lo"], df[f"{stem}_hi"])]
+
+
+def _f1_cell(row: Any, method: str) -> str:
+    """'0.833 [0.500, 1.000]' from a summary row's <method>_macro_f1 and its interval; '' without set queries."""
+    v, lo, hi = (getattr(row, f"{method}_macro_f1{x}") for x in ("", "_lo", "_hi"))
+    return "" if np.isnan(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _fmt(v: Any) -> str:

@@ -147,6 +147,7 @@ def test_cli_on_a_set_table_writes_every_file(tmp_path, capsys):
     assert prov["arguments"]["task"] == "set" and prov["arguments"]["empty_set"] == "none"
     summary = pd.read_csv(out / "summary.csv")
     assert summary.loc[0, "top1_macro_f1"] == pytest.approx(2.5 / 3)
+    assert "## Multi-label queries" in (out / "summary.md").read_text()
 
 
 def test_empty_set_token(tmp_path):
@@ -240,6 +241,7 @@ def test_mixed_closed_and_open_table(tmp_path, capsys):
     for name in ALL_FILES:
         assert (out / name).exists(), name
     assert "top1_token_f1" in pd.read_csv(out / "per_query.csv").columns
+    assert "## Open (free-text) queries" in (out / "summary.md").read_text()
 
 
 def test_system_metrics_by_answer_type():
