@@ -335,3 +335,31 @@ def test_answer_table_type_differs_from_contexts(tmp_path, capsys):
     assert main(["--contexts", str(ctx), "--answers", str(answers), "--out", str(out), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert f"{answers}:3:" in err and "'answer_type'" in err and not out.exists()
+
+
+def _head_signal(n: int, seed: int, prefix: str) -> pd.DataFrame:
+    """k=4 contexts alternating image / text; text contexts are right 80% of the time, image ones 25%; even queries
+    are open (no probs), odd ones closed (probs on every context)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label, is_open = "abc"[rng.integers(3)], i % 2 == 0
+        for rank in range(1, 5):
+            pred = label if rng.random() < (0.25, 0.8)[(rank - 1) % 2] else rng.choice([a for a in "abc" if a != label])
+            rows.append(dict(system="rag", query_id=f"{prefix}{i}", rank=rank, label=label, prediction=pred,
+                             head=("image", "text")[(rank - 1) % 2], retrieval_score=1.0 - 0.1 * rank,
+                             answer_type="open" if is_open else "closed",
+                             probs=None if is_open else {pred: 0.7, **{a: 0.15 for a in "abc" if a != pred}}))
+    return pd.DataFrame(rows)
+
+
+def test_learned_selector_on_a_mixed_table(tmp_path):
+    pytest.importorskip("sklearn")
+    val = write_table(_head_signal(300, 1, "v"), tmp_path / "val.parquet")
+    test = write_table(_head_signal(300, 2, "t"), tmp_path / "test.parquet")
+    report = OracleReport.from_tables(test, selector_train=val)
+    sel = report.selectors_frame().set_index("selector")
+    assert sel.loc["learned", "acc"] > sel.loc["retriever", "acc"] + 0.2  # it learns to pick the text contexts
+    assert "max_prob" in report.learned.dropped["rag"]  # missing on the open queries' contexts
+    assert report.summary().loc[0, "n_open"] == 150
+    assert sel.loc["confidence", "n_fallback"] == 150 and sel.loc["fusion", "n_fallback"] == 150
