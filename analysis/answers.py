@@ -140,8 +140,16 @@ def score_rows(predictions: Sequence[str], labels: Sequence[str], types: Sequenc
     correct = np.zeros(n, dtype=bool)
     recall = np.full(n, np.nan)
     f1 = np.full(n, np.nan)
+    seen: dict[tuple[str, str], str] = {}  # (type, raw) -> normalised: answer tables repeat few distinct answers
+
+    def norm(text: str, answer_type: str) -> str:
+        key = (answer_type, text)
+        if key not in seen:
+            seen[key] = normalize_answer(text, answer_type, settings.empty_set)
+        return seen[key]
+
     for i, (p, g, t) in enumerate(zip(predictions, labels, types)):
-        pn[i], ln[i] = normalize_answer(p, t, settings.empty_set), normalize_answer(g, t, settings.empty_set)
+        pn[i], ln[i] = norm(p, t), norm(g, t)
         correct[i] = judge(pn[i], ln[i], t, settings)
         if t == OPEN:
             recall[i], f1[i] = token_scores(pn[i], ln[i])

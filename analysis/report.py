@@ -23,8 +23,8 @@ import pyarrow.csv as pacsv
 
 from . import stats
 from ..core.dataset import sha256_file
-from .answers import ANSWER_TYPES, CLOSED, OPEN, SET, AnswerSettings, set_members
 from ..core.provenance import git_hash, versions
+from .answers import ANSWER_TYPES, OPEN, SET, AnswerSettings, set_members
 from .consistency import QueryMetrics, query_metrics
 from .learned import DEFAULT_CLOSED_BOOK, LearnedSelector, closed_book_answers, train_learned
 from .oracle import oracle_at_k
