@@ -223,7 +223,7 @@ def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
         col, kind = table.column(name), spec[name]
         if name in required and col.null_count:
             return None
-        if pa.types.is_null(col.type):  # every row null or absent: as if the column were not there
+        if pa.types.is_null(col.type) or col.null_count == len(col):  # every row null or absent: as if not there
             continue
         if kind == "probs":
             if not pa.types.is_struct(col.type) or col.type.num_fields > _MAX_PROBS_KEYS or not all(
@@ -685,10 +685,8 @@ def _row_types(raw: RawTable, settings: AnswerSettings) -> np.ndarray | None:
     (the path without per-row types)."""
     task = settings.task
     codes = None
-    if ANSWER_TYPE in raw.columns:
+    if ANSWER_TYPE in raw.columns and raw.columns[ANSWER_TYPE].null_count < raw.n_rows:  # all null: as if absent
         codes, uniques = raw.encode(ANSWER_TYPE)
-        if (codes < 0).all():  # a column of nulls only: as if it were absent
-            codes = None
     if codes is None:
         if task in ("auto", CLOSED):
             return None
