@@ -7,5 +7,5 @@ from .tables import (ANSWER_COLUMNS, ANSWER_REQUIRED, CONTEXT_COLUMNS, CONTEXT_R
                      rank_matrices, write_table)
 
 __all__ = ["OracleReport", "AnswerSettings", "ANSWER_TYPES", "TableError", "load_contexts", "load_answers",
-           "load_rerank", "rank_matrices", "write_table", "normalize_answer", "CONTEXT_COLUMNS", "CONTEXT_REQUIRED", "ANSWER_COLUMNS",
-           "ANSWER_REQUIRED", "RERANK_COLUMNS", "RERANK_REQUIRED"]
+           "load_rerank", "rank_matrices", "write_table", "normalize_answer", "CONTEXT_COLUMNS", "CONTEXT_REQUIRED",
+           "ANSWER_COLUMNS", "ANSWER_REQUIRED", "RERANK_COLUMNS", "RERANK_REQUIRED"]
