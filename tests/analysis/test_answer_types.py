@@ -51,6 +51,46 @@ def test_open_normalisation_and_token_scores():
     assert judge("a, b", "a, b", "set") and not judge("The left lung", "left lung", "closed")
 
 
+def _rewrite_set(members: list[str], rng: np.random.Generator) -> str:
+    """The same set written differently: shuffled, random case and spacing, a duplicate, an empty part."""
+    if not members:
+        return (" None", "none ", "NONE")[int(rng.integers(3))]
+    parts = [m.upper() if rng.random() < 0.5 else m for m in rng.permutation(members)]
+    if parts and rng.random() < 0.5:
+        parts.append(parts[0])
+    if rng.random() < 0.5:
+        parts.insert(int(rng.integers(len(parts) + 1)), "")
+    return ",".join(" " * int(rng.integers(3)) + p + " " * int(rng.integers(3)) for p in parts)
+
+
+def test_set_canonical_form_ignores_order_case_spacing_duplicates():
+    rng = np.random.default_rng(7)
+    labels = ["atelectasis", "effusion", "mass", "nodule"]
+    for _ in range(200):
+        members = [x for x in labels if rng.random() < 0.5]
+        want = ", ".join(sorted(members)) if members else "none"
+        assert normalize_set(_rewrite_set(members, rng)) == want
+
+
+def test_set_report_is_invariant_to_how_sets_are_written(tmp_path):
+    rng = np.random.default_rng(11)
+    labels = ["a", "b", "c", "d"]
+    rows, rewritten = [], []
+    for q in range(60):
+        gold = [x for x in labels if rng.random() < 0.4]
+        for r in range(1, 4):
+            pred = gold if rng.random() < 0.5 else [x for x in labels if rng.random() < 0.4]
+            row = dict(system="rag", query_id=f"q{q}", rank=r, answer_type="set")
+            rows.append(dict(row, label=", ".join(sorted(gold)) or "none",
+                             prediction=", ".join(sorted(pred)) or "none"))
+            rewritten.append(dict(row, label=_rewrite_set(gold, rng), prediction=_rewrite_set(pred, rng)))
+    a = OracleReport.from_tables(write_table(pd.DataFrame(rows), tmp_path / "a.jsonl"))
+    b = OracleReport.from_tables(write_table(pd.DataFrame(rewritten), tmp_path / "b.jsonl"))
+    pd.testing.assert_frame_equal(a.summary(), b.summary())
+    pd.testing.assert_frame_equal(a.per_query(), b.per_query())
+    assert 0 < a.summary().loc[0, "top1_acc"] < 1 and 0 < a.summary().loc[0, "top1_macro_f1"] < 1
+
+
 def test_settings_are_checked():
     assert AnswerSettings().problems() == []
     assert len(AnswerSettings(task="multi", empty_set=" ", open_correct="bleu", open_threshold=0).problems()) == 4
