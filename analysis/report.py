@@ -129,6 +129,8 @@ class OracleReport:
             train_at = (selector_train_answers if isinstance(selector_train_answers, AnswerTable)
                         or selector_train_answers is None
                         else load_answers(selector_train_answers, settings=answer_settings))
+            if train_at is not None:
+                _check_answer_labels(train_ct, train_at)
             learned = train_learned(train_ct, ct, metrics, k=k, short=short,
                                     train_closed=closed_book_answers(train_at, closed_book),
                                     test_closed=closed_book_answers(at, closed_book))
@@ -552,13 +554,16 @@ class OracleReport:
 
 def _check_answer_labels(ct: ContextTable, at: AnswerTable) -> None:
     """An answer row's answer type and label must match the context table's for the same query (labels compared
-    normalised)."""
+    normalised). An answer table without types (no column, --task auto) takes each query's type from the context
+    table (closed for queries it lacks)."""
     codes = pd.Index(ct.query_ids).get_indexer(at.frame[QUERY_ID].to_numpy())
     known = codes >= 0
     rows = np.flatnonzero(known)
     query_type = np.zeros(len(ct.query_ids), dtype=np.int8)
     if ct.run_type is not None:
         query_type[ct.run_query] = ct.run_type
+        if not at.typed:
+            at.retype(np.array(ANSWER_TYPES, dtype=object)[np.where(known, query_type[codes], 0)])
     ctx_type = np.array(ANSWER_TYPES, dtype=object)[query_type[codes[known]]]
     ans_type = at.frame[ANSWER_TYPE].to_numpy()[known]
     bad = np.flatnonzero(ans_type != ctx_type)

@@ -967,6 +967,16 @@ class AnswerTable:
     systems: list[str]
     frame: pd.DataFrame  # system, query_id, prediction, label, answer_type, prediction_norm, label_norm, correct,
     #                      token_recall, token_f1
+    settings: AnswerSettings = DEFAULT_SETTINGS
+    typed: bool = True  # the types come from the column or --task (else every row was read as closed)
+
+    def retype(self, types: np.ndarray) -> None:
+        """Gives the rows these answer types (names) and judges them again: an answer table without the column
+        takes each query's type from the context table."""
+        self.frame[ANSWER_TYPE] = types
+        for key, value in score_rows(self.frame[PREDICTION], self.frame[LABEL], types, self.settings).items():
+            self.frame[key] = value
+        self.typed = True
 
     @property
     def path(self) -> Path:
@@ -994,7 +1004,8 @@ def load_answers(path: str | os.PathLike, settings: AnswerSettings = DEFAULT_SET
                                       f"{raw.locate(first)} for the same query; a query has one {what}")
     for key, value in scored.items():
         df[key] = value
-    return AnswerTable(raw=raw, systems=list(dict.fromkeys(df[SYSTEM])), frame=df)
+    typed = ANSWER_TYPE in raw.columns or settings.task != "auto"
+    return AnswerTable(raw=raw, systems=list(dict.fromkeys(df[SYSTEM])), frame=df, settings=settings, typed=typed)
 
 
 @dataclass

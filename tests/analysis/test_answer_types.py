@@ -191,6 +191,15 @@ def test_cli_on_a_set_table_writes_every_file(tmp_path, capsys):
     assert "## Multi-label queries" in (out / "summary.md").read_text()
 
 
+def test_answer_table_without_types_takes_the_contexts_types(tmp_path):
+    ctx = _set_table(tmp_path / "ctx.jsonl", column=True)
+    answers = write_table(pd.DataFrame([dict(system="closed-book", query_id=q, prediction=p, label=SET_ROWS[q][0])
+                                        for q, p in (("q1", "B, A"), ("q2", "None"), ("q3", "c, a"))]),
+                          tmp_path / "answers.csv")
+    sub = OracleReport.from_tables(ctx, answers=answers).subsets().set_index(["system", "subset"])
+    assert sub.loc[("closed-book", "all"), "acc"] == pytest.approx(2 / 3)  # read as sets: {a,b} and {} right
+
+
 def test_empty_set_token(tmp_path):
     rows = [dict(system="rag", query_id="q1", rank=1, label="No finding", prediction="no finding"),
             dict(system="rag", query_id="q1", rank=2, label="No finding", prediction="mass, no finding")]
