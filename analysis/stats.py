@@ -186,7 +186,8 @@ def set_f1_interval(gold: np.ndarray, pred: np.ndarray, n_boot: int = 1000, rng:
 
 def _types(answers: pd.DataFrame) -> pd.Series:
     if ANSWER_TYPE in answers:
-        return answers[ANSWER_TYPE].fillna(CLOSED).astype(str).str.strip().str.casefold()
+        types = answers[ANSWER_TYPE].fillna("").astype(str).str.strip().str.casefold()
+        return types.where(types != "", CLOSED)  # empty or null: closed
     return pd.Series(CLOSED, index=answers.index)
 
 

@@ -55,8 +55,8 @@ _KIND_WANT = {
 }
 _SPECS: dict[str, dict[str, str]] = {
     "contexts": {SYSTEM: "id", QUERY_ID: "id", RANK: "rank", LABEL: "id", PREDICTION: "text", ITEM_ID: "text",
-                 HEAD: "text", RETRIEVAL_SCORE: "score", PROBS: "probs", ANSWER_TYPE: "id"},
-    "answers": {SYSTEM: "id", QUERY_ID: "id", PREDICTION: "text", LABEL: "id", PROBS: "probs", ANSWER_TYPE: "id"},
+                 HEAD: "text", RETRIEVAL_SCORE: "score", PROBS: "probs", ANSWER_TYPE: "text"},
+    "answers": {SYSTEM: "id", QUERY_ID: "id", PREDICTION: "text", LABEL: "id", PROBS: "probs", ANSWER_TYPE: "text"},
     "rerank": {SYSTEM: "id", QUERY_ID: "id", SELECTOR: "id", RANKING: "ranking", ERROR: "text"},
 }
 _REQUIRED = {"contexts": CONTEXT_REQUIRED, "answers": ANSWER_REQUIRED, "rerank": RERANK_REQUIRED}
@@ -691,17 +691,13 @@ def _row_types(raw: RawTable, settings: AnswerSettings) -> np.ndarray | None:
         if task in ("auto", CLOSED):
             return None
         return np.full(raw.n_rows, ANSWER_TYPES.index(task), dtype=np.int8)
-    row = _first(codes < 0)
-    if row is not None:
-        raise raw.fail(row, ANSWER_TYPE, f"missing value; expected one of {', '.join(ANSWER_TYPES)} (when the "
-                                         f"column is there, every row gives it)")
-    lookup = np.empty(len(uniques), dtype=np.int8)
+    lookup = np.zeros(len(uniques) + 1, dtype=np.int8)  # the last entry: null (code -1), closed
     for i, value in enumerate(uniques.to_pylist()):
         norm = value.strip().casefold() if value is not None else ""
-        if norm not in ANSWER_TYPES:
+        if norm and norm not in ANSWER_TYPES:
             raise raw.fail(int(np.argmax(codes == i)), ANSWER_TYPE, f"{value!r} is not an answer type; expected one "
-                                                                    f"of {', '.join(ANSWER_TYPES)}")
-        lookup[i] = ANSWER_TYPES.index(norm)
+                                                                    f"of {', '.join(ANSWER_TYPES)} (empty: closed)")
+        lookup[i] = ANSWER_TYPES.index(norm) if norm else 0
     types = lookup[codes]
     if task != "auto":
         row = _first(types != ANSWER_TYPES.index(task))

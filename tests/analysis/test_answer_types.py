@@ -356,11 +356,14 @@ def test_unknown_answer_type(tmp_path, capsys):
     assert "ctx.jsonl:2:" in err and "'answer_type'" in err and "'multi'" in err and "closed, set, open" in err
 
 
-def test_answer_type_missing_on_some_rows(tmp_path, capsys):
+def test_answer_type_missing_on_some_rows_reads_as_closed(tmp_path, capsys):
     rows = _rows()
-    del rows[1]["answer_type"]
+    del rows[1]["answer_type"]  # closed, while rank 1 of the same query is set
     err = _fails(tmp_path, rows, capsys)
-    assert "ctx.jsonl:2:" in err and "'answer_type'" in err and "missing" in err
+    assert "ctx.jsonl:2:" in err and "'answer_type'" in err and "'closed' differs from 'set'" in err
+    rows = [dict(r, answer_type=None if r["query_id"] == "q2" else "set") for r in _rows()]
+    report = OracleReport.from_tables(write_table(pd.DataFrame(rows), tmp_path / "ok.csv"))
+    assert report.per_query()["answer_type"].tolist() == ["set", "closed"]  # an empty CSV cell: closed
 
 
 def test_task_contradicts_the_column(tmp_path, capsys):
