@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .answers import DEFAULT_EMPTY_SET, OPEN_CORRECT, TASKS, AnswerSettings
 from .learned import DEFAULT_CLOSED_BOOK
 from .stats import INTERVALS
 from .tables import SHORT_POLICIES, TableError
@@ -22,8 +23,10 @@ EXAMPLES = textwrap.dedent("""\
       analyze-oracle --contexts trained/run/contexts.parquet --out reports/run
       analyze-oracle --contexts ctx.jsonl --answers answers.csv --reference rag --k 4 --out reports/x
       analyze-oracle --contexts ctx.parquet --rerank rerank.jsonl --interval bootstrap --no-figures --out reports/y
-      analyze-oracle --contexts test_ctx.jsonl --answers test_ans.jsonl --train-selector val_ctx.jsonl \
+      analyze-oracle --contexts test_ctx.jsonl --answers test_ans.jsonl --train-selector val_ctx.jsonl \\
                      --train-answers val_ans.jsonl --out reports/z
+      analyze-oracle --contexts chest_ctx.jsonl --task set --out reports/multilabel
+      analyze-oracle --contexts vqa_ctx.jsonl --open-correct recall --out reports/vqa
 
     The table formats and every output column are documented in reports/README.md.""")
 
@@ -56,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion selector weights = softmax(retrieval_score / T) (default 1)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of queries (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--task", choices=TASKS, default="auto",
+                   help="answer type of every row: closed (one answer, strip + casefold equality), set (multi-label: "
+                        "comma-separated label sets), open (free text); auto (default): the tables' answer_type "
+                        "column, closed without it")
+    p.add_argument("--empty-set", default=DEFAULT_EMPTY_SET, metavar="TOKEN",
+                   help=f"how the empty label set is written in set answers (default {DEFAULT_EMPTY_SET!r})")
+    p.add_argument("--open-correct", choices=OPEN_CORRECT, default="em",
+                   help="what makes an open answer correct: em (normalised exact match, default), recall or f1 "
+                        "(token score >= --open-threshold)")
+    p.add_argument("--open-threshold", type=float, default=1.0,
+                   help="token recall / F1 an open answer needs to count correct (default 1.0: every gold token "
+                        "present for recall, the same tokens for f1)")
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG/PDF figures")
     p.add_argument("--no-trec", action="store_true", help="skip the trec/ run and qrels files")
@@ -74,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                                           n_boot=args.n_boot, seed=args.seed,
                                           fusion_temperature=args.fusion_temperature,
                                           selector_train=args.train_selector,
-                                          selector_train_answers=args.train_answers, closed_book=args.closed_book)
+                                          selector_train_answers=args.train_answers, closed_book=args.closed_book,
+                                          answer_settings=AnswerSettings(task=args.task, empty_set=args.empty_set,
+                                                                         open_correct=args.open_correct,
+                                                                         open_threshold=args.open_threshold))
     except TableError as e:
         print(f"analyze-oracle: error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ def query_metrics(m: RankMatrix) -> QueryMetrics:
     queries = np.arange(n)
     top1_col = np.argmax(present, axis=0)
     majority_col = np.argmax(np.where(present, count, -1), axis=0)  # argmax takes the first maximum: best rank
-    correct = (cols == m.label) & present
+    correct = (cols == m.label) & present if m.graded is None else np.ascontiguousarray(m.graded.T)
     oracle = correct.any(axis=0)
     return QueryMetrics(
         matrix=m,

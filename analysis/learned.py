@@ -60,7 +60,7 @@ def closed_book_answers(answers: AnswerTable | None, system: str) -> dict[str, s
     if answers is None or system not in answers.systems:
         return None
     df = answers.frame[answers.frame[SYSTEM] == system]
-    return dict(zip(df[QUERY_ID], df["prediction"].map(normalize_answer)))
+    return dict(zip(df[QUERY_ID], df["prediction_norm"]))
 
 
 def _row_entropy(table: ContextTable) -> np.ndarray:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -24,13 +24,14 @@ import pyarrow.csv as pacsv
 from . import stats
 from ..core.dataset import sha256_file
 from ..core.provenance import git_hash, versions
+from .answers import ANSWER_TYPES, OPEN, SET, AnswerSettings, set_members
 from .consistency import QueryMetrics, query_metrics
 from .learned import DEFAULT_CLOSED_BOOK, LearnedSelector, closed_book_answers, train_learned
 from .oracle import oracle_at_k
 from .relevance import relevance_metrics, write_trec
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
-from .tables import (HEAD, PROBS, QUERY_ID, RETRIEVAL_SCORE, SHORT_POLICIES, SYSTEM, AnswerTable, ContextTable,
-                     RerankTable, TableError, load_answers, load_contexts, load_rerank, rank_matrices)
+from .tables import (ANSWER_TYPE, HEAD, PROBS, QUERY_ID, RETRIEVAL_SCORE, SHORT_POLICIES, SYSTEM, AnswerTable,
+                     ContextTable, RerankTable, TableError, load_answers, load_contexts, load_rerank, rank_matrices)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class OracleReport:
     selector_train_answers: AnswerTable | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     _frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    _answer_cache: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -84,13 +86,15 @@ class OracleReport:
                     n_boot: int = 1000, seed: int = 0, fusion_temperature: float = 1.0,
                     selector_train: str | os.PathLike | ContextTable | None = None,
                     selector_train_answers: str | os.PathLike | AnswerTable | None = None,
-                    closed_book: str = DEFAULT_CLOSED_BOOK) -> "OracleReport":
+                    closed_book: str = DEFAULT_CLOSED_BOOK,
+                    answer_settings: AnswerSettings | None = None) -> "OracleReport":
         """Loads (when given paths) and validates the tables, then computes every metric. Raises TableError.
 
         `fusion_temperature` divides the retrieval scores before the softmax of the fusion selector (use the
         pipeline's temperature to reproduce its fused answers). `selector_train`: a context table of *validation*
         queries (none of them in `contexts`) to train the `learned` selector on; `selector_train_answers` its answer
-        table, whose `closed_book` system (and the one of `answers`) gives the closed-book agreement feature."""
+        table, whose `closed_book` system (and the one of `answers`) gives the closed-book agreement feature.
+        `answer_settings`: answer types and how answers are judged (a ContextTable given as such keeps its own)."""
         if interval not in stats.INTERVALS:
             raise TableError(f"interval {interval!r}: expected one of {stats.INTERVALS}")
         if short not in SHORT_POLICIES:
@@ -99,9 +103,16 @@ class OracleReport:
             raise TableError(f"--fusion-temperature {fusion_temperature}: expected a positive number")
         if n_boot < 1:
             raise TableError(f"--n-boot {n_boot}: expected a positive number of bootstrap resamples")
+        if answer_settings is None:
+            answer_settings = contexts.settings if isinstance(contexts, ContextTable) else AnswerSettings()
+        problems = answer_settings.problems()
+        if problems:
+            raise TableError("; ".join(problems))
         columns = (RETRIEVAL_SCORE, PROBS) + ((HEAD,) if selector_train is not None else ())  # head: a feature
-        ct = contexts if isinstance(contexts, ContextTable) else load_contexts(contexts, columns=columns)
-        at = answers if isinstance(answers, AnswerTable) or answers is None else load_answers(answers)
+        ct = (contexts if isinstance(contexts, ContextTable)
+              else load_contexts(contexts, columns=columns, settings=answer_settings))
+        at = (answers if isinstance(answers, AnswerTable) or answers is None
+              else load_answers(answers, settings=answer_settings))
         rt = rerank if isinstance(rerank, RerankTable) or rerank is None else load_rerank(rerank)
         reference = reference if reference is not None else ct.systems[0]
         if reference not in ct.systems:
@@ -114,9 +125,12 @@ class OracleReport:
         learned = train_ct = train_at = None
         if selector_train is not None:
             train_ct = (selector_train if isinstance(selector_train, ContextTable)
-                        else load_contexts(selector_train, columns=columns))
+                        else load_contexts(selector_train, columns=columns, settings=answer_settings))
             train_at = (selector_train_answers if isinstance(selector_train_answers, AnswerTable)
-                        or selector_train_answers is None else load_answers(selector_train_answers))
+                        or selector_train_answers is None
+                        else load_answers(selector_train_answers, settings=answer_settings))
+            if train_at is not None:
+                _check_answer_labels(train_ct, train_at)
             learned = train_learned(train_ct, ct, metrics, k=k, short=short,
                                     train_closed=closed_book_answers(train_at, closed_book),
                                     test_closed=closed_book_answers(at, closed_book))
@@ -144,7 +158,9 @@ class OracleReport:
                     fusion_temperature=fusion_temperature,
                     selector_train=str(learned.train_path) if learned else None,
                     selector_train_answers=str(train_at.path) if train_at else None,
-                    closed_book=closed_book if learned else None)
+                    closed_book=closed_book if learned else None, task=answer_settings.task,
+                    empty_set=answer_settings.empty_set, open_correct=answer_settings.open_correct,
+                    open_threshold=answer_settings.open_threshold)
         return cls(contexts=ct, metrics=metrics, selectors=selectors, scored=scored, reference=reference,
                    interval=interval, n_boot=n_boot, seed=seed, answers=at, rerank=rt, learned=learned,
                    selector_train=train_ct, selector_train_answers=train_at, arguments=args)
@@ -171,6 +187,8 @@ class OracleReport:
     def _per_query_arrow(self) -> pa.Table:
         answers = pa.array(self.contexts.answers, pa.string())
         query_ids = pa.array(self.contexts.query_ids, pa.string())
+        types = pa.array(ANSWER_TYPES, pa.string())
+        has_open = self.has_open
         parts = []
         for qm in self.metrics:
             m = qm.matrix
@@ -179,7 +197,7 @@ class OracleReport:
             def text(codes: np.ndarray) -> pa.Array:
                 return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), answers).cast(pa.string())
 
-            parts.append(pa.table({
+            columns = {
                 "system": pa.array(np.full(n, m.system, dtype=object), pa.string()),
                 "query_id": query_ids.take(pa.array(m.query)),
                 "label": text(m.label),
@@ -193,8 +211,61 @@ class OracleReport:
                 "majority_correct": qm.majority_correct,
                 "oracle_correct": qm.oracle_correct,
                 "first_correct_rank": qm.first_correct_rank.astype(np.int64),
-            }))
+                "answer_type": pa.DictionaryArray.from_arrays(
+                    pa.array(m.answer_type if m.answer_type is not None else np.zeros(n, np.int8)),
+                    types).cast(pa.string()),
+            }
+            if has_open:
+                for name, col in (("top1", qm.top1_col), ("majority", qm.majority_col)):
+                    recall, f1 = self._token_scores(qm, qm.prediction_at(col))
+                    columns[f"{name}_token_f1"], columns[f"{name}_token_recall"] = f1, recall
+            parts.append(pa.table(columns))
         return pa.concat_tables(parts)
+
+    @property
+    def has_open(self) -> bool:
+        """Some query is open (per_query.csv then has token-score columns)."""
+        return self.contexts.run_type is not None and bool((self.contexts.run_type == ANSWER_TYPES.index(OPEN)).any())
+
+    def _token_scores(self, qm: QueryMetrics, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token recall and F1 of answer codes per query of one system; NaN on queries that are not open."""
+        m = qm.matrix
+        recall, f1 = np.full(qm.n_queries, np.nan), np.full(qm.n_queries, np.nan)
+        is_open = m.type_mask(OPEN)
+        if is_open.any():
+            recall[is_open], f1[is_open] = self.contexts.token_scores(answer[is_open], m.label[is_open])
+        return recall, f1
+
+    def _answer_scores(self, qm: QueryMetrics, source: str, answers: Callable[[], np.ndarray]) -> dict[str, float]:
+        """Multi-label F1 (over the set queries) and mean token scores (over the open queries) of the answer codes
+        `answers()` one method gives a system; `source` names the method (one cache entry and one bootstrap stream
+        each)."""
+        key = (qm.system, source)
+        if key in self._answer_cache:
+            return self._answer_cache[key]
+        m = qm.matrix
+        out = dict(macro_f1=np.nan, macro_f1_lo=np.nan, macro_f1_hi=np.nan, micro_f1=np.nan, token_f1=np.nan,
+                   token_recall=np.nan)
+        if m.answer_type is None:  # closed only: none of these apply
+            return out
+        answer = answers()
+        is_set = m.type_mask(SET)
+        if is_set.any():
+            label, pred = m.label[is_set], answer[is_set]
+            empty = self.contexts.settings.empty_set
+            members = {int(c): set_members(self.contexts.answers[c], empty) for c in np.unique(np.r_[label, pred])}
+            labels = sorted({x for c in np.unique(label).tolist() for x in members[c]})
+            codes = np.array(sorted(members))
+            ind = stats.membership([members[int(c)] for c in codes], labels)
+            gold, got = ind[np.searchsorted(codes, label)], ind[np.searchsorted(codes, pred)]
+            out["macro_f1"], out["micro_f1"] = stats.set_f1(gold, got)
+            out["macro_f1_lo"], out["macro_f1_hi"] = stats.set_f1_interval(gold, got, self.n_boot,
+                                                                           self._rng("macro_f1", *key))
+        recall, f1 = self._token_scores(qm, answer)
+        if m.type_mask(OPEN).any():
+            out["token_f1"], out["token_recall"] = float(np.nanmean(f1)), float(np.nanmean(recall))
+        self._answer_cache[key] = out
+        return out
 
     def _cached(self, name: str, build) -> pd.DataFrame:
         if name not in self._frames:
@@ -218,6 +289,10 @@ class OracleReport:
                     acc, lo, hi = self._acc(correct, "summary", m.system, name)
                     row.update({f"{name}_acc": acc, f"{name}_acc_lo": lo, f"{name}_acc_hi": hi})
                 row.update(relevance_metrics(qm))
+                row.update({f"n_{t}": int(m.type_mask(t).sum()) for t in ANSWER_TYPES})
+                for name, col in (("top1", qm.top1_col), ("majority", qm.majority_col)):
+                    scores = self._answer_scores(qm, name, lambda col=col: qm.prediction_at(col))
+                    row.update({f"{name}_{c}": v for c, v in scores.items()})
                 rows.append(row)
             return pd.DataFrame(rows)
         return self._cached("summary", build)
@@ -268,8 +343,10 @@ class OracleReport:
                 top1, oracle = float(np.mean(qm.top1_correct)), float(np.mean(qm.oracle_correct))
                 for sel in self.selectors[qm.system]:
                     acc, lo, hi = self._acc(sel.correct, "selectors", qm.system, sel.name)
+                    source = {"retriever": "top1"}.get(sel.name, sel.name)  # the summary's top-1 numbers
                     rows.append(dict(system=qm.system, selector=sel.name, n=qm.n_queries, acc=acc, acc_lo=lo,
-                                     acc_hi=hi, gap_closed=gap_closed(acc, top1, oracle), n_fallback=sel.n_fallback))
+                                     acc_hi=hi, gap_closed=gap_closed(acc, top1, oracle), n_fallback=sel.n_fallback,
+                                     **self._answer_scores(qm, source, lambda sel=sel: sel.answers(qm))))
             return pd.DataFrame(rows)
         return self._cached("selectors", build)
 
@@ -362,12 +439,32 @@ class OracleReport:
                                   "accuracy": _with_interval(sel, ""),
                                   "gap closed": sel["gap_closed"].map(lambda g: "n/a" if np.isnan(g) else f"{g:.2f}"),
                                   "fallbacks": sel["n_fallback"]})
+        typed = []
+        if (s["n_set"] > 0).any():
+            f1 = pd.DataFrame({"system": s["system"], "set queries": s["n_set"],
+                               **{label: [_f1_cell(r, m) for r in s.itertuples()]
+                                  for label, m in (("top-1 macro-F1", "top1"), ("majority macro-F1", "majority"))},
+                               "top-1 micro-F1": s["top1_micro_f1"].map(_fmt)})
+            typed += ["## Multi-label queries (label sets)", "",
+                      "Accuracies above are exact-match subset accuracy; macro-F1 over the gold labels seen, with a "
+                      "query-bootstrap 95% interval.", "", _markdown(f1), ""]
+        if (s["n_open"] > 0).any():
+            tok = pd.DataFrame({"system": s["system"], "open queries": s["n_open"],
+                                **{label: s[col].map(_fmt) for label, col in (
+                                    ("top-1 token F1", "top1_token_f1"), ("top-1 token recall", "top1_token_recall"),
+                                    ("majority token F1", "majority_token_f1"),
+                                    ("majority token recall", "majority_token_recall"))}})
+            rule = self.contexts.settings
+            how = ("normalised exact match" if not rule.graded_open
+                   else f"token {rule.open_correct} >= {rule.open_threshold:g}")
+            typed += ["## Open (free-text) queries", "", f"An open answer counts correct by {how}.", "",
+                      _markdown(tok), ""]
         relevance = pd.DataFrame({"system": s["system"], "k": s["k"],
                                   **{label: s[col].map("{:.3f}".format) for label, col in RELEVANCE_LABELS}})
         parts = ["# Oracle analysis", "",
                  f"Contexts: `{self.contexts.path}`; intervals: {self.interval} 95%. Column meanings: "
                  f"reports/README.md.", "", "## Systems (top-k single-context predictions)", "", _markdown(systems),
-                 "", f"## Accuracy on the consistent and inconsistent queries of `{self.reference}`", "",
+                 "", *typed, f"## Accuracy on the consistent and inconsistent queries of `{self.reference}`", "",
                  _markdown(subsets), "", "## Selectors (gap closed = (selector - top-1) / (oracle - top-1))", "",
                  _markdown(selectors), ""]
         if self.learned is not None:
@@ -456,19 +553,33 @@ class OracleReport:
 
 
 def _check_answer_labels(ct: ContextTable, at: AnswerTable) -> None:
-    """An answer row's label must match the context table's label for the same query (after normalisation)."""
+    """An answer row's answer type and label must match the context table's for the same query (labels compared
+    normalised). An answer table without types (no column, --task auto) takes each query's type from the context
+    table (closed for queries it lacks)."""
     codes = pd.Index(ct.query_ids).get_indexer(at.frame[QUERY_ID].to_numpy())
+    known = codes >= 0
+    rows = np.flatnonzero(known)
+    query_type = np.zeros(len(ct.query_ids), dtype=np.int8)
+    if ct.run_type is not None:
+        query_type[ct.run_query] = ct.run_type
+        if not at.typed:
+            at.retype(np.array(ANSWER_TYPES, dtype=object)[np.where(known, query_type[codes], 0)])
+    ctx_type = np.array(ANSWER_TYPES, dtype=object)[query_type[codes[known]]]
+    ans_type = at.frame[ANSWER_TYPE].to_numpy()[known]
+    bad = np.flatnonzero(ans_type != ctx_type)
+    if len(bad):
+        raise at.raw.fail(int(rows[bad[0]]), ANSWER_TYPE,
+                          f"{ans_type[bad[0]]!r} differs from the answer type {ctx_type[bad[0]]!r} of the same query "
+                          f"in {ct.path}; a query has one answer type (pass the same --task to both tables)")
     query_label = np.full(len(ct.query_ids), -1, dtype=np.int64)
     query_label[ct.run_query] = ct.run_label
-    known = codes >= 0
     ctx_label = np.array(ct.answers, dtype=object)[query_label[codes[known]]]
-    ans_label = at.frame["label"].to_numpy()[known]
-    norm = np.array([str(x).strip().casefold() for x in ans_label], dtype=object)
+    norm = at.frame["label_norm"].to_numpy()[known]
     bad = np.flatnonzero(norm != ctx_label)
     if len(bad):
-        r = int(np.flatnonzero(known)[bad[0]])
-        raise at.raw.fail(r, "label", f"{ans_label[bad[0]]!r} differs from the label {ctx_label[bad[0]]!r} of the "
-                                      f"same query in {ct.path}; a query has one gold label")
+        r = int(rows[bad[0]])
+        raise at.raw.fail(r, "label", f"{at.frame['label'].iloc[r]!r} differs from the label {ctx_label[bad[0]]!r} "
+                                      f"of the same query in {ct.path}; a query has one gold label")
 
 
 def _with_interval(df: pd.DataFrame, prefix: str) -> list[str]:
@@ -476,6 +587,12 @@ def _with_interval(df: pd.DataFrame, prefix: str) -> list[str]:
     stem = f"{prefix}_acc" if prefix else "acc"
     return ["n/a" if np.isnan(a) else f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
             for a, lo, hi in zip(df[stem], df[f"{stem}_lo"], df[f"{stem}_hi"])]
+
+
+def _f1_cell(row: Any, method: str) -> str:
+    """'0.833 [0.500, 1.000]' from a summary row's <method>_macro_f1 and its interval; '' without set queries."""
+    v, lo, hi = (getattr(row, f"{method}_macro_f1{x}") for x in ("", "_lo", "_hi"))
+    return "" if np.isnan(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _fmt(v: Any) -> str:

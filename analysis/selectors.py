@@ -6,15 +6,19 @@ learned (a model trained on validation rows, analysis/learned.py), oracle, and l
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from .answers import OPEN
 from .consistency import QueryMetrics
 from .learned import LearnedSelector
 from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
+
+log = logging.getLogger(__name__)
 
 BUILTIN = ("retriever", "confidence", "majority", "fusion", "oracle")
 _BLOCK = 1 << 20  # (query × answer) cells of the fusion accumulator per block of queries
@@ -25,6 +29,27 @@ class SelectorResult:
     name: str
     correct: np.ndarray  # bool per query
     n_fallback: int = 0  # queries where the selector could not choose and rank 1 was used
+    answer: np.ndarray | None = None  # answer code chosen per query (fusion), else taken from `col`
+    col: np.ndarray | None = None  # the chosen context's column per query
+
+    def answers(self, qm: QueryMetrics) -> np.ndarray:
+        """Answer code chosen per query (for F1 and token scores; computed on demand)."""
+        return self.answer if self.answer is not None else qm.prediction_at(self.col)
+
+
+def _pick(qm: QueryMetrics, name: str, col: np.ndarray, n_fallback: int = 0,
+          correct: np.ndarray | None = None) -> SelectorResult:
+    """A selector that chooses one context (column) per query; `correct` when already known."""
+    if correct is None:
+        correct = qm.matrix.correct[np.arange(len(col)), col]
+    return SelectorResult(name, correct, n_fallback, col=col)
+
+
+def _probs_exempt(qm: QueryMetrics) -> np.ndarray | None:
+    """Open queries: free-text answers have no reader distribution, so selectors that need probs fall back to rank
+    1 on them (counted in n_fallback). None when the system has none."""
+    is_open = qm.matrix.type_mask(OPEN)
+    return is_open if is_open.any() else None
 
 
 def gap_closed(acc: float, top1: float, oracle: float) -> float:
@@ -33,16 +58,23 @@ def gap_closed(acc: float, top1: float, oracle: float) -> float:
 
 
 def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
-    """The context whose reader distribution has the highest maximum (ties -> best rank); None without probs."""
+    """The context whose reader distribution has the highest maximum (ties -> best rank); open queries fall back to
+    rank 1. None without probs on every context of the other queries (or without any other query)."""
     m = qm.matrix
     if table.probs is None:
         return None
-    present = m.present
+    exempt = _probs_exempt(qm)
+    present = m.present if exempt is None else m.present & ~exempt[:, None]
+    if exempt is not None and exempt.all():
+        log.info("system %s: confidence selector left out: every query is open (no reader distribution)", m.system)
+        return None
     maxp = table.probs.row_max()[np.maximum(m.row, 0)]
     if np.isnan(maxp[present]).any():
         return None
     col = np.argmax(np.where(present, maxp, -np.inf), axis=1)
-    return SelectorResult("confidence", m.correct[np.arange(len(col)), col])
+    if exempt is not None:
+        col[exempt] = qm.top1_col[exempt]
+    return _pick(qm, "confidence", col, 0 if exempt is None else int(exempt.sum()))
 
 
 FUSION_TIE_TOL = 1e-12  # fused probabilities this close to the maximum count as tied
@@ -78,10 +110,17 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
     probs = table.probs
     if probs is None or m.score is None or table.probs_answer is None:
         return None
-    present = m.present
+    exempt = _probs_exempt(qm)
+    present = m.present if exempt is None else m.present & ~exempt[:, None]
+    if exempt is not None and exempt.all():
+        log.info("system %s: fusion selector left out: every query is open (no reader distribution)", m.system)
+        return None
     if np.isnan(m.score[present]).any() or not probs.valid[m.row[present]].all():
         return None
-    w = fusion_weights(np.where(present, m.score, -np.inf), temperature)
+    scores = np.where(present, m.score, -np.inf)
+    if exempt is not None:
+        scores[exempt] = 0.0  # no context to weigh (their answer is rank 1's); keeps the softmax finite
+    w = fusion_weights(scores, temperature)
     n_answers = len(table.answers)
     n = len(qm.n_ranks)
     choice = np.empty(n, dtype=np.int64)
@@ -96,14 +135,18 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
         key = np.repeat(qi, lengths) * n_answers + table.probs_answer[entry]
         fused = np.bincount(key, weights=weight, minlength=(q1 - q0) * n_answers).reshape(q1 - q0, n_answers)
         choice[q0:q1] = (fused >= fused.max(axis=1, keepdims=True) - FUSION_TIE_TOL).argmax(axis=1)
-    return SelectorResult("fusion", choice == m.label)
+    n_fallback = 0
+    if exempt is not None:
+        choice[exempt] = qm.prediction_at(qm.top1_col)[exempt]
+        n_fallback = int(exempt.sum())
+    return SelectorResult("fusion", table.judge(choice, m.label, m.answer_type), n_fallback, choice)
 
 
 def learned(table: ContextTable, qm: QueryMetrics, model: LearnedSelector) -> SelectorResult | None:
     """The context the learned selector scores most likely correct (ties -> best rank); None without a model for
     this system."""
     picked = model.select(table, qm)
-    return None if picked is None else SelectorResult("learned", picked[1])
+    return None if picked is None else _pick(qm, "learned", picked[0])
 
 
 def rerank_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable) -> list[SelectorResult]:
@@ -134,7 +177,7 @@ def rerank_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable)
         valid[valid] &= m.present[local[valid], chosen[valid]]
         col[local[valid]] = chosen[valid]
         n_fallback = len(qm.top1_col) - int(valid.sum())
-        out.append(SelectorResult(str(name), m.correct[np.arange(len(col)), col], n_fallback))
+        out.append(_pick(qm, str(name), col, n_fallback))
     return out
 
 
@@ -142,8 +185,8 @@ def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | N
                   fusion_temperature: float = 1.0, learned_model: LearnedSelector | None = None) -> list[SelectorResult]:
     """Every available selector for one system (confidence and fusion need probs / retrieval scores, learned a
     trained model)."""
-    results = [SelectorResult("retriever", qm.top1_correct)]
-    for extra in (confidence(table, qm), SelectorResult("majority", qm.majority_correct),
+    results = [_pick(qm, "retriever", qm.top1_col, correct=qm.top1_correct)]
+    for extra in (confidence(table, qm), _pick(qm, "majority", qm.majority_col, correct=qm.majority_correct),
                   fusion(table, qm, fusion_temperature)):
         if extra is not None:
             results.append(extra)
@@ -153,7 +196,9 @@ def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | N
             results.append(picked)
     if rerank is not None:
         results.extend(rerank_selectors(table, qm, rerank))
-    results.append(SelectorResult("oracle", qm.oracle_correct))
+    # The oracle's answer: its best correct context's, else rank 1's (what it reports when nothing is correct).
+    results.append(_pick(qm, "oracle", np.where(qm.oracle_correct, qm.first_correct_rank - 1, qm.top1_col),
+                         correct=qm.oracle_correct))
     return results
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .tables import LABEL, PREDICTION, QUERY_ID, SYSTEM, normalize_answer
+from .answers import CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows, set_members
+from .tables import ANSWER_TYPE, LABEL, PREDICTION, QUERY_ID, SYSTEM
 
 Z95 = 1.959963984540054
 INTERVALS = ("wilson", "bootstrap")
@@ -128,31 +129,120 @@ def paired_outcomes(query_a: np.ndarray, correct_a: np.ndarray, query_b: np.ndar
     return mcnemar(np.asarray(correct_a, bool)[ia], np.asarray(correct_b, bool)[ib])
 
 
+def membership(sets: Sequence[Sequence[str]], labels: Sequence[str]) -> np.ndarray:
+    """(n × L) boolean matrix: set i holds label j; members outside `labels` are left out."""
+    index = {label: j for j, label in enumerate(labels)}
+    out = np.zeros((len(sets), len(labels)), dtype=bool)
+    for i, members in enumerate(sets):
+        out[i, [index[m] for m in members if m in index]] = True
+    return out
+
+
+def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Macro and micro F1 from per-label counts (..., L): macro = mean over labels with a gold occurrence
+    (tp + fn > 0) of 2tp / (2tp + fp + fn); micro = 2Σtp / (2Σtp + Σfp + Σfn). NaN where undefined."""
+    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
+    gold = (tp + fn) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(gold, 2 * tp / np.where(gold, 2 * tp + fp + fn, 1.0), 0.0)
+        macro = f1.sum(axis=-1) / gold.sum(axis=-1)
+        den = (2 * tp + fp + fn).sum(axis=-1)
+        micro = np.where(den > 0, 2 * tp.sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
+    return macro, micro
+
+
+def set_f1(gold: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(macro-F1, micro-F1) of multi-label predictions from gold and predicted membership matrices (n × L)."""
+    gold, pred = np.asarray(gold, bool), np.asarray(pred, bool)
+    macro, micro = _f1_from_counts((gold & pred).sum(0), (~gold & pred).sum(0), (gold & ~pred).sum(0))
+    return float(macro), float(micro)
+
+
+def set_f1_interval(gold: np.ndarray, pred: np.ndarray, n_boot: int = 1000, rng: np.random.Generator | None = None,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Percentile query-bootstrap interval of the macro-F1 (F1 has no Wilson interval). Queries with the same
+    (gold, predicted) membership pattern form one cell, so a draw is a multinomial draw of the cell counts; in a
+    draw, labels without a gold occurrence are left out of the mean, as in the sample."""
+    gold, pred = np.asarray(gold, bool), np.asarray(pred, bool)
+    if not len(gold) or not gold.any():
+        return float("nan"), float("nan")
+    rng = rng if rng is not None else np.random.default_rng(0)
+    patterns, counts = np.unique(np.hstack([gold, pred]), axis=0, return_counts=True)
+    n_labels = gold.shape[1]
+    g, p = patterns[:, :n_labels], patterns[:, n_labels:]
+    tp, fp, fn = ((a & b).astype(np.float64) for a, b in ((g, p), (~g, p), (g, ~p)))
+    per_block = max(1, (1 << 22) // len(counts))
+    macros = []
+    for b0 in range(0, n_boot, per_block):
+        draws = bootstrap_cells(counts, min(per_block, n_boot - b0), rng).astype(np.float64)
+        macros.append(_f1_from_counts(draws @ tp, draws @ fp, draws @ fn)[0])
+    macro = np.concatenate(macros)
+    macro = macro[~np.isnan(macro)]
+    if not len(macro):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(macro, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def _types(answers: pd.DataFrame) -> pd.Series:
+    if ANSWER_TYPE in answers:
+        types = answers[ANSWER_TYPE].fillna("").astype(str).str.strip().str.casefold()
+        return types.where(types != "", CLOSED)  # empty or null: closed
+    return pd.Series(CLOSED, index=answers.index)
+
+
+def _scored(answers: pd.DataFrame, settings: AnswerSettings = DEFAULT_SETTINGS) -> dict[str, np.ndarray]:
+    return score_rows(answers[PREDICTION].to_numpy(), answers[LABEL].to_numpy(), _types(answers).to_numpy(),
+                      settings)
+
+
 def _correct(answers: pd.DataFrame) -> np.ndarray:
-    return (answers[PREDICTION].map(normalize_answer) == answers[LABEL].map(normalize_answer)).to_numpy(dtype=bool)
+    return _scored(answers)["correct"]
 
 
 def paired(answers: pd.DataFrame, a: str, b: str) -> McNemar:
-    """System `a` against system `b` of an answer frame (columns system, query_id, prediction, label; one row per
-    system and query) on the queries both answered: n, only_a, only_b (queries only that system gets right) and the
-    exact McNemar p-value."""
+    """System `a` against system `b` of an answer frame (columns system, query_id, prediction, label, optional
+    answer_type; one row per system and query) on the queries both answered: n, only_a, only_b (queries only that
+    system gets right) and the exact McNemar p-value."""
     sub = [answers[answers[SYSTEM] == s] for s in (a, b)]
     return paired_outcomes(sub[0][QUERY_ID].astype(str).to_numpy(), _correct(sub[0]),
                            sub[1][QUERY_ID].astype(str).to_numpy(), _correct(sub[1]))
 
 
-def system_metrics(answers: pd.DataFrame, labels: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Per system of an answer frame (columns system, prediction, label), in order of first appearance: n, accuracy
-    with its Wilson 95% interval (accuracy_lo, accuracy_hi) and macro_f1, the mean F1 over the `labels` (default:
-    the gold labels seen) that occur as gold labels of that system's queries. Answers compare normalised."""
+def system_metrics(answers: pd.DataFrame, labels: Sequence[str] | None = None,
+                   settings: AnswerSettings = DEFAULT_SETTINGS) -> dict[str, dict[str, Any]]:
+    """Per system of an answer frame (columns system, prediction, label, optional answer_type: closed when absent),
+    in order of first appearance: n, accuracy with its Wilson 95% interval (accuracy_lo, accuracy_hi; correctness
+    as analysis.answers.judge defines it per type) and macro_f1. macro_f1 is over the closed rows: the mean F1 over
+    the `labels` (default: the gold labels seen) that occur as gold labels of that system's closed queries; for a
+    system with set rows it is the label-set macro-F1 of those rows (set_f1; labels = the members of `labels`, by
+    default the gold members seen), with micro_f1 added. Systems with open rows add token_f1 and token_recall
+    (means over those rows)."""
     out: dict[str, dict[str, Any]] = {}
     classes = list(dict.fromkeys(normalize_answer(x) for x in (labels if labels is not None else answers[LABEL])))
-    for system, group in answers.groupby(SYSTEM, sort=False):
-        y = group[LABEL].map(normalize_answer).to_numpy(dtype=object)
-        p = group[PREDICTION].map(normalize_answer).to_numpy(dtype=object)
-        right = int(np.sum(y == p))
-        f1s = [2 * np.sum((p == c) & (y == c)) / (np.sum(p == c) + np.sum(y == c)) for c in classes if np.sum(y == c)]
-        lo, hi = wilson(right, len(y))
-        out[str(system)] = {"n": len(y), "accuracy": right / len(y) if len(y) else float("nan"), "accuracy_lo": lo,
-                            "accuracy_hi": hi, "macro_f1": float(np.mean(f1s)) if f1s else float("nan")}
+    scored = pd.DataFrame(_scored(answers, settings), index=answers.index).assign(
+        _type=_types(answers), _system=answers[SYSTEM])
+    for system, group in scored.groupby("_system", sort=False):
+        right = int(group["correct"].sum())
+        lo, hi = wilson(right, len(group))
+        row: dict[str, Any] = {"n": len(group), "accuracy": right / len(group) if len(group) else float("nan"),
+                               "accuracy_lo": lo, "accuracy_hi": hi}
+        sets = group[group["_type"] == SET]
+        if len(sets):
+            gold = [set_members(x, settings.empty_set) for x in sets["label_norm"]]
+            names = (sorted({m for g in gold for m in g}) if labels is None
+                     else [normalize_answer(x) for x in labels])
+            pred = [set_members(x, settings.empty_set) for x in sets["prediction_norm"]]
+            row["macro_f1"], row["micro_f1"] = set_f1(membership(gold, names), membership(pred, names))
+        else:
+            closed = group[group["_type"] == CLOSED]
+            y, pr = closed["label_norm"].to_numpy(dtype=object), closed["prediction_norm"].to_numpy(dtype=object)
+            f1s = [2 * np.sum((pr == c) & (y == c)) / (np.sum(pr == c) + np.sum(y == c)) for c in classes
+                   if np.sum(y == c)]
+            row["macro_f1"] = float(np.mean(f1s)) if f1s else float("nan")
+        opened = group[group["_type"] == OPEN]
+        if len(opened):
+            row["token_f1"] = float(opened["token_f1"].mean())
+            row["token_recall"] = float(opened["token_recall"].mean())
+        out[str(system)] = row
     return out

@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 
 from ..core.fsutil import atomic_path
 from ..core.jsonl import iter_jsonl
+from .answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, AnswerSettings, normalize_answer, score_rows
+from .answers import token_scores as _token_scores
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,11 @@ log = logging.getLogger(__name__)
 SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION = "system", "query_id", "rank", "label", "prediction"
 ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS = "item_id", "head", "retrieval_score", "probs"
 SELECTOR, RANKING, ERROR = "selector", "ranking", "error"
+ANSWER_TYPE = "answer_type"
 CONTEXT_REQUIRED = (SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION)
-CONTEXT_COLUMNS = CONTEXT_REQUIRED + (ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS)
+CONTEXT_COLUMNS = CONTEXT_REQUIRED + (ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS, ANSWER_TYPE)
 ANSWER_REQUIRED = (SYSTEM, QUERY_ID, PREDICTION, LABEL)
-ANSWER_COLUMNS = ANSWER_REQUIRED + (PROBS,)
+ANSWER_COLUMNS = ANSWER_REQUIRED + (PROBS, ANSWER_TYPE)
 RERANK_REQUIRED = (SYSTEM, QUERY_ID, SELECTOR, RANKING)
 RERANK_COLUMNS = RERANK_REQUIRED + (ERROR,)
 SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -52,8 +55,8 @@ _KIND_WANT = {
 }
 _SPECS: dict[str, dict[str, str]] = {
     "contexts": {SYSTEM: "id", QUERY_ID: "id", RANK: "rank", LABEL: "id", PREDICTION: "text", ITEM_ID: "text",
-                 HEAD: "text", RETRIEVAL_SCORE: "score", PROBS: "probs"},
-    "answers": {SYSTEM: "id", QUERY_ID: "id", PREDICTION: "text", LABEL: "id", PROBS: "probs"},
+                 HEAD: "text", RETRIEVAL_SCORE: "score", PROBS: "probs", ANSWER_TYPE: "text"},
+    "answers": {SYSTEM: "id", QUERY_ID: "id", PREDICTION: "text", LABEL: "id", PROBS: "probs", ANSWER_TYPE: "text"},
     "rerank": {SYSTEM: "id", QUERY_ID: "id", SELECTOR: "id", RANKING: "ranking", ERROR: "text"},
 }
 _REQUIRED = {"contexts": CONTEXT_REQUIRED, "answers": ANSWER_REQUIRED, "rerank": RERANK_REQUIRED}
@@ -62,11 +65,6 @@ _PROBS_TYPE = pa.map_(pa.string(), pa.float64())
 
 class TableError(ValueError):
     """Invalid prediction table; the message names the file, the line (or Parquet row) and the field at fault."""
-
-
-def normalize_answer(text: str) -> str:
-    """Answers are compared after strip() + casefold() (DESIGN.md)."""
-    return str(text).strip().casefold()
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -225,7 +223,7 @@ def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
         col, kind = table.column(name), spec[name]
         if name in required and col.null_count:
             return None
-        if pa.types.is_null(col.type):  # every row null or absent: as if the column were not there
+        if pa.types.is_null(col.type) or col.null_count == len(col):  # every row null or absent: as if not there
             continue
         if kind == "probs":
             if not pa.types.is_struct(col.type) or col.type.num_fields > _MAX_PROBS_KEYS or not all(
@@ -609,6 +607,9 @@ class ContextTable:
     score: np.ndarray | None  # float64 per sorted row (NaN where missing) or None without the column
     probs: ProbsColumn | None  # in file-row order
     probs_answer: np.ndarray | None  # answer code of every probs entry
+    run_type: np.ndarray | None = None  # answer-type code per run (index into ANSWER_TYPES); None: all closed
+    settings: AnswerSettings = DEFAULT_SETTINGS
+    _token_cache: dict[int, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     @property
     def path(self) -> Path:
@@ -621,6 +622,36 @@ class ContextTable:
     def locate(self, sorted_row: int) -> str:
         return self.raw.locate(int(self.row[sorted_row]))
 
+    def token_scores(self, pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token recall and F1 (answers.token_scores) of answer codes against label codes, element-wise; each
+        distinct pair is scored once."""
+        pred, label = np.broadcast_arrays(np.asarray(pred, dtype=np.int64), np.asarray(label, dtype=np.int64))
+        key = pred * len(self.answers) + label
+        pairs, inverse = np.unique(key, return_inverse=True)
+        n_a = len(self.answers)
+        scores = np.empty((len(pairs), 2))
+        for i, k in enumerate(pairs.tolist()):
+            if k not in self._token_cache:
+                self._token_cache[k] = _token_scores(self.answers[k // n_a], self.answers[k % n_a])
+            scores[i] = self._token_cache[k]
+        scores = scores[inverse.reshape(-1)].reshape(key.shape + (2,))
+        return scores[..., 0], scores[..., 1]
+
+    def judge(self, pred: np.ndarray, label: np.ndarray, types: np.ndarray | None) -> np.ndarray:
+        """Correctness of answer codes against label codes (broadcast) of queries with answer-type codes `types`:
+        equal codes, except open answers under --open-correct recall / f1 (answers.judge)."""
+        correct = np.asarray(pred) == np.asarray(label)
+        if types is None or not self.settings.graded_open:
+            return correct
+        pred, label, types = np.broadcast_arrays(pred, label, types)
+        graded = (types == ANSWER_TYPES.index(OPEN)) & (pred >= 0)
+        if graded.any():
+            recall, f1 = self.token_scores(pred[graded], label[graded])
+            score = recall if self.settings.open_correct == "recall" else f1
+            correct = correct.copy()
+            correct[graded] = score >= self.settings.open_threshold - 1e-12
+        return correct
+
 
 def _answer_vocabulary(uniques: list[pa.Array]) -> tuple[list[str], list[np.ndarray]]:
     """Normalised answer vocabulary (sorted) and, for each input array of raw strings, the code of each value."""
@@ -631,29 +662,86 @@ def _answer_vocabulary(uniques: list[pa.Array]) -> tuple[list[str], list[np.ndar
     return vocab, [np.array([index[a] for a in norm], dtype=dtype) for norm in normalized]
 
 
-def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None) -> ContextTable:
+def _typed_vocabulary(inputs: list[tuple[np.ndarray, pa.Array, np.ndarray]],
+                      settings: AnswerSettings) -> tuple[list[str], list[np.ndarray]]:
+    """Like `_answer_vocabulary` when values are normalised by the answer type of their row: for each input
+    (codes into uniques, type code per element) the answer code of every element."""
+    normalized, inverses = [], []
+    for codes, uniques, types in inputs:
+        n_u = max(len(uniques), 1)
+        pairs, inverse = np.unique(types.astype(np.int64) * n_u + codes, return_inverse=True)
+        values = uniques.to_pylist()
+        normalized.append([normalize_answer(values[c], ANSWER_TYPES[t], settings.empty_set)
+                           if values[c] is not None else ""
+                           for t, c in zip((pairs // n_u).tolist(), (pairs % n_u).tolist())])
+        inverses.append(inverse.reshape(-1))
+    vocab = sorted(set().union(*normalized))
+    index = {a: i for i, a in enumerate(vocab)}
+    return vocab, [np.array([index[a] for a in norm], dtype=np.int32)[inv] for norm, inv in zip(normalized, inverses)]
+
+
+def _row_types(raw: RawTable, settings: AnswerSettings) -> np.ndarray | None:
+    """Answer-type code of every file row, from the `answer_type` column or --task; None when every row is closed
+    (the path without per-row types)."""
+    task = settings.task
+    codes = None
+    if ANSWER_TYPE in raw.columns and raw.columns[ANSWER_TYPE].null_count < raw.n_rows:  # all null: as if absent
+        codes, uniques = raw.encode(ANSWER_TYPE)
+    if codes is None:
+        if task in ("auto", CLOSED):
+            return None
+        return np.full(raw.n_rows, ANSWER_TYPES.index(task), dtype=np.int8)
+    lookup = np.zeros(len(uniques) + 1, dtype=np.int8)  # the last entry: null (code -1), closed
+    for i, value in enumerate(uniques.to_pylist()):
+        norm = value.strip().casefold() if value is not None else ""
+        if norm and norm not in ANSWER_TYPES:
+            raise raw.fail(int(np.argmax(codes == i)), ANSWER_TYPE, f"{value!r} is not an answer type; expected one "
+                                                                    f"of {', '.join(ANSWER_TYPES)} (empty: closed)")
+        lookup[i] = ANSWER_TYPES.index(norm) if norm else 0
+    types = lookup[codes]
+    if task != "auto":
+        row = _first(types != ANSWER_TYPES.index(task))
+        if row is not None:
+            raise raw.fail(row, ANSWER_TYPE, f"{ANSWER_TYPES[types[row]]!r} contradicts --task {task}; pass --task "
+                                             f"auto to use the column, or fix the row")
+    return None if not types.any() else types
+
+
+def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None,
+                  settings: AnswerSettings = DEFAULT_SETTINGS) -> ContextTable:
     """Loads and validates a context-prediction table.
 
-    `columns`: optional columns to read beyond the required ones (default all present: retrieval_score and probs
-    feed the fusion and confidence selectors; item_id and head are not needed for the metrics).
+    `columns`: optional columns to read beyond the required ones (default: retrieval_score and probs, which feed
+    the fusion and confidence selectors, and answer_type; item_id and head are not needed for the metrics).
+    `settings`: the answer types and how answers are judged (AnswerSettings).
     """
     if columns is None:
         columns = (RETRIEVAL_SCORE, PROBS)
-    raw = read_raw(path, "contexts", columns=columns, dictionary=(SYSTEM, LABEL, PREDICTION))
+    columns = tuple(columns) + (ANSWER_TYPE,)
+    raw = read_raw(path, "contexts", columns=columns, dictionary=(SYSTEM, LABEL, PREDICTION, ANSWER_TYPE))
     n = raw.n_rows
     sys_codes, sys_uniques = raw.encode(SYSTEM)
     lab_codes, lab_uniques = raw.encode(LABEL)
     pred_codes, pred_uniques = raw.encode(PREDICTION)
     rank = raw.columns[RANK].to_numpy()
     probs = raw.probs
-    vocab_inputs = [lab_uniques, pred_uniques]
+    row_type = _row_types(raw, settings)
     if probs is not None:
         key_codes, key_uniques = encode_strings(pa.chunked_array([probs.keys]))
-        vocab_inputs.append(key_uniques)
-    answers, maps = _answer_vocabulary(vocab_inputs)
-    label = maps[0][lab_codes]
-    pred = maps[1].astype(np.int16 if len(answers) < 2 ** 15 else np.int32)[pred_codes]
-    probs_answer = maps[2][key_codes] if probs is not None else None
+    if row_type is None:
+        vocab_inputs = [lab_uniques, pred_uniques] + ([key_uniques] if probs is not None else [])
+        answers, maps = _answer_vocabulary(vocab_inputs)
+        label = maps[0][lab_codes]
+        pred = maps[1].astype(np.int16 if len(answers) < 2 ** 15 else np.int32)[pred_codes]
+        probs_answer = maps[2][key_codes] if probs is not None else None
+    else:
+        typed = [(lab_codes, lab_uniques, row_type), (pred_codes, pred_uniques, row_type)]
+        if probs is not None:
+            typed.append((key_codes, key_uniques, np.repeat(row_type, np.diff(probs.offsets))))
+        answers, per_row = _typed_vocabulary(typed, settings)
+        label = per_row[0]
+        pred = per_row[1].astype(np.int16 if len(answers) < 2 ** 15 else np.int32)
+        probs_answer = per_row[2] if probs is not None else None
     score = None
     if RETRIEVAL_SCORE in raw.columns:
         score = raw.columns[RETRIEVAL_SCORE].to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
@@ -700,6 +788,8 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None)
         rank, label, pred = srank, label[row], pred[row]
         if score is not None:
             score = score[row]
+        if row_type is not None:
+            row_type = row_type[row]
 
     # Systems in order of first appearance in the file.
     first_row = np.full(len(sys_uniques), n, dtype=np.int64)
@@ -710,28 +800,43 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None)
     systems = [sys_uniques[int(i)].as_py() for i in order]
     run_sys = recode[run_sys]
 
-    # One gold label per query: within a run, and across the runs (systems) of a query.
-    changed = np.flatnonzero((label[1:] != label[:-1]) & ~run_start_mask[1:])
-    if len(changed):
-        bad = int(changed[0]) + 1
-        first = int(starts[np.searchsorted(starts, bad, side="right") - 1])
-        raise raw.fail(int(row[bad]), LABEL, f"{answers[label[bad]]!r} differs from {answers[label[first]]!r} at "
-                                             f"{raw.locate(int(row[first]))} for the same query; a query has one "
-                                             f"gold label")
-    run_label = label[starts]
-    query_label = np.full(n_q, -1, dtype=np.int64)
-    query_label[q_codes] = run_label
-    bad_run = _first(query_label[q_codes] != run_label)
-    if bad_run is not None:
-        other = int(np.argmax((q_codes == q_codes[bad_run]) & (run_label == query_label[q_codes[bad_run]])))
-        raise raw.fail(int(row[starts[bad_run]]), LABEL,
-                       f"{answers[run_label[bad_run]]!r} differs from {answers[run_label[other]]!r} at "
-                       f"{raw.locate(int(row[starts[other]]))} for query {q_uniques[int(q_codes[bad_run])]}; a "
-                       f"query has one gold label in every system")
+    # One answer type per query (checked first: labels normalise by it), then one gold label per query; each within
+    # a run, and across the runs (systems) of a query.
+    run_type = None
+    if row_type is not None:
+        run_type = _check_one_per_query(raw, row, starts, run_start_mask, q_codes, q_uniques, row_type, ANSWER_TYPE,
+                                        lambda code: repr(ANSWER_TYPES[code]), "answer type")
+    run_label = _check_one_per_query(raw, row, starts, run_start_mask, q_codes, q_uniques, label, LABEL,
+                                     lambda code: repr(answers[code]), "gold label")
     return ContextTable(raw=raw, systems=systems, query_ids=q_uniques.to_numpy(zero_copy_only=False),
                         answers=answers, row=row, run_start=starts, run_system=run_sys, run_query=q_codes,
                         run_label=run_label, rank=rank, prediction=pred, score=score, probs=probs,
-                        probs_answer=probs_answer)
+                        probs_answer=probs_answer, run_type=run_type, settings=settings)
+
+
+def _check_one_per_query(raw: RawTable, row: np.ndarray, starts: np.ndarray, run_start_mask: np.ndarray,
+                         q_codes: np.ndarray, q_uniques: pa.Array, values: np.ndarray, field_name: str,
+                         show: Callable[[int], str], what: str) -> np.ndarray:
+    """`values` (per sorted row) must be constant within each run and across the runs of a query; returns the value
+    per run. The error names the first row that differs and where the query's first value is."""
+    changed = np.flatnonzero((values[1:] != values[:-1]) & ~run_start_mask[1:])
+    if len(changed):
+        bad = int(changed[0]) + 1
+        first = int(starts[np.searchsorted(starts, bad, side="right") - 1])
+        raise raw.fail(int(row[bad]), field_name, f"{show(values[bad])} differs from {show(values[first])} at "
+                                                  f"{raw.locate(int(row[first]))} for the same query; a query has "
+                                                  f"one {what}")
+    run_value = values[starts]
+    per_query = np.zeros(len(q_uniques), dtype=run_value.dtype)
+    per_query[q_codes] = run_value
+    bad_run = _first(per_query[q_codes] != run_value)
+    if bad_run is not None:
+        other = int(np.argmax((q_codes == q_codes[bad_run]) & (run_value == per_query[q_codes[bad_run]])))
+        raise raw.fail(int(row[starts[bad_run]]), field_name,
+                       f"{show(run_value[bad_run])} differs from {show(run_value[other])} at "
+                       f"{raw.locate(int(row[starts[other]]))} for query {q_uniques[int(q_codes[bad_run])]}; a "
+                       f"query has one {what} in every system")
+    return run_value
 
 
 @dataclass
@@ -747,6 +852,8 @@ class RankMatrix:
     prediction: np.ndarray  # (n_queries, k) answer codes, -1 where the rank is absent
     row: np.ndarray  # (n_queries, k) file row of each cell, -1 where absent
     score: np.ndarray | None  # (n_queries, k) retrieval scores, NaN where absent
+    answer_type: np.ndarray | None = None  # answer-type code per query; None: all closed
+    graded: np.ndarray | None = None  # (n_queries, k) correctness when open answers are judged by a token score
 
     @property
     def present(self) -> np.ndarray:
@@ -754,7 +861,15 @@ class RankMatrix:
 
     @property
     def correct(self) -> np.ndarray:
+        if self.graded is not None:
+            return self.graded
         return (self.prediction == self.label[:, None]) & self.present
+
+    def type_mask(self, answer_type: str) -> np.ndarray:
+        """Queries of one answer type."""
+        if self.answer_type is None:
+            return np.full(len(self.query), answer_type == CLOSED)
+        return self.answer_type == ANSWER_TYPES.index(answer_type)
 
 
 def rank_matrices(table: ContextTable, k: int | None = None, short: str = "error") -> list[RankMatrix]:
@@ -812,9 +927,13 @@ def rank_matrices(table: ContextTable, k: int | None = None, short: str = "error
                                  f"nothing is left after --short {short}")
         if n_short:
             log.info("system %s: %d queries with fewer than k=%d ranks (policy %s)", name, n_short, ks, short)
+        qtype = table.run_type[runs] if table.run_type is not None else None
+        graded = None
+        if qtype is not None and table.settings.graded_open and (qtype == ANSWER_TYPES.index(OPEN)).any():
+            graded = table.judge(pred, table.run_label[runs][:, None], qtype[:, None]) & (pred >= 0)
         out.append(RankMatrix(system=name, k=ks, n_short=n_short, short_policy=short,
                               query=table.run_query[runs], label=table.run_label[runs], prediction=pred,
-                              row=filerow, score=score))
+                              row=filerow, score=score, answer_type=qtype, graded=graded))
     return out
 
 
@@ -842,27 +961,47 @@ class AnswerTable:
 
     raw: RawTable
     systems: list[str]
-    frame: pd.DataFrame  # system, query_id, prediction, label, correct
+    frame: pd.DataFrame  # system, query_id, prediction, label, answer_type, prediction_norm, label_norm, correct,
+    #                      token_recall, token_f1
+    settings: AnswerSettings = DEFAULT_SETTINGS
+    typed: bool = True  # the types come from the column or --task (else every row was read as closed)
+
+    def retype(self, types: np.ndarray) -> None:
+        """Gives the rows these answer types (names) and judges them again: an answer table without the column
+        takes each query's type from the context table."""
+        self.frame[ANSWER_TYPE] = types
+        for key, value in score_rows(self.frame[PREDICTION], self.frame[LABEL], types, self.settings).items():
+            self.frame[key] = value
+        self.typed = True
 
     @property
     def path(self) -> Path:
         return self.raw.path
 
 
-def load_answers(path: str | os.PathLike) -> AnswerTable:
-    raw = read_raw(path, "answers", columns=ANSWER_REQUIRED)
+def load_answers(path: str | os.PathLike, settings: AnswerSettings = DEFAULT_SETTINGS) -> AnswerTable:
+    """Loads and validates an answer table; `frame` gains answer_type, the normalised prediction_norm and
+    label_norm, correct, and token_recall / token_f1 (NaN on rows that are not open)."""
+    raw = read_raw(path, "answers", columns=ANSWER_REQUIRED + (ANSWER_TYPE,))
     df = _frame(raw, ANSWER_REQUIRED)
     _check_unique(df, [SYSTEM, QUERY_ID], raw, "the answer table holds one answer per system and query")
-    first_label = df.groupby(QUERY_ID, sort=False)[LABEL].transform("first")
-    bad = _first((df[LABEL] != first_label).to_numpy())
-    if bad is not None:
-        first = int(np.argmax((df[QUERY_ID] == df[QUERY_ID].iloc[bad]).to_numpy()))
-        raise raw.fail(bad, LABEL, f"{df[LABEL].iloc[bad]!r} differs from {df[LABEL].iloc[first]!r} at "
-                                   f"{raw.locate(first)} for the same query; a query has one gold label")
-    norm_p = df[PREDICTION].map(normalize_answer)
-    norm_l = df[LABEL].map(normalize_answer)
-    df["correct"] = (norm_p == norm_l).to_numpy(dtype=bool)
-    return AnswerTable(raw=raw, systems=list(dict.fromkeys(df[SYSTEM])), frame=df)
+    types = _row_types(raw, settings)
+    df[ANSWER_TYPE] = (np.array(ANSWER_TYPES, dtype=object)[types] if types is not None
+                       else np.full(len(df), CLOSED, dtype=object))
+    scored = score_rows(df[PREDICTION], df[LABEL], df[ANSWER_TYPE], settings)
+    # A query has one answer type (checked first: labels normalise by it) and one gold label.
+    for name, values, what in ((ANSWER_TYPE, df[ANSWER_TYPE], "answer type"),
+                               (LABEL, pd.Series(scored["label_norm"], index=df.index), "gold label")):
+        first_value = values.groupby(df[QUERY_ID], sort=False).transform("first")
+        bad = _first((values != first_value).to_numpy())
+        if bad is not None:
+            first = int(np.argmax((df[QUERY_ID] == df[QUERY_ID].iloc[bad]).to_numpy()))
+            raise raw.fail(bad, name, f"{df[name].iloc[bad]!r} differs from {df[name].iloc[first]!r} at "
+                                      f"{raw.locate(first)} for the same query; a query has one {what}")
+    for key, value in scored.items():
+        df[key] = value
+    typed = ANSWER_TYPE in raw.columns or settings.task != "auto"
+    return AnswerTable(raw=raw, systems=list(dict.fromkeys(df[SYSTEM])), frame=df, settings=settings, typed=typed)
 
 
 @dataclass

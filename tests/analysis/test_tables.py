@@ -15,9 +15,9 @@ from dxrag.analysis.tables import PROBS, load_answers
 def test_pipeline_columns_round_trip(tmp_path, suffix):
     df = pd.DataFrame([
         dict(system="joint", query_id="007", rank=1, label="Grade 2", prediction="grade 2", item_id="c1",
-             head="image", retrieval_score=0.75, probs={"Grade 2": 0.625, "Grade 3": 0.375}),
+             head="image", retrieval_score=0.75, probs={"Grade 2": 0.625, "Grade 3": 0.375}, answer_type="closed"),
         dict(system="joint", query_id="007", rank=2, label="Grade 2", prediction="Grade 3", item_id="c9",
-             head="text", retrieval_score=-0.5, probs=None),
+             head="text", retrieval_score=-0.5, probs=None, answer_type="closed"),
     ])[list(CONTEXT_COLUMNS)]
     path = write_table(df, tmp_path / f"ctx{suffix}")
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
