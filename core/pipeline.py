@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from . import distributed, stages
 from .config import ConfigError, RunConfig
@@ -19,7 +18,6 @@ from .dataset import Dataset
 from .fsutil import atomic_write_json
 from .predictions import write_tables
 from .provenance import provenance
-from .records import normalize_answer, parse_label_set
 from .stages import SYSTEMS, RunContext
 from .training.runs import RunDir
 
@@ -80,12 +78,10 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
 
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
     """Accuracy (Wilson 95% interval) and macro-F1 of every system's final answer, and joint vs rag with an exact
-    McNemar test on the same queries (analysis.stats computes both). Answers compare after strip + casefold.
-
-    Multi-label: accuracy is subset accuracy (the predicted set equals the gold set: their canonical strings are
-    equal) and macro_f1 the mean over labels (those that occur in some gold set) of the per-label F1 of membership;
-    `label_f1` gives each label's. VQA with open questions: `by_answer_type` adds n and accuracy (normalised exact
-    match) of the closed and of the open questions."""
+    McNemar test on the same queries: analysis.stats computes all of them, with answers judged per `answer_type` as
+    analyze-oracle does (analysis.answers). Multi-label: accuracy is subset accuracy, macro_f1 / micro_f1 over the
+    labels' membership. VQA with open questions: `by_answer_type` adds n and accuracy of the closed and of the open
+    questions (normalised exact match), and token_f1 / token_recall of the open ones."""
     import pandas as pd
 
     from ..analysis.stats import paired, system_metrics
@@ -93,38 +89,15 @@ def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
     answers = pd.DataFrame([r for r in rows if r["kind"] == "answer"])
     out: dict[str, Any] = system_metrics(answers, ds.meta.labels)
     types = answers["answer_type"].fillna("closed") if "answer_type" in answers else pd.Series("closed", answers.index)
-    for system, group in answers.groupby("system", sort=False):
-        kinds = types[group.index]
-        if ds.meta.task == "multilabel":
-            out[system]["macro_f1"], out[system]["label_f1"] = _label_f1(group, ds.meta.labels)
-        elif (kinds == "open").any():
-            by_type = out[system]["by_answer_type"] = {}
-            for kind in ("closed", "open"):
-                sub = group[kinds == kind]
-                if len(sub):
-                    right = [normalize_answer(p) == normalize_answer(y)
-                             for p, y in zip(sub["prediction"], sub["label"])]
-                    by_type[kind] = {"n": len(sub), "accuracy": float(np.mean(right))}
+    if (types == "open").any():
+        for kind in ("closed", "open"):
+            for system, m in system_metrics(answers[types == kind], ds.meta.labels).items():
+                out[system].setdefault("by_answer_type", {})[kind] = {"n": m["n"], "accuracy": m["accuracy"]}
     if {"joint", "rag"} <= set(out):
         test = paired(answers, "joint", "rag")
         out["joint_vs_rag"] = {"n": test.n, "only_joint": test.only_a, "only_rag": test.only_b,
                                "p_value": test.p_value}
     return out
-
-
-def _label_f1(answers, labels: list[str]) -> tuple[float, dict[str, float]]:
-    """(macro-F1, per-label F1) of set answers: label l's F1 = 2tp / (2tp + fp + fn) of "l is in the set" over the
-    queries, the macro mean over the labels that occur in some gold set (the others have no F1)."""
-    gold = [set(parse_label_set(y, labels) or ()) for y in answers["label"]]
-    pred = [set(parse_label_set(p, labels) or ()) for p in answers["prediction"]]
-    f1 = {}
-    for label in labels:
-        tp = sum(label in g and label in p for g, p in zip(gold, pred))
-        fp = sum(label not in g and label in p for g, p in zip(gold, pred))
-        fn = sum(label in g and label not in p for g, p in zip(gold, pred))
-        if tp + fn:
-            f1[label] = 2 * tp / (2 * tp + fp + fn)
-    return (float(np.mean(list(f1.values()))) if f1 else float("nan")), f1
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

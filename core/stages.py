@@ -16,7 +16,7 @@ import numpy as np
 from . import distributed
 from .config import RunConfig
 from ..analysis.selectors import fuse, fused_answer, fusion_weights
-from .dataset import Dataset, DatasetError, load_dataset
+from .dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
 from .records import Answer, ContextPrediction, Query
 from .tasks import OPEN, SET, TaskPrompts, open_answer

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .dataset import DatasetMeta
-from .records import Query, format_label_set, normalize_answer
+from .records import Query, format_label_set
 from .reader.prompts import with_legend
 
 CLOSED, SET, OPEN = "closed", "set", "open"
@@ -123,11 +123,14 @@ class TrainingExamples(SequenceABC):
 
 def open_answer(texts: Sequence[str], weights: Sequence[float]) -> str:
     """The fused answer of an open question over its contexts: the generated answer whose normalised form
-    (strip + casefold) has the largest total fusion weight; ties go to the best-ranked context's answer."""
+    (analysis.answers.normalize_open, as analyze-oracle compares open answers) has the largest total fusion weight;
+    ties go to the best-ranked context's answer."""
+    from ..analysis.answers import normalize_open
+
     totals: dict[str, float] = {}
     first: dict[str, int] = {}
     for i, (text, w) in enumerate(zip(texts, weights)):
-        key = normalize_answer(text)
+        key = normalize_open(text)
         totals[key] = totals.get(key, 0.0) + float(w)
         first.setdefault(key, i)
     best = max(totals.values())

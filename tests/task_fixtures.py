@@ -17,7 +17,10 @@ GRADE_FINDINGS = {0: (), 1: ("opacity",), 2: ("opacity", "nodule"), 3: ("opacity
 OPEN_ANSWERS = {0: "no lesion spots", 1: "a few spots", 2: "dot haemorrhages", 3: "venous beading",
                 4: "neovascularisation"}
 OPEN_QUESTION = "What does the exam show?"
-SIZES = {"n_patients": 12, "n_corpus": 48, "n_train": 24, "n_val": 8, "n_test": 10}
+# small, and the generator without latent difficulty (the images these tests were written against)
+SIZES = {"n_patients": 12, "n_corpus": 48, "n_train": 24, "n_val": 8, "n_test": 10, "lesion_haze": 0.0,
+         "lesion_fade": 0.0, "noise_gain": 0.0, "jitter_gain": 0.0, "misleading_fraction": 0.05,
+         "mislabeled_fraction": 0.03}
 
 
 def _copy(w: DatasetWriter, src: Path, rel: str, name: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dxrag.analysis.answers import normalize_open
 from dxrag.core.cli import main
 from dxrag.core.dataset import DatasetError, load_dataset
 from dxrag.core.records import format_label_set, parse_label_set
@@ -74,7 +75,6 @@ def test_multilabel_run_writes_set_predictions_and_set_metrics(multilabel_run):
         assert m["accuracy"] == pytest.approx(np.mean([r["prediction"] == r["label"] for r in rows]))
         f1 = _label_f1([parse_label_set(r["label"], FINDINGS) for r in rows],
                        [parse_label_set(r["prediction"], FINDINGS) for r in rows])
-        assert m["label_f1"] == pytest.approx(f1)
         assert m["macro_f1"] == pytest.approx(np.mean(list(f1.values())))
     assert summary["metrics"]["joint_vs_rag"]["n"] == 10
     assert Path(summary["report"], "summary.csv").exists()
@@ -95,7 +95,7 @@ def test_open_vqa_run_generates_answers_for_open_questions(vqa_run):
         m = summary["metrics"][system]
         for kind in ("closed", "open"):
             rows = [r for r in answers if r["system"] == system and r["answer_type"] == kind]
-            right = [r["prediction"].strip().casefold() == r["label"].strip().casefold() for r in rows]
+            right = [normalize_open(r["prediction"]) == normalize_open(r["label"]) for r in rows]
             assert m["by_answer_type"][kind] == {"n": 10, "accuracy": pytest.approx(np.mean(right))}
         assert m["n"] == 20
 
@@ -141,4 +141,4 @@ def test_chestmnist_config_runs_on_a_generated_npz(tmp_path):
     contexts = _rows(summary["contexts"])
     assert len(contexts) == 2 * 8 * 4 and all(r["answer_type"] == "set" for r in contexts)  # top_n 2 per head
     assert all(parse_label_set(r["prediction"], ds.meta.labels) is not None for r in contexts)
-    assert set(summary["metrics"]["rag"]) >= {"accuracy", "macro_f1", "label_f1"}
+    assert set(summary["metrics"]["rag"]) >= {"accuracy", "macro_f1", "micro_f1"}
