@@ -20,13 +20,16 @@ Knobs that move the two retrieval-matters properties (see tests/test_synth.py fo
 - `n_patients` up at fixed corpus size → fewer prior exams per patient → weaker retrieval.
 
 Latent per-exam difficulty (acquisition quality / lesion visibility), d ~ Beta(`difficulty_a`, `difficulty_b`),
-recorded as `metadata.difficulty` of every query and corpus item. Each effect scales with d (all 0 by default, which
-reproduces the images of the generator without difficulty: d has its own random stream):
+recorded as `metadata.difficulty` of every query and corpus item. Each effect scales with d; the defaults were
+calibrated against BreastMNIST and PneumoniaMNIST runs (docs/calibration.md). Setting every effect and `lesion_haze`
+to 0 reproduces the images of the generator without difficulty (d has its own random stream):
 - `jitter_gain` → anatomy jitter × (1 + jitter_gain·d): the exam looks less like the patient's other exams → wrong
   patients retrieved, more top-k disagreement.
 - `noise_gain` → pixel noise × (1 + noise_gain·d): both retrieval and lesion reading degrade.
 - `blur` → Gaussian blur of sigma blur·d pixels: small lesion spots smear out.
-- `lesion_fade` → lesion contrast × (1 − lesion_fade·d): fainter lesions → closed-book errors on hard exams.
+- `lesion_fade` → lesion contrast and haze × (1 − lesion_fade·d): fainter lesions → closed-book errors on hard exams.
+- `lesion_haze` → a diffuse exudate tint of lesion_haze × grade over the fundus disc (at d = 0): the cue the tiny
+  closed-book reader learns (it cannot count faint spots); without it the closed-book reader collapses to 1–3 classes.
 """
 
 from __future__ import annotations
