@@ -19,7 +19,8 @@ from ..analysis.selectors import fuse, fused_answer, fusion_weights
 from .dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
 from .records import Answer, ContextPrediction, Query
-from .tasks import OPEN, SET, TaskPrompts, open_answer
+from ..analysis.answers import CLOSED, OPEN, SET
+from .tasks import TaskPrompts, open_answer
 from .training.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def answerable(ds: Dataset) -> Dataset:
     label), open VQA questions (answered by generation) and closed questions with at least two candidate answers;
     closed questions with fewer are left out (logged)."""
     prompts = TaskPrompts.of(ds.meta)
-    kept = {split: [q for q in qs if prompts.answer_type(q) != "closed" or len(q.candidates) >= 2]
+    kept = {split: [q for q in qs if prompts.answer_type(q) != CLOSED or len(q.candidates) >= 2]
             for split, qs in ds.queries.items()}
     for split, qs in ds.queries.items():
         if len(kept[split]) < len(qs):
@@ -263,21 +264,22 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
             part = todo[start:start + chunk]
             plans = [(system, queries[qi], [("", "", 0.0)] if system == "closed-book" else
                       interleave({h: hits[system][h][qi] for h in HEADS}, cfg.rank_order)) for system, qi in part]
-            asked = [[prompts.prompt_query(query)] if prompts.answer_type(query) != SET
-                     else prompts.label_queries(query) for _, query, _ in plans]
-            opened = [prompts.answer_type(query) == OPEN for _, query, _ in plans]
+            types = [prompts.answer_type(query) for _, query, _ in plans]
+            asked = [prompts.label_queries(query) if kind == SET else [prompts.prompt_query(query)]
+                     for (_, query, _), kind in zip(plans, types)]
+            opened = [kind == OPEN for kind in types]
             requests = [[ScoreRequest(a, items[item_id] if item_id else None) for _, item_id, _ in ranked
                          for a in ask] for (_, _, ranked), ask in zip(plans, asked)]
             scores = iter(model.score([r for rs, o in zip(requests, opened) if not o for r in rs], ds.root,
                                       progress=False))
             texts = iter(model.generate([r for rs, o in zip(requests, opened) if o for r in rs], ds.root,
                                         progress=False) if any(opened) else [])
-            for (system, query, ranked), ask, is_open in zip(plans, asked, opened):
-                if is_open:
+            for (system, query, ranked), ask, kind in zip(plans, asked, types):
+                if kind == OPEN:
                     _log_open(plog, system, query, ranked, [next(texts) for _ in ranked], tau)
                     continue
                 probs = np.stack([np.stack([np.exp(next(scores)) for _ in ask]) for _ in ranked])
-                if prompts.answer_type(query) == SET:
+                if kind == SET:
                     _log_set(plog, prompts, system, query, ranked, probs[:, :, 0], tau)
                 else:
                     _log_query(plog, system, query, ranked, probs[:, 0], tau)
@@ -295,14 +297,14 @@ def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np
     cands = list(query.candidates)
     if system == "closed-book":
         plog.write([], Answer(system, query.id, cands[int(probs[0].argmax())], query.label,
-                              dict(zip(cands, map(float, probs[0]))), answer_type="closed"))
+                              dict(zip(cands, map(float, probs[0]))), answer_type=CLOSED))
         return
     rows = [ContextPrediction(system, query.id, rank, query.label, cands[int(p.argmax())], item_id, head,
-                              float(score), dict(zip(cands, map(float, p))), answer_type="closed")
+                              float(score), dict(zip(cands, map(float, p))), answer_type=CLOSED)
             for rank, ((head, item_id, score), p) in enumerate(zip(ranked, probs), 1)]
     fused = fuse(probs, np.array([s for _, _, s in ranked]), tau)
     plog.write(rows, Answer(system, query.id, cands[fused_answer(fused, cands)], query.label,
-                            dict(zip(cands, map(float, fused))), answer_type="closed"))
+                            dict(zip(cands, map(float, fused))), answer_type=CLOSED))
 
 
 def _log_set(plog: PredictionLog, prompts: TaskPrompts, system: str, query: Query, ranked, p_yes: np.ndarray,

@@ -62,13 +62,21 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     }
 
 
-def _mean_se(values, signed: bool = False) -> str:
+def _mean_se(values) -> tuple[float, float]:
+    """Mean and standard error over the seeds of the non-NaN values (NaN when none; se NaN for a single value)."""
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
     if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _format_mean_se(values, signed: bool = False) -> str:
+    mean, se = _mean_se(values)
+    if np.isnan(mean):
         return "–"
-    mean = f"{v.mean():+.3f}" if signed else f"{v.mean():.3f}"
-    return f"{mean} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}" if len(v) > 1 else mean
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text if np.isnan(se) else f"{text} ± {se:.3f}"
 
 
 def seed_ranges(frame) -> dict[str, dict[str, float]]:
@@ -78,8 +86,8 @@ def seed_ranges(frame) -> dict[str, dict[str, float]]:
         v = frame[col].to_numpy(dtype=float)
         v = v[~np.isnan(v)]
         if len(v):
-            out[col] = {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
-                        "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")}
+            mean, se = _mean_se(v)
+            out[col] = {"min": float(v.min()), "max": float(v.max()), "mean": mean, "se": se}
     return out
 
 
@@ -124,9 +132,7 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
     n = len(frame)
 
     def mean_se(col: str) -> str:
-        values = frame[col].to_numpy(dtype=float)
-        se = values.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-        return f"{values.mean():+.3f} ± {se:.3f}"
+        return _format_mean_se(frame[col], signed=True)
 
     collapsed = frame.loc[frame["closed_book_distinct"] < 2, "seed"].tolist()
     lines = [f"# {name}: joint vs rag over {n} seeds ({'data and models' if vary_data else 'models'} vary)", "",
@@ -143,7 +149,7 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
              f"- closed-book reader answering a single class: {'seeds ' + str(collapsed) if collapsed else 'none'}",
              "", "Selectors, mean ± s.e. over seeds (selectors.csv has every seed's rows):", "",
              "| system | selector | accuracy | gap closed |", "|---|---|---|---|",
-             *(f"| {system} | {selector} | {_mean_se(g['acc'])} | {_mean_se(g['gap_closed'])} |"
+             *(f"| {system} | {selector} | {_format_mean_se(g['acc'])} | {_format_mean_se(g['gap_closed'])} |"
                for (system, selector), g in selectors.groupby(["system", "selector"], sort=False))]
     text = "\n".join(lines) + "\n"
     ranges = {**provenance(cfg.to_dict(), cfg.seed), "seeds": list(seeds), "vary_data": vary_data,
@@ -160,37 +166,37 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
 def compare_sweeps(a_dirs: Sequence[Path], b_dirs: Sequence[Path], system: str = "joint") -> str:
     """Markdown comparing `system`'s fused answers between two sweeps run over the same seeds (e.g. a distillation
     option on and off): per seed b − a overall and on rag's inconsistent queries (rag is the same reader and
-    retriever in both), mean ± s.e., and a McNemar test pooled over every seed's queries."""
+    retriever in both), mean ± s.e., and a McNemar test pooled over every seed's queries. Answers are judged and
+    paired by analysis.stats, as the pipeline's own joint-vs-rag test."""
     import pandas as pd
 
     from ..analysis.report import OracleReport
-    from ..analysis.stats import mcnemar_p
+    from ..analysis.stats import mcnemar_p, paired, system_metrics
+    from ..analysis.tables import load_answers
 
     rows, only_a, only_b = [], 0, 0
     for a, b in zip(a_dirs, b_dirs, strict=True):
-        correct = {}
-        for tag, run_dir in (("a", a), ("b", b)):
-            answers = pd.DataFrame(json.loads(line) for line in
-                                   (run_dir / "predictions" / "answers.jsonl").read_text(encoding="utf-8").splitlines())
-            answers = answers[answers["system"] == system].set_index("query_id")
-            correct[tag] = answers["prediction"].map(normalize_answer) == answers["label"].map(normalize_answer)
-        if set(correct["a"].index) != set(correct["b"].index):
+        frames = [load_answers(d / "predictions" / "answers.jsonl").frame for d in (a, b)]
+        both = pd.concat([f[f["system"] == system].assign(system=tag) for f, tag in zip(frames, "ab")],
+                         ignore_index=True)
+        if set(both.loc[both["system"] == "a", "query_id"]) != set(both.loc[both["system"] == "b", "query_id"]):
             raise ValueError(f"{a} and {b}: {system} answered different queries; compare runs of the same seeds")
         per_query = OracleReport.from_tables(a / "predictions" / "contexts.jsonl").per_query()
-        rag = per_query[per_query["system"] == "rag"].set_index("query_id")
-        inconsistent = rag.index[~rag["consistent"].astype(bool)]
-        ca, cb = correct["a"], correct["b"].reindex(correct["a"].index)
-        only_a += int((ca & ~cb).sum())
-        only_b += int((cb & ~ca).sum())
-        rows.append({"a": a.name, "b": b.name, "delta": cb.mean() - ca.mean(),
-                     "delta_inconsistent": cb[inconsistent].mean() - ca[inconsistent].mean(),
-                     "n_inconsistent": len(inconsistent)})
+        rag = per_query[per_query["system"] == "rag"]
+        inconsistent = both["query_id"].isin(rag.loc[~rag["consistent"].astype(bool), "query_id"])
+        test = paired(both, "b", "a")
+        only_b, only_a = only_b + test.only_a, only_a + test.only_b
+        acc, acc_inc = system_metrics(both), system_metrics(both[inconsistent])
+        rows.append({"a": a.name, "b": b.name, "delta": acc["b"]["accuracy"] - acc["a"]["accuracy"],
+                     "delta_inconsistent": (acc_inc["b"]["accuracy"] - acc_inc["a"]["accuracy"]
+                                            if int(inconsistent.sum()) else float("nan")),
+                     "n_inconsistent": int(inconsistent.sum()) // 2})
     frame = pd.DataFrame(rows)
     lines = [f"| run a | run b | {system} b − a | on rag-inconsistent (n) |", "|---|---|---|---|",
              *(f"| {r.a} | {r.b} | {r.delta:+.3f} | {r.delta_inconsistent:+.3f} ({r.n_inconsistent}) |"
                for r in frame.itertuples()),
-             "", f"- b − a: {_mean_se(frame['delta'], signed=True)} (mean ± s.e.); on rag-inconsistent queries: "
-                 f"{_mean_se(frame['delta_inconsistent'], signed=True)}",
+             "", f"- b − a: {_format_mean_se(frame['delta'], signed=True)} (mean ± s.e.); on rag-inconsistent "
+                 f"queries: {_format_mean_se(frame['delta_inconsistent'], signed=True)}",
              f"- pooled: {only_b} queries only b right, {only_a} only a right, exact McNemar p = "
              f"{mcnemar_p(only_b, only_a):.3g}"]
     return "\n".join(lines) + "\n"

@@ -19,12 +19,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..analysis.answers import SET, normalize_open
 from .dataset import DatasetMeta
 from .records import Query, format_label_set
 from .reader.prompts import with_legend
-
-CLOSED, SET, OPEN = "closed", "set", "open"
-ANSWER_TYPES = (CLOSED, SET, OPEN)  # the prediction logs' `answer_type` column
 YES, NO = "yes", "no"
 LABEL_QUESTION = "Is {label} present?"
 PRESENT = 0.5  # a label is predicted present when p(yes) exceeds this
@@ -125,7 +123,6 @@ def open_answer(texts: Sequence[str], weights: Sequence[float]) -> str:
     """The fused answer of an open question over its contexts: the generated answer whose normalised form
     (analysis.answers.normalize_open, as analyze-oracle compares open answers) has the largest total fusion weight;
     ties go to the best-ranked context's answer."""
-    from ..analysis.answers import normalize_open
 
     totals: dict[str, float] = {}
     first: dict[str, int] = {}

@@ -4,6 +4,7 @@ an offline tokenizer), saving, and batched per-context scoring `log p(answer | q
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -85,12 +86,13 @@ def vocabulary_from_dataset(dataset: Dataset) -> tuple[list[str], list[str]]:
     """Texts (questions, corpus texts, open answers, the legend) and answers (labels, candidates; yes/no of the
     per-label questions of a multi-label task) to build the tiny tokenizer from. Open answers are texts, so their
     words are separate tokens and generating one takes several steps."""
+    from ...analysis.answers import OPEN
     from ..tasks import NO, YES
 
     queries = [q for split in dataset.queries.values() for q in split]
     texts = [q.question for q in queries] + [item.text for item in dataset.corpus]
     answers = list(dataset.meta.labels) + [c for q in queries for c in q.candidates]
-    texts += [q.label for q in queries if q.answer_type == "open"]
+    texts += [q.label for q in queries if q.answer_type == OPEN]
     if dataset.meta.task == "multilabel":
         texts += list(LABEL_QUESTION_WORDS)
         answers += [YES, NO]
@@ -526,21 +528,26 @@ class Reader:
         results: list[np.ndarray | None] = [None] * len(requests)
         show = progress if progress is not None else len(requests) > 8 * batch_size
         features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        with self._inference(), tqdm(total=len(requests), desc="scoring", unit="ctx", disable=not show) as bar:
+            for idx in self._batches(order, requests, batch_size):
+                for i, lp in zip(idx, self._score_batch([requests[i] for i in idx], [cand_ids[i] for i in idx],
+                                                        root, features)):
+                    results[i] = lp
+                while len(features) > self.config.image_cache:
+                    features.popitem(last=False)
+                bar.update(len(idx))
+        return results  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode and no autograd for the duration; the model's train/eval mode is restored afterwards."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), tqdm(total=len(requests), desc="scoring", unit="ctx",
-                                              disable=not show) as bar:
-                for idx in self._batches(order, requests, batch_size):
-                    for i, lp in zip(idx, self._score_batch([requests[i] for i in idx], [cand_ids[i] for i in idx],
-                                                            root, features)):
-                        results[i] = lp
-                    while len(features) > self.config.image_cache:
-                        features.popitem(last=False)
-                    bar.update(len(idx))
+            with torch.inference_mode():
+                yield
         finally:
             self.model.train(was_training)
-        return results  # type: ignore[return-value]
 
     def _batches(self, order: list[int], requests: Sequence[ScoreRequest], batch_size: int) -> list[list[int]]:
         """Consecutive chunks of `order`, split where the image count changes when the family needs that."""
@@ -641,9 +648,11 @@ class Reader:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids
 
-    def _target_logprobs(self, examples: Sequence[tuple[Query, CorpusItem | None]], answers: Sequence[list[int]],
-                         image_root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: (B, A) log p of each answer token (0 where a row has fewer) and the (B, A) token mask."""
+    def _target_logprobs(self, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing on each query's gold answer tokens (`target_ids`): (B, A) log p of each answer token (0
+        where a row has fewer) and the (B, A) token mask."""
+        answers = [self.target_ids(q) for q, _ in examples]
         logits = self.sequence_logits([(q, c, q.candidates) for q, c in examples], answers, image_root)
         A = max(len(a) for a in answers)
         targets = torch.zeros((len(answers), A), dtype=torch.long, device=self.device)
@@ -658,14 +667,8 @@ class Reader:
                     ) -> torch.Tensor:
         """Mean cross-entropy of the gold answers' tokens (the assistant turn; `target_ids`) given single-context
         prompts."""
-        answers = [self.target_ids(q) for q, _ in examples]
-        logits = self.sequence_logits([(q, c, q.candidates) for q, c in examples], answers, image_root)
-        A = max(len(a) for a in answers)
-        targets = torch.full((len(answers), A), -100, dtype=torch.long, device=self.device)
-        for b, a in enumerate(answers):
-            targets[b, A - len(a):] = torch.tensor(a, device=self.device)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1), ignore_index=-100)
+        logp, mask = self._target_logprobs(examples, image_root)
+        return -logp.sum() / mask.sum()
 
     def gold_logprobs(self, requests: Sequence[ScoreRequest], image_root: str | os.PathLike,
                       batch_size: int | None = None) -> np.ndarray:
@@ -675,17 +678,11 @@ class Reader:
         ranking of its contexts is the same)."""
         batch_size = batch_size or self.config.batch_size
         out = np.zeros(len(requests), dtype=np.float64)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(requests), batch_size):
-                    part = requests[start:start + batch_size]
-                    answers = [self.target_ids(r.query) for r in part]
-                    logp, mask = self._target_logprobs([(r.query, r.context) for r in part], answers, image_root)
-                    out[start:start + len(part)] = (logp.sum(1) / mask.sum(1)).cpu().numpy()
-        finally:
-            self.model.train(was_training)
+        with self._inference():
+            for start in range(0, len(requests), batch_size):
+                part = requests[start:start + batch_size]
+                logp, mask = self._target_logprobs([(r.query, r.context) for r in part], image_root)
+                out[start:start + len(part)] = (logp.sum(1) / mask.sum(1)).cpu().numpy()
         return out
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -700,23 +697,17 @@ class Reader:
         order = sorted(range(len(requests)), key=lambda i: -requests[i].prompt_size())
         results: list[str | None] = [None] * len(requests)
         show = progress if progress is not None else len(requests) > 8 * batch_size
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), tqdm(total=len(requests), desc="generating", unit="ctx",
-                                              disable=not show) as bar:
-                for idx in self._batches(order, requests, batch_size):
-                    items = [(requests[i].query, requests[i].context, ()) for i in idx]
-                    inputs = self._generic_inputs(items, root)
-                    self._check_lengths(items, inputs["attention_mask"].sum(1).tolist(), [max_new] * len(items))
-                    out = self.hf_model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
-                                                 pad_token_id=self.pad_id)
-                    new = out[:, inputs["input_ids"].shape[1]:]
-                    for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
-                        results[i] = text.strip()
-                    bar.update(len(idx))
-        finally:
-            self.model.train(was_training)
+        with self._inference(), tqdm(total=len(requests), desc="generating", unit="ctx", disable=not show) as bar:
+            for idx in self._batches(order, requests, batch_size):
+                items = [(requests[i].query, requests[i].context, ()) for i in idx]
+                inputs = self._generic_inputs(items, root)
+                self._check_lengths(items, inputs["attention_mask"].sum(1).tolist(), [max_new] * len(items))
+                out = self.hf_model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
+                                             pad_token_id=self.pad_id)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    results[i] = text.strip()
+                bar.update(len(idx))
         return results  # type: ignore[return-value]
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ...analysis.answers import CLOSED, OPEN, SET
 from ..records import CorpusItem, Query
 from .runs import load_checkpoint, save_checkpoint
 
@@ -55,7 +56,7 @@ class ReaderJudge:
         self.calls = 0  # (query, item) pairs actually scored
 
     def _type(self, q: int) -> str:
-        return "closed" if self.prompts is None else self.prompts.answer_type(self.queries[q])
+        return CLOSED if self.prompts is None else self.prompts.answer_type(self.queries[q])
 
     def asked(self, q: int) -> list[Query]:
         """What the reader is asked for query `q`: the closed or open query (legend prepended), or a multi-label
@@ -64,22 +65,22 @@ class ReaderJudge:
             query = self.queries[q]
             if self.prompts is None:
                 self._asked_of[q] = [query]
-            elif self.prompts.answer_type(query) == "set":
+            elif self.prompts.answer_type(query) == SET:
                 self._asked_of[q] = self.prompts.label_queries(query)
             else:
                 self._asked_of[q] = [self.prompts.prompt_query(query)]
         return self._asked_of[q]
 
     def _score_pairs(self, pairs: list[tuple[int, str]]) -> list[np.ndarray]:
-        scored = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) != "open"]
-        opened = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) == "open"]
+        scored = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) != OPEN]
+        opened = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) == OPEN]
         out: list[np.ndarray | None] = [None] * len(pairs)
         requests = [self._request(a, self.items[i]) for _, q, i in scored for a in self.asked(q)]
         scores = iter(self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
                       if requests else [])
         for k, q, i in scored:
             rows = [np.asarray(next(scores)) for _ in self.asked(q)]
-            out[k] = rows[0] if self._type(q) == "closed" else np.stack(rows)
+            out[k] = rows[0] if self._type(q) == CLOSED else np.stack(rows)
         if opened:
             gold = self.reader.gold_logprobs([self._request(self.asked(q)[0], self.items[i]) for _, q, i in opened],
                                              self.image_root, batch_size=self.batch_size)
@@ -99,19 +100,19 @@ class ReaderJudge:
 
     def _gold(self, q: int, lp: np.ndarray) -> float:
         kind = self._type(q)
-        if kind == "closed":
+        if kind == CLOSED:
             query = self.queries[q]
             return float(lp[query.candidates.index(query.label)])
-        if kind == "set":
+        if kind == SET:
             gold = [0 if a.label == a.candidates[0] else 1 for a in self.asked(q)]
             return float(np.mean(lp[np.arange(len(gold)), gold]))
         return float(lp[0])
 
     def _prediction(self, q: int, lp: np.ndarray) -> int:
         kind = self._type(q)
-        if kind == "closed":
+        if kind == CLOSED:
             return int(np.argmax(lp))
-        if kind == "set":
+        if kind == SET:
             query = self.queries[q]
             members = set(self.prompts.predicted_set(query, np.exp(lp[:, 0])))
             return sum(1 << j for j, label in enumerate(self.prompts.offered(query)) if label in members)
