@@ -33,12 +33,15 @@ class DataConfig:
 
 @dataclass
 class PretrainSettings:
-    """The short contrastive stage that stands in for a general-purpose pretrained backbone
-    (`encoders.pretrain_contrastive`): image <-> text InfoNCE, plus (`image_weight` > 0) an image <-> image InfoNCE
-    between two augmented views of each image (random shift of up to `augment_shift` pixels, Gaussian noise of std
-    `augment_noise` in normalised units). Without the image term the image embeddings of a corpus of similar-looking
-    images collapse into a narrow cone (cosine about 0.99 between all images of the embedded default), which leaves
-    the image head a few thousandths of cosine to rank by. The random seed is the run's."""
+    """The contrastive stage on the corpus's image-text pairs (`encoders.pretrain_contrastive`): for the tiny
+    encoder it stands in for a general-purpose pretrained backbone; over real pretrained towers that are not
+    image-text aligned (dxrag-effnet-minilm) it trains their projections LiT-style (`lock_towers`; locked towers are
+    run once, so an epoch costs the projections only). Image <-> text InfoNCE, plus (`image_weight` > 0) an image
+    <-> image InfoNCE between two augmented views of each image (random shift of up to `augment_shift` pixels,
+    Gaussian noise of std `augment_noise` in normalised units). Without the image term the image embeddings of a
+    corpus of similar-looking images collapse into a narrow cone (cosine about 0.99 between all images of the
+    embedded default), which leaves the image head a few thousandths of cosine to rank by. The random seed is the
+    run's."""
 
     epochs: int = 10  # on the synthetic corpus the loss sits near log(batch) for a few epochs before it falls
     batch_size: int = 128
@@ -48,6 +51,11 @@ class PretrainSettings:
     image_temperature: float = 0.2
     augment_noise: float = 0.3
     augment_shift: int = 1
+    # LiT: pretrained towers stay locked (eval mode) and only the projections and logit_scale train, except the last
+    # `unlocked_image_groups` layer groups of a timm image tower and `unlocked_text_layers` of an HF text tower
+    lock_towers: bool = False
+    unlocked_image_groups: int = 0
+    unlocked_text_layers: int = 0
 
 
 INDEX_SHORTHANDS = {"flat": "Flat", "ivf": "IVF{nlist},Flat", "hnsw": "HNSW32"}  # {nlist}: 4·sqrt(n) at build time

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,12 @@ TINY_MODEL = "dxrag-tiny-clip"
 CONFIG_FILE = "open_clip_config.json"  # the file names open_clip's `local-dir:` scheme looks for
 WEIGHTS_FILE = "open_clip_model.safetensors"
 HF_PREFIX = "hf:"  # transformers models: hf:org/name (the Hub) or hf:/path (a directory written by save_pretrained)
+PRETRAINED_MODEL = "dxrag-effnet-minilm"  # EfficientNet-Lite0 + MiniLM from the weights cache (dxrag.core.weights)
+WEIGHTS_REF = "dxrag-weights:"  # in a model config: a directory of the weights cache, resolved when the model loads
+# model-config keys dxrag reads itself (open_clip's factory does not know them): module path -> weights name whose
+# model.safetensors initialises that module when the model is built afresh; the inference transform
+WEIGHTS_INIT_KEY = "dxrag_weights"
+PREPROCESS_KEY = "dxrag_preprocess"
 
 ImageLike = Union[Image.Image, str, os.PathLike]
 Tokens = dict[str, torch.Tensor]
@@ -130,6 +137,17 @@ class Encoder:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         raise NotImplementedError
+
+    def tower_split(self):
+        """Where a back-end can say so: the towers as (image body, image head, text body, text head), the bodies
+        being what `lock_towers` freezes (`pretrain_contrastive` then computes them once); None otherwise."""
+        return None
+
+    def lock_towers(self, unlocked_image_groups: int = 0, unlocked_text_layers: int = 0) -> None:
+        """LiT-style locking for `pretrain_contrastive`: freeze both towers except their projections (and the last
+        `unlocked_*` layer groups / transformer layers). Back-ends that cannot say so refuse."""
+        raise ValueError(f"encoder {self.name!r}: locking the towers (retriever.pretrain.lock_towers) is supported "
+                         f"for open_clip models only")
 
     # ------------------------------------------------------------------------------------------------ shared
 
@@ -240,6 +258,20 @@ class OpenCLIPEncoder(Encoder):
                                  f"transformers CLIP/SigLIP model as 'hf:org/name' or 'hf:/path'")
         else:
             model_cfg = open_clip.get_model_config(name)
+        if model_cfg is not None and uses_managed_weights(model_cfg):
+            if pretrained is not None:
+                raise ValueError(f"encoder {name!r}: its weights come from the dxrag weights cache; 'pretrained' "
+                                 f"({pretrained!r}) does not apply (set it to null)")
+            local = Path(identifier) if schema == "local-dir" else None
+            model, preprocess, tokenizer = _build_managed(
+                model_cfg, checkpoint=local / WEIGHTS_FILE if local else None,
+                preprocess_cfg=raw.get("preprocess_cfg") if local else None, device=device)
+            encoder = cls(model, preprocess, tokenizer, recorded_name, model_cfg)
+            if local is not None and raw.get("weights_hash") not in (None, encoder.weights_hash):
+                raise ValueError(f"{config_path}: field 'weights_hash' is {raw['weights_hash']} but the weights in "
+                                 f"{identifier} hash to {encoder.weights_hash}; the weights file was replaced after "
+                                 f"Encoder.save (save the encoder again to record its new weights)")
+            return encoder
         with _random_init_quiet(schema is None and pretrained is None):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
         if schema is None and pretrained is None:
@@ -272,6 +304,42 @@ class OpenCLIPEncoder(Encoder):
     def text_features(self, tokens: Tokens) -> torch.Tensor:
         return self.model.encode_text(tokens["text"])
 
+    def tower_split(self):
+        """(image body, image head, text body, text head) with image_features(x) == image head(image body(x)) and
+        text_features(t) == text head(text body(t)), for a timm image tower with an HF text tower (the heads are the
+        projections LiT trains); None for other architectures."""
+        from open_clip.hf_model import HFTextEncoder
+        from open_clip.timm_model import TimmModel
+
+        visual, text = self.model.visual, getattr(self.model, "text", None)
+        if not (isinstance(visual, TimmModel) and isinstance(text, HFTextEncoder)):
+            return None
+
+        def text_body(tokens: Tokens) -> torch.Tensor:
+            ids = tokens["text"]
+            mask = (ids != text.config.pad_token_id).long()
+            return text.pooler(text.transformer(input_ids=ids, attention_mask=mask), mask)
+
+        return visual.trunk, visual.head, text_body, text.proj
+
+    def lock_towers(self, unlocked_image_groups: int = 0, unlocked_text_layers: int = 0) -> None:
+        from open_clip.hf_model import HFTextEncoder
+
+        self.model.lock_image_tower(unlocked_groups=unlocked_image_groups, freeze_bn_stats=False)
+        text = getattr(self.model, "text", None)
+        if not (unlocked_text_layers and isinstance(text, HFTextEncoder)):
+            self.model.lock_text_tower(unlocked_layers=unlocked_text_layers, freeze_layer_norm=True)
+            return
+        # open_clip's partial unlock of an HF tower looks up per-architecture names it lacks for BERT: lock it all,
+        # then unlock the last layers of the encoder stack
+        text.lock(0, freeze_layer_norm=True)
+        layers = getattr(getattr(text.transformer, "encoder", None), "layer", None)
+        if layers is None or unlocked_text_layers > len(layers):
+            raise ValueError(f"encoder {self.name!r}: unlocked_text_layers={unlocked_text_layers} but the text tower "
+                             f"has {0 if layers is None else len(layers)} encoder layers to unlock")
+        for layer in layers[len(layers) - unlocked_text_layers:]:
+            layer.requires_grad_(True)
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write an open_clip `local-dir:` directory (open_clip_config.json + open_clip_model.safetensors), atomically.
         Load it back with `Encoder.load_saved(out_dir)`; the model name and weights hash travel with it."""
@@ -291,6 +359,78 @@ class OpenCLIPEncoder(Encoder):
                 # open_clip reads the HF tokenizer of a `local-dir:` model (BiomedCLIP's PubMedBERT) from the directory
                 self.tokenizer.tokenizer.save_pretrained(tmp)
         return out
+
+
+def uses_managed_weights(model_cfg: dict[str, Any]) -> bool:
+    """Whether an open_clip model config names directories of the dxrag weights cache (see `_build_managed`)."""
+    return WEIGHTS_INIT_KEY in model_cfg or WEIGHTS_REF in json.dumps(model_cfg)
+
+
+def _resolve_weight_refs(value: Any) -> Any:
+    """A copy of a model config with every "dxrag-weights:NAME" string replaced by the installed directory of NAME
+    (`dxrag.core.weights.path`, which says what to install when it is absent)."""
+    from .. import weights
+
+    if isinstance(value, dict):
+        return {k: _resolve_weight_refs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_weight_refs(v) for v in value]
+    if isinstance(value, str) and value.startswith(WEIGHTS_REF):
+        return str(weights.path(value[len(WEIGHTS_REF):]))
+    return value
+
+
+def _build_managed(model_cfg: dict[str, Any], checkpoint: Path | None, preprocess_cfg: dict | None,
+                   device: str | torch.device):
+    """Build an open_clip CustomTextCLIP whose towers come from the dxrag weights cache (e.g. dxrag-effnet-minilm:
+    timm EfficientNet-Lite0 + the MiniLM transformers tower). The config keeps "dxrag-weights:NAME" references, not
+    paths, and is saved that way, so a saved encoder is portable: the references are resolved on this machine at
+    every load. Built afresh (`checkpoint` None), the HF tower loads its pretrained weights and each module listed
+    under "dxrag_weights" gets the state dict of its weights entry; reloaded, the checkpoint (all weights) is
+    loaded strictly."""
+    from open_clip.model import CustomTextCLIP
+    from open_clip.tokenizer import HFTokenizer
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from open_clip.model import set_model_preprocess_cfg
+    from safetensors.torch import load_file
+
+    from .. import weights
+
+    cfg = _resolve_weight_refs({k: v for k, v in model_cfg.items() if k not in (WEIGHTS_INIT_KEY, PREPROCESS_KEY)})
+    cfg.pop("custom_text", None)
+    text_cfg = dict(cfg.pop("text_cfg"))
+    text_cfg["hf_model_pretrained"] = checkpoint is None
+    with _quiet_transformers():
+        model = CustomTextCLIP(vision_cfg=cfg.pop("vision_cfg"), text_cfg=text_cfg, **cfg)
+    if checkpoint is None:
+        for module_path, weights_name in model_cfg.get(WEIGHTS_INIT_KEY, {}).items():
+            file = weights.path(weights_name) / "model.safetensors"
+            missing, unexpected = model.get_submodule(module_path).load_state_dict(load_file(str(file)), strict=False)
+            # a classifier head of the source (timm's, with num_classes=0 in open_clip) falls off the end
+            unexpected = [k for k in unexpected if not k.startswith("classifier.")]
+            if missing or unexpected:
+                raise ValueError(f"{file}: does not fit {module_path} (missing {missing[:3]}, unexpected "
+                                 f"{unexpected[:3]})")
+    else:
+        model.load_state_dict(load_file(str(checkpoint)), strict=True)
+    pp = dict(dataclasses.asdict(PreprocessCfg()))
+    pp.update(preprocess_cfg if preprocess_cfg is not None else model_cfg.get(PREPROCESS_KEY, {}))
+    pp_cfg = PreprocessCfg(**pp)
+    set_model_preprocess_cfg(model, dataclasses.asdict(pp_cfg))
+    tokenizer = HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))
+    return model.to(device), image_transform_v2(pp_cfg, is_train=False), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs that a bare BertModel has unused pooler weights; the HF tower uses its hidden states."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _open_images(images: Sequence[ImageLike]) -> list[Image.Image]:
@@ -339,7 +479,17 @@ def pretrain_contrastive(encoder: Encoder, images: torch.Tensor | Sequence[Image
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cached = None
+    if cfg.lock_towers:
+        encoder.lock_towers(cfg.unlocked_image_groups, cfg.unlocked_text_layers)
+        _eval_locked(model)
+        split = encoder.tower_split() if not (cfg.unlocked_image_groups or cfg.unlocked_text_layers) else None
+        if split is not None:
+            cached = _locked_outputs(split, pixels, tokens, cfg, generator, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info("contrastive pre-training of %s: %d of %d parameters trainable", encoder.name,
+             sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(texts) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total_steps))
@@ -351,14 +501,21 @@ def pretrain_contrastive(encoder: Encoder, images: torch.Tensor | Sequence[Image
             total = 0.0
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                batch = pixels[idx]
-                views = [_augment(batch, cfg, generator) for _ in range(2)] if cfg.image_weight > 0 else [batch]
-                img_f = F.normalize(encoder.image_features(views[0].to(device)), dim=-1)
-                txt_f = F.normalize(encoder.text_features(_to({k: v[idx] for k, v in tokens.items()}, device)), dim=-1)
+                if cached is not None:
+                    image_head, views, text_head, text_out = cached
+                    img_f = F.normalize(image_head(views[0][idx]), dim=-1)
+                    txt_f = F.normalize(text_head(text_out[idx]), dim=-1)
+                else:
+                    batch = pixels[idx]
+                    views = [_augment(batch, cfg, generator) for _ in range(2)] if cfg.image_weight > 0 else [batch]
+                    img_f = F.normalize(encoder.image_features(views[0].to(device)), dim=-1)
+                    txt_f = F.normalize(encoder.text_features(_to({k: v[idx] for k, v in tokens.items()}, device)),
+                                        dim=-1)
                 target = torch.arange(len(idx), device=device)
                 loss = _symmetric_infonce(encoder.logit_scale.exp() * img_f @ txt_f.T, target)
                 if cfg.image_weight > 0:
-                    other = F.normalize(encoder.image_features(views[1].to(device)), dim=-1)
+                    other = F.normalize(image_head(views[1][idx]) if cached is not None else
+                                        encoder.image_features(views[1].to(device)), dim=-1)
                     loss = loss + cfg.image_weight * _symmetric_infonce(img_f @ other.T / cfg.image_temperature,
                                                                         target)
                 optimizer.zero_grad(set_to_none=True)
@@ -377,6 +534,38 @@ def pretrain_contrastive(encoder: Encoder, images: torch.Tensor | Sequence[Image
     log.info("contrastive pre-training of %s: %d epochs, loss %.3f -> %.3f", encoder.name, cfg.epochs, losses[0],
              losses[-1])
     return losses
+
+
+@torch.no_grad()
+def _locked_outputs(split, pixels: torch.Tensor, tokens: Tokens, cfg: PretrainSettings, generator: torch.Generator,
+                    device: torch.device, chunk: int = 64):
+    """For fully locked towers: what the locked bodies output, computed once (the loss is the same, an epoch costs
+    the projections only): the image body on two augmented views of every image (one when `image_weight` is 0: the
+    plain images), each view fixed for the run, and the text body on every text. Returns (image head, views, text
+    head, text outputs)."""
+    image_body, image_head, text_body, text_head = split
+    n = len(pixels)
+
+    def images(augment: bool) -> torch.Tensor:
+        out = []
+        for start in tqdm(range(0, n, chunk), desc="locked image tower", unit="batch", leave=False):
+            batch = pixels[start:start + chunk]
+            out.append(image_body((_augment(batch, cfg, generator) if augment else batch).to(device)))
+        return torch.cat(out)
+
+    views = [images(True), images(True)] if cfg.image_weight > 0 else [images(False)]
+    text_out = torch.cat([text_body(_to({k: v[start:start + chunk] for k, v in tokens.items()}, device))
+                          for start in range(0, n, chunk)])
+    return image_head, views, text_head, text_out
+
+
+def _eval_locked(model: torch.nn.Module) -> None:
+    """Eval mode (running BatchNorm statistics, no dropout) for every module whose parameters are all locked: a
+    locked pretrained tower must compute what it computed before training, and its statistics must not drift."""
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
 
 
 def _symmetric_infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
