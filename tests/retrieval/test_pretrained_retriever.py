@@ -184,3 +184,24 @@ def test_query_heads_train_over_it(weights_present):
         opt.step()
     assert not np.allclose(tower.embed(pixels), before)
     assert enc.weights_hash == h0
+
+
+@pytest.mark.slow
+def test_pipeline_runs_over_the_pretrained_retriever(weights_present, tmp_path):
+    """The small embedded run with `retriever.encoder: dxrag-effnet-minilm` (LiT stage, both query heads distilled):
+    it finishes, its saved encoder holds no cache path and reloads to the recorded weights."""
+    from dxrag.core import weights
+    from dxrag.core.config import load_config
+    from dxrag.core.pipeline import run_pipeline
+    from dxrag_test_support import SMALL
+
+    repo = Path(__file__).resolve().parents[2]
+    overrides = {**SMALL, "run": "small-pretrained", "retriever.encoder": PRETRAINED_MODEL,
+                 "retriever.pretrain": {"epochs": 3, "batch_size": 64, "lr": 1e-3, "lock_towers": True}}
+    summary = run_pipeline(load_config(repo / "configs" / "embedded.yaml", overrides), tmp_path / "trained",
+                           tmp_path / "reports")
+    assert {"rag", "joint"} <= set(summary["metrics"])
+    saved = Path(summary["run_dir"]) / "encoder"
+    assert str(weights.home()) not in (saved / CONFIG_FILE).read_text()
+    record = json.loads((saved / CONFIG_FILE).read_text())
+    assert Encoder.load_saved(saved).weights_hash == record["weights_hash"]
