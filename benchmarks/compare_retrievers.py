@@ -5,8 +5,8 @@ answers of b against a, pooled exact McNemar (`dxrag compare-sweeps --system rag
 
     python benchmarks/compare_retrievers.py --a breastmnist --b breastmnist-pretrained --seeds 0 1 2
 
-Reads trained/<run>-seed<N>/ (data/corpus.jsonl, predictions/contexts.jsonl) and reports/<run>-seeds/ (seeds.csv,
-selectors.csv as `dxrag sweep` writes them); prints Markdown.
+Reads the runs `dxrag sweep` leaves, trained/<run>-seed<N>/ (metrics, data/corpus.jsonl, predictions/) and
+reports/<run>-seed<N>/selectors.csv, so seeds swept one call at a time combine; prints Markdown.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dxrag.core.sweep import _format_mean_se, compare_sweeps
+from dxrag.core.sweep import _format_mean_se, compare_sweeps, seed_row
 
 
 def label_precision(run_dir: Path) -> dict[str, float]:
@@ -43,13 +43,12 @@ def label_precision(run_dir: Path) -> dict[str, float]:
 
 
 def sweep_frame(run: str, seeds: list[int], trained: Path, reports: Path) -> pd.DataFrame:
-    frame = pd.read_csv(reports / f"{run}-seeds" / "seeds.csv")
-    frame = frame[frame["seed"].isin(seeds)].set_index("seed").loc[seeds].reset_index()
+    frame = pd.DataFrame([seed_row(trained / f"{run}-seed{s}", s) for s in seeds])
     precision = pd.DataFrame([label_precision(trained / f"{run}-seed{s}") for s in seeds])
     frame = pd.concat([frame, precision], axis=1)
     frame["rag_minus_closed"] = frame["rag_acc"] - frame["closed_book_acc"]
-    selectors = pd.read_csv(reports / f"{run}-seeds" / "selectors.csv")
-    selectors = selectors[selectors["seed"].isin(seeds) & (selectors["system"] == "rag")]
+    selectors = pd.concat([pd.read_csv(reports / f"{run}-seed{s}" / "selectors.csv").assign(seed=s) for s in seeds])
+    selectors = selectors[selectors["system"] == "rag"]
     wide = selectors.pivot_table(index="seed", columns="selector", values="acc").loc[seeds]
     frame["rag_oracle_sel"] = wide["oracle"].to_numpy()
     real = wide.drop(columns=["oracle"])
