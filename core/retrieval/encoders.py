@@ -267,10 +267,8 @@ class OpenCLIPEncoder(Encoder):
                 model_cfg, checkpoint=local / WEIGHTS_FILE if local else None,
                 preprocess_cfg=raw.get("preprocess_cfg") if local else None, device=device)
             encoder = cls(model, preprocess, tokenizer, recorded_name, model_cfg)
-            if local is not None and raw.get("weights_hash") not in (None, encoder.weights_hash):
-                raise ValueError(f"{config_path}: field 'weights_hash' is {raw['weights_hash']} but the weights in "
-                                 f"{identifier} hash to {encoder.weights_hash}; the weights file was replaced after "
-                                 f"Encoder.save (save the encoder again to record its new weights)")
+            if local is not None:
+                _check_saved_hash(encoder, raw, config_path)
             return encoder
         with _random_init_quiet(schema is None and pretrained is None):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
@@ -278,10 +276,8 @@ class OpenCLIPEncoder(Encoder):
             log.info("%s: no pretrained tag given, weights initialised randomly", name)
         tokenizer = open_clip.get_tokenizer(name)
         encoder = cls(model, preprocess, tokenizer, recorded_name, model_cfg)
-        if schema == "local-dir" and raw.get("weights_hash") not in (None, encoder.weights_hash):
-            raise ValueError(f"{config_path}: field 'weights_hash' is {raw['weights_hash']} but the weights in "
-                             f"{identifier} hash to {encoder.weights_hash}; the weights file was replaced after "
-                             f"Encoder.save (save the encoder again to record its new weights)")
+        if schema == "local-dir":
+            _check_saved_hash(encoder, raw, config_path)
         return encoder
 
     @property
@@ -359,6 +355,13 @@ class OpenCLIPEncoder(Encoder):
                 # open_clip reads the HF tokenizer of a `local-dir:` model (BiomedCLIP's PubMedBERT) from the directory
                 self.tokenizer.tokenizer.save_pretrained(tmp)
         return out
+
+
+def _check_saved_hash(encoder: Encoder, raw: dict[str, Any], config_path: Path) -> None:
+    if raw.get("weights_hash") not in (None, encoder.weights_hash):
+        raise ValueError(f"{config_path}: field 'weights_hash' is {raw['weights_hash']} but the weights in "
+                         f"{config_path.parent} hash to {encoder.weights_hash}; the weights file was replaced after "
+                         f"Encoder.save (save the encoder again to record its new weights)")
 
 
 def uses_managed_weights(model_cfg: dict[str, Any]) -> bool:
