@@ -268,8 +268,10 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
             asked = [prompts.label_queries(query) if kind == SET else [prompts.prompt_query(query)]
                      for (_, query, _), kind in zip(plans, types)]
             opened = [kind == OPEN for kind in types]
-            requests = [[ScoreRequest(a, items[item_id] if item_id else None) for _, item_id, _ in ranked
-                         for a in ask] for (_, _, ranked), ask in zip(plans, asked)]
+            # a context's per-label questions share their prompt up to the question: encoded once (ScoreRequest)
+            requests = [[ScoreRequest(a, items[item_id] if item_id else None, share_prefix=kind == SET)
+                         for _, item_id, _ in ranked for a in ask]
+                        for (_, _, ranked), ask, kind in zip(plans, asked, types)]
             scores = iter(model.score([r for rs, o in zip(requests, opened) if not o for r in rs], ds.root,
                                       progress=False))
             texts = iter(model.generate([r for rs, o in zip(requests, opened) if o for r in rs], ds.root,

@@ -38,11 +38,21 @@ class ReaderError(ValueError):
 @dataclass(frozen=True)
 class ScoreRequest:
     """Score the candidate answers of `query` given one retrieved item (`context`), or closed-book (None).
-    `candidates` overrides `query.candidates`; results follow its order."""
+    `candidates` overrides `query.candidates`; results follow its order.
+
+    `share_prefix`: the prompt is tokenized as two pieces, the prefix up to the question's text (chat-template start,
+    context image and text, query image; `PromptRenderer.split`) and the suffix (question, options, assistant header),
+    whose tokens follow the prefix's. Requests with the same prefix (the per-label questions of one (query, context)
+    of a multi-label task) then encode it once and continue from its KV cache (`ReaderSettings.share_prefix`). The
+    scores do not depend on whether the prefix is shared: the unshared path feeds the same two pieces in one pass.
+    Tokenizing the pieces apart is what makes the two paths one token sequence (a BPE or SentencePiece tokenizer
+    could merge across the cut if the whole text were tokenized); the cut follows the query image's placeholder, a
+    special token in every family, where whole-text tokenization splits as well (tested for every family)."""
 
     query: Query
     context: CorpusItem | None
     candidates: tuple[str, ...] | None = None
+    share_prefix: bool = False
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -56,6 +66,14 @@ class ScoreRequest:
     def describe(self) -> str:
         where = f"query {self.query.id!r}"
         return where + (f" with context {self.context.id!r}" if self.context is not None else " (closed-book)")
+
+
+class _PrefixOnly(tuple):
+    """The candidates slot of a prompt item (query, context, candidates) standing for the prompt's prefix alone
+    (`PromptRenderer.split`): the shared-prefix requests' prompts are the prefix followed by suffix tokens."""
+
+
+PREFIX_ONLY = _PrefixOnly()
 
 
 @dataclass
@@ -246,10 +264,16 @@ class Reader:
             out.append(row)
         return out
 
+    def _prompt_text(self, query: Query, context: CorpusItem | None, candidates: Sequence[str]) -> str:
+        """The rendered prompt of an item, or its prefix when `candidates` is `PREFIX_ONLY`."""
+        if candidates is PREFIX_ONLY:
+            return self._render.split(query, context)[0]
+        return self._render(query, context, candidates)
+
     def _generic_inputs(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path,
                         tails: Sequence[Sequence[int]] | None = None) -> dict:
         """The processor's model inputs for the prompts (left-padded), optionally followed by answer tokens."""
-        texts = [self._render(q, c, cands) for q, c, cands in items]
+        texts = [self._prompt_text(q, c, cands) for q, c, cands in items]
         for (q, c, _), text in zip(items, texts):
             n_images = 1 + (c is not None)
             if text.count(self.placeholder) != n_images:
@@ -345,7 +369,8 @@ class Reader:
         tail_lengths = [len(t) for t in tails] if tails is not None else [0] * len(items)
         self._check_lengths(items, [len(p.ids) for p in prompts], answer_lengths or tail_lengths)
         logits, mask, cache = self._forward(prompts, tails, features, logits_to_keep, use_cache)
-        state = {"next_position": torch.tensor([p.next_position for p in prompts], device=self.device)}
+        state = {"next_position": torch.tensor([p.next_position + n for p, n in zip(prompts, tail_lengths)],
+                                               device=self.device)}
         return _Forward(logits, mask, cache, state)
 
     # ------------------------------------------------------------------------------------------------ fast path
@@ -385,7 +410,7 @@ class Reader:
 
     def _encode(self, requests: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path) -> list[_Prompt]:
         """Render, tokenize and expand the image placeholders of each (query, context, candidates) prompt."""
-        texts = [self._render(q, c, cands) for q, c, cands in requests]
+        texts = [self._prompt_text(q, c, cands) for q, c, cands in requests]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         wanted: dict[str, str] = {}
         for query, context, _ in requests:
@@ -519,24 +544,76 @@ class Reader:
               progress: bool | None = None) -> list[np.ndarray]:
         """Log-probabilities over each request's candidate answers (log-softmax over the candidates, in the order
         given): one forward pass per (query, context); multi-token candidates continue from the prompt's KV cache.
-        Requests are batched by prompt length and returned in input order."""
+        Requests are batched by prompt length and returned in input order. Requests with `share_prefix` are
+        scored as prefix + suffix (`ScoreRequest`), by default encoding each distinct prefix once per batch
+        (`_score_shared`)."""
         root = Path(image_root)
         batch_size = batch_size or self.config.batch_size
         cand_ids = [self._candidate_ids(r) for r in requests]
         # longest prompts first (an out-of-memory batch fails at once); text length stands in for token count
         order = sorted(range(len(requests)), key=lambda i: -requests[i].prompt_size())
+        keys, suffixes = self._split(requests)
         results: list[np.ndarray | None] = [None] * len(requests)
         show = progress if progress is not None else len(requests) > 8 * batch_size
         features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        split = [i for i in order if i in suffixes]
+        batches = [(idx, False) for idx in self._batches([i for i in order if i not in suffixes], requests,
+                                                         batch_size)]
+        if self.config.share_prefix:
+            batches += [(idx, True) for idx in self._prefix_batches(split, requests, keys, batch_size)]
+        else:
+            batches += [(idx, False) for idx in self._batches(split, requests, batch_size)]
         with self._inference(), tqdm(total=len(requests), desc="scoring", unit="ctx", disable=not show) as bar:
-            for idx in self._batches(order, requests, batch_size):
-                for i, lp in zip(idx, self._score_batch([requests[i] for i in idx], [cand_ids[i] for i in idx],
-                                                        root, features)):
+            for idx, shared in batches:
+                part, cands = [requests[i] for i in idx], [cand_ids[i] for i in idx]
+                tails = [suffixes[i] for i in idx] if idx[0] in suffixes else None
+                if shared:
+                    scores = self._score_shared(part, cands, tails, [keys[i] for i in idx], root, features)
+                else:
+                    scores = self._score_batch(part, cands, root, features, tails)
+                for i, lp in zip(idx, scores):
                     results[i] = lp
                 while len(features) > self.config.image_cache:
                     features.popitem(last=False)
                 bar.update(len(idx))
         return results  # type: ignore[return-value]
+
+    def _split(self, requests: Sequence[ScoreRequest]) -> tuple[dict[int, tuple], dict[int, list[int]]]:
+        """Of each `share_prefix` request, by request index: the key of its prefix (prefix text and images: equal
+        keys, one encoding) and its suffix tokens (question, options, assistant header). A request whose chat
+        template does not insert the question verbatim, or whose suffix has no tokens, is scored whole (left
+        out)."""
+        keys, texts = {}, {}
+        for i, r in enumerate(requests):
+            if r.share_prefix:
+                pieces = self._render.split(r.query, r.context, r.answers)
+                if pieces is not None:
+                    keys[i] = (pieces[0], tuple(prompt_images(r.query, r.context)))
+                    texts[i] = pieces[1]
+        if not texts:
+            return {}, {}
+        ids = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+        suffixes = {i: t for i, t in zip(texts, ids) if t}
+        return {i: k for i, k in keys.items() if i in suffixes}, suffixes
+
+    def _prefix_batches(self, order: list[int], requests: Sequence[ScoreRequest], keys: dict[int, tuple],
+                        batch_size: int) -> list[list[int]]:
+        """Batches of whole prefix groups (requests with the same prefix, in `order` of their first member), up to
+        `batch_size` prefixes each: a batch's prefix pass is no wider than an unshared batch, and its continuation
+        rows run in chunks of `batch_size`."""
+        groups: dict[tuple, list[int]] = {}
+        for i in order:
+            groups.setdefault(keys[i], []).append(i)
+        members = list(groups.values())
+        out = []
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            if self.family.same_image_count:
+                out += [[i for g in chunk for i in g if (requests[g[0]].context is None) == closed]
+                        for closed in (False, True)]
+            else:
+                out.append([i for g in chunk for i in g])
+        return [b for b in out if b]
 
     @contextlib.contextmanager
     def _inference(self):
@@ -561,12 +638,17 @@ class Reader:
         return [b for b in out if b]
 
     def _score_batch(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]], root: Path,
-                     features: OrderedDict) -> list[np.ndarray]:
+                     features: OrderedDict, suffixes: Sequence[list[int]] | None = None) -> list[np.ndarray]:
+        """One forward pass over the requests' prompts, or with `suffixes` over their prefixes followed by the
+        suffix tokens (the unshared path of `share_prefix` requests)."""
         modes = [self._mode(r, cands) for r, cands in zip(requests, cand_ids)]
         multi = any(m == "full" and max(len(c) for c in cands) > 1 for m, cands in zip(modes, cand_ids))
-        items = [(r.query, r.context, r.answers) for r in requests]
-        fwd = self._run(items, root, use_cache=multi, features=features,
-                        answer_lengths=[max(len(c) for c in cands) for cands in cand_ids])
+        items = [(r.query, r.context, r.answers if suffixes is None else PREFIX_ONLY) for r in requests]
+        answer_lengths = [max(len(c) for c in cands) for cands in cand_ids]
+        if suffixes is not None:
+            answer_lengths = [a + len(t) for a, t in zip(answer_lengths, suffixes)]
+        fwd = self._run(items, root, tails=suffixes, use_cache=multi, features=features,
+                        answer_lengths=answer_lengths)
         first = torch.log_softmax(fwd.logits[:, -1].float(), dim=-1)
         seq_lp = [first[b, [c[0] for c in cands]] for b, cands in enumerate(cand_ids)]
         if multi:
@@ -597,31 +679,83 @@ class Reader:
 
     def _add_continuations(self, fwd: _Forward, cand_ids, modes, seq_lp) -> None:
         """Add log p(tokens 2.. of each multi-token candidate) by running the candidates' continuations against the
-        prompt's KV cache (one batched pass per chunk of rows, never one generate() per candidate)."""
-        from transformers import DynamicCache
-
+        prompt's KV cache (`_continuations`)."""
         rows = [(b, k) for b, (cands, m) in enumerate(zip(cand_ids, modes)) if m == "full"
                 for k, c in enumerate(cands) if len(c) > 1]
+        conts = [cand_ids[b][k] for b, k in rows]
+        for r, logp in self._continuations(fwd, [b for b, _ in rows], [c[:-1] for c in conts],
+                                           [len(c) - 1 for c in conts]):
+            (b, k), c = rows[r], conts[r]
+            targets = torch.tensor(c[1:], device=self.device)
+            seq_lp[b][k] = seq_lp[b][k] + logp[torch.arange(len(c) - 1, device=self.device), targets].sum()
+
+    def _continuations(self, fwd: _Forward, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                       keep: Sequence[int]):
+        """Continue prompts of `fwd` from its KV cache: continuation r feeds `tokens[r]` after prompt `rows[r]` and
+        yields (r, log-softmax over the vocabulary at its last `keep[r]` positions, shape (keep[r], V)). One batched
+        pass per chunk of `batch_size` right-padded continuations, never one generate() per candidate; the cache rows
+        are copied per continuation, so many continuations of one prompt (candidates, per-label questions) share
+        its encoding."""
+        from transformers import DynamicCache
+
         chunk = max(1, self.config.batch_size)
         for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            conts = [cand_ids[b][k] for b, k in part]
-            T = max(len(c) for c in conts) - 1
+            part = range(start, min(start + chunk, len(rows)))
+            T = max(len(tokens[r]) for r in part)
             inputs = torch.full((len(part), T), self.pad_id, dtype=torch.long, device=self.device)
             cont_mask = torch.zeros((len(part), T), dtype=torch.long, device=self.device)
-            for r, c in enumerate(conts):
-                inputs[r, :len(c) - 1] = torch.tensor(c[:-1], device=self.device)
-                cont_mask[r, :len(c) - 1] = 1
-            batch_rows = torch.tensor([b for b, _ in part], device=self.device)
+            for i, r in enumerate(part):
+                inputs[i, :len(tokens[r])] = torch.tensor(list(tokens[r]), device=self.device)
+                cont_mask[i, :len(tokens[r])] = 1
+            batch_rows = torch.tensor([rows[r] for r in part], device=self.device)
             sub = DynamicCache(config=self.hf_model.config.get_text_config())
             for layer_idx, layer in enumerate(fwd.cache.layers):
                 sub.update(layer.keys[batch_rows], layer.values[batch_rows], layer_idx)
+            first = min(len(tokens[r]) - keep[r] for r in part)  # logits only from the first position kept
             out = self.hf_model(input_ids=inputs, attention_mask=torch.cat([fwd.mask[batch_rows], cont_mask], dim=1),
-                                cache=sub, use_cache=True, **self._continuation_inputs(fwd, batch_rows, T))
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            for r, ((b, k), c) in enumerate(zip(part, conts)):
-                targets = torch.tensor(c[1:], device=self.device)
-                seq_lp[b][k] = seq_lp[b][k] + logp[r, torch.arange(len(c) - 1, device=self.device), targets].sum()
+                                cache=sub, use_cache=True, logits_to_keep=T - first,
+                                **self._continuation_inputs(fwd, batch_rows, T))
+            for i, r in enumerate(part):
+                end = len(tokens[r]) - first
+                yield r, torch.log_softmax(out.logits[i, end - keep[r]:end].float(), dim=-1)
+
+    def _score_shared(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]],
+                      suffixes: Sequence[list[int]], keys: Sequence[tuple], root: Path, features: OrderedDict
+                      ) -> list[np.ndarray]:
+        """`share_prefix` requests, each distinct prefix encoded once: one forward pass over the prefixes (with KV
+        cache), then every request's suffix (and, for multi-token candidates, suffix + candidate per candidate)
+        continued from its prefix's cache. Equals `_score_batch(..., suffixes)` on the same requests (tested)."""
+        slot: dict[tuple, int] = {}
+        for j, key in enumerate(keys):
+            slot.setdefault(key, j)
+        heads = list(slot.values())
+        row_of = {key: b for b, key in enumerate(slot)}
+        longest: dict[tuple, int] = {}
+        for key, t, cands in zip(keys, suffixes, cand_ids):
+            longest[key] = max(longest.get(key, 0), len(t) + max(len(c) for c in cands))
+        fwd = self._run([(requests[j].query, requests[j].context, PREFIX_ONLY) for j in heads], root,
+                        use_cache=True, features=features, answer_lengths=list(longest.values()))
+        owners, rows, tokens, keep = [], [], [], []
+        for j, (r, cands, tail) in enumerate(zip(requests, cand_ids, suffixes)):
+            if self._mode(r, cands) == "full" and max(len(c) for c in cands) > 1:
+                # one continuation per candidate, suffix + candidate: its every token is read after the suffix
+                conts = [(k, tail + c[:-1], len(c)) for k, c in enumerate(cands)]
+            else:  # first tokens only: one continuation per request, read at the suffix's last position
+                conts = [(None, tail, 1)]
+            for k, t, n in conts:
+                owners.append((j, k))
+                rows.append(row_of[keys[j]])
+                tokens.append(t)
+                keep.append(n)
+        seq_lp: list = [torch.zeros(len(c), device=self.device) for c in cand_ids]
+        for r, logp in self._continuations(fwd, rows, tokens, keep):
+            j, k = owners[r]
+            if k is None:
+                seq_lp[j] = logp[-1, [c[0] for c in cand_ids[j]]]
+            else:
+                c = cand_ids[j][k]
+                seq_lp[j][k] = logp[torch.arange(len(c), device=self.device), torch.tensor(c, device=self.device)].sum()
+        return [torch.log_softmax(lp, dim=0).cpu().numpy().astype(np.float64) for lp in seq_lp]
 
     # ------------------------------------------------------------------------------------------------ training
 
