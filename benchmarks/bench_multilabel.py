@@ -8,8 +8,8 @@ label (`unshared`, ReaderSettings.share_prefix=false; the fast path then still e
 per path: contexts, labels, requests_per_context, closed_s, per_label_s (shared), unshared_s, ratio (per_label_s /
 closed_s: the cost of a multi-label context in closed questions), unshared_ratio, max_abs_diff (largest |Δ log p|
 between shared and unshared scores), per_label_contexts_per_second.
-Usage: python benchmarks/bench_multilabel.py [--labels 3 14] [--contexts 64] [--repeats 3] [--json PATH]
-Timings are the best of --repeats runs (the machine is shared).
+Usage: python benchmarks/bench_multilabel.py [--labels 3 14] [--contexts 64] [--repeats 5] [--json PATH]
+Timings are the best of --repeats interleaved runs (closed, shared, unshared, closed, ...).
 """
 
 from __future__ import annotations
@@ -64,14 +64,12 @@ def measure(ds, fast: bool, n: int, repeats: int) -> dict:
                  for a in prompts.label_queries(q)]
     reader.score(closed[:8], ds.root, progress=False)  # warm-up
     timings, scores = {}, {}
-    for name, model, requests in (("closed", reader, closed), ("per_label", reader, per_label),
-                                  ("unshared", unshared, per_label)):
-        best = float("inf")
-        for _ in range(repeats):
+    for _ in range(repeats):  # interleaved, so that a burst of load on the shared machine hits every variant
+        for name, model, requests in (("closed", reader, closed), ("per_label", reader, per_label),
+                                      ("unshared", unshared, per_label)):
             t = time.perf_counter()
             scores[name] = model.score(requests, ds.root, progress=False)
-            best = min(best, time.perf_counter() - t)
-        timings[name] = best
+            timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - t)
     L = len(ds.meta.labels)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(scores["per_label"], scores["unshared"]))
     return {"path": "fast" if fast else "generic", "contexts": n, "labels": L, "requests_per_context": L,
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=int, nargs="+", default=[3, 14])
     parser.add_argument("--contexts", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     import torch

@@ -582,18 +582,24 @@ class Reader:
         """Of each `share_prefix` request, by request index: the key of its prefix (prefix text and images: equal
         keys, one encoding) and its suffix tokens (question, options, assistant header). A request whose chat
         template does not insert the question verbatim, or whose suffix has no tokens, is scored whole (left
-        out)."""
+        out). The prompt around the question depends on the candidates and the context only, so it is cut once per
+        (candidates, context) and each distinct suffix is tokenized once."""
+        cuts: dict[tuple, tuple[str, str] | None] = {}
         keys, texts = {}, {}
         for i, r in enumerate(requests):
-            if r.share_prefix:
+            if not r.share_prefix:
+                continue
+            around = (r.answers, None if r.context is None else r.context.text)
+            if around not in cuts:
                 pieces = self._render.split(r.query, r.context, r.answers)
-                if pieces is not None:
-                    keys[i] = (pieces[0], tuple(prompt_images(r.query, r.context)))
-                    texts[i] = pieces[1]
-        if not texts:
-            return {}, {}
-        ids = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
-        suffixes = {i: t for i, t in zip(texts, ids) if t}
+                cuts[around] = None if pieces is None else (pieces[0], pieces[1][len(r.query.question.strip()):])
+            if cuts[around] is not None:
+                prefix, rest = cuts[around]
+                keys[i] = (prefix, tuple(prompt_images(r.query, r.context)))
+                texts[i] = r.query.question.strip() + rest
+        distinct = list(dict.fromkeys(texts.values()))
+        ids = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+        suffixes = {i: ids[t] for i, t in texts.items() if ids[t]}
         return {i: k for i, k in keys.items() if i in suffixes}, suffixes
 
     def _prefix_batches(self, order: list[int], requests: Sequence[ScoreRequest], keys: dict[int, tuple],
@@ -702,11 +708,10 @@ class Reader:
         for start in range(0, len(rows), chunk):
             part = range(start, min(start + chunk, len(rows)))
             T = max(len(tokens[r]) for r in part)
-            inputs = torch.full((len(part), T), self.pad_id, dtype=torch.long, device=self.device)
-            cont_mask = torch.zeros((len(part), T), dtype=torch.long, device=self.device)
-            for i, r in enumerate(part):
-                inputs[i, :len(tokens[r])] = torch.tensor(list(tokens[r]), device=self.device)
-                cont_mask[i, :len(tokens[r])] = 1
+            inputs = torch.tensor([list(tokens[r]) + [self.pad_id] * (T - len(tokens[r])) for r in part],
+                                  dtype=torch.long, device=self.device)
+            lengths = torch.tensor([len(tokens[r]) for r in part], device=self.device)
+            cont_mask = (torch.arange(T, device=self.device)[None] < lengths[:, None]).long()
             batch_rows = torch.tensor([rows[r] for r in part], device=self.device)
             sub = DynamicCache(config=self.hf_model.config.get_text_config())
             for layer_idx, layer in enumerate(fwd.cache.layers):
@@ -715,28 +720,39 @@ class Reader:
             out = self.hf_model(input_ids=inputs, attention_mask=torch.cat([fwd.mask[batch_rows], cont_mask], dim=1),
                                 cache=sub, use_cache=True, logits_to_keep=T - first,
                                 **self._continuation_inputs(fwd, batch_rows, T))
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
             for i, r in enumerate(part):
                 end = len(tokens[r]) - first
-                yield r, torch.log_softmax(out.logits[i, end - keep[r]:end].float(), dim=-1)
+                yield r, logp[i, end - keep[r]:end]
 
     def _score_shared(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]],
                       suffixes: Sequence[list[int]], keys: Sequence[tuple], root: Path, features: OrderedDict
                       ) -> list[np.ndarray]:
         """`share_prefix` requests, each distinct prefix encoded once: one forward pass over the prefixes (with KV
         cache), then every request's suffix (and, for multi-token candidates, suffix + candidate per candidate)
-        continued from its prefix's cache. Equals `_score_batch(..., suffixes)` on the same requests (tested)."""
+        continued from its prefix's cache. The suffixes' common leading tokens (a legend, "Is") join the prefix
+        pass, each request keeping at least its last suffix token to continue. Equals `_score_batch(...,
+        suffixes)` on the same requests (tested)."""
         slot: dict[tuple, int] = {}
         for j, key in enumerate(keys):
             slot.setdefault(key, j)
         heads = list(slot.values())
         row_of = {key: b for b, key in enumerate(slot)}
         longest: dict[tuple, int] = {}
+        common: dict[tuple, list[int]] = {}
         for key, t, cands in zip(keys, suffixes, cand_ids):
             longest[key] = max(longest.get(key, 0), len(t) + max(len(c) for c in cands))
+            shared = common.setdefault(key, list(t[:-1]))
+            n = 0
+            while n < min(len(shared), len(t) - 1) and shared[n] == t[n]:
+                n += 1
+            del shared[n:]
         fwd = self._run([(requests[j].query, requests[j].context, PREFIX_ONLY) for j in heads], root,
-                        use_cache=True, features=features, answer_lengths=list(longest.values()))
+                        tails=list(common.values()), use_cache=True, features=features,
+                        answer_lengths=list(longest.values()))
         owners, rows, tokens, keep = [], [], [], []
-        for j, (r, cands, tail) in enumerate(zip(requests, cand_ids, suffixes)):
+        for j, (r, cands, suffix) in enumerate(zip(requests, cand_ids, suffixes)):
+            tail = suffix[len(common[keys[j]]):]
             if self._mode(r, cands) == "full" and max(len(c) for c in cands) > 1:
                 # one continuation per candidate, suffix + candidate: its every token is read after the suffix
                 conts = [(k, tail + c[:-1], len(c)) for k, c in enumerate(cands)]
@@ -747,15 +763,16 @@ class Reader:
                 rows.append(row_of[keys[j]])
                 tokens.append(t)
                 keep.append(n)
-        seq_lp: list = [torch.zeros(len(c), device=self.device) for c in cand_ids]
+        seq_lp: list = [np.zeros(len(c)) for c in cand_ids]
         for r, logp in self._continuations(fwd, rows, tokens, keep):
             j, k = owners[r]
             if k is None:
-                seq_lp[j] = logp[-1, [c[0] for c in cand_ids[j]]]
+                seq_lp[j] = logp[-1, [c[0] for c in cand_ids[j]]].double().cpu().numpy()
             else:
                 c = cand_ids[j][k]
-                seq_lp[j][k] = logp[torch.arange(len(c), device=self.device), torch.tensor(c, device=self.device)].sum()
-        return [torch.log_softmax(lp, dim=0).cpu().numpy().astype(np.float64) for lp in seq_lp]
+                seq_lp[j][k] = float(logp[torch.arange(len(c), device=self.device),
+                                          torch.tensor(c, device=self.device)].sum())
+        return [lp - np.logaddexp.reduce(lp) for lp in seq_lp]
 
     # ------------------------------------------------------------------------------------------------ training
 

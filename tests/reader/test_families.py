@@ -95,21 +95,24 @@ def test_fast_path_equals_the_generic_path(readers, toy_dataset, family, candida
 
 
 def shared_requests(ds, candidates=None) -> list[ScoreRequest]:
-    """Several questions (of different lengths) over each of three (query image, context) pairs, one closed-book and
-    one with a longer context, marked `share_prefix` as the per-label questions of a multi-label context are; and two
-    unmarked requests in between."""
-    questions = ["mild disease ?", "What is the severity of the retinopathy ?", "severe ?", "normal eye disease ?"]
+    """Questions of different lengths over each of three (query image, context) pairs, one closed-book and one with a
+    longer context, marked `share_prefix` as the per-label questions of a multi-label context are (with common
+    leading words, as a legend gives them: 1 and 2 tokens); and two unmarked requests in between."""
+    questions = ["report findings mild disease ?", "report findings severe ?", "report normal eye disease ?",
+                 "report findings consistent with What is the severity of the retinopathy ?"]
     qs = ds.queries["val"]
-    contexts = [ds.corpus[1], None, CorpusItem(id="long", image=ds.corpus[2].image, text=ds.corpus[2].text + " mild eye" * 5)]
+    contexts = [ds.corpus[1], None, CorpusItem(id="long", image=ds.corpus[2].image,
+                                               text=ds.corpus[2].text + " mild eye" * 5)]
+    asked = [questions[1:] + questions[:1], questions[::-1], questions[:2]]
     out = [ScoreRequest(dataclasses.replace(qs[i], question=text), ctx, candidates, share_prefix=True)
-           for i, ctx in enumerate(contexts) for text in questions[i:] + questions[:i]]
+           for i, (ctx, texts) in enumerate(zip(contexts, asked)) for text in texts]
     return out[:5] + [ScoreRequest(qs[4], ds.corpus[4], candidates), ScoreRequest(qs[5], None, candidates)] + out[5:]
 
 
 @pytest.mark.parametrize("family", TESTED)
 @pytest.mark.parametrize("candidates", [None, MULTI])
 def test_shared_prefix_equals_the_unshared_path_and_the_whole_prompt(readers, toy_dataset, family, candidates):
-    """`share_prefix` requests encode each distinct prefix once (3 prefix rows for 12 requests) and give the scores
+    """`share_prefix` requests encode each distinct prefix once (3 prefix rows for 10 requests) and give the scores
     of one full pass per request over the same two pieces, single-token and multi-token candidates, batched; with
     the word-level tokenizers the pieces are also the whole prompt's tokens, so the scores equal unmarked scoring."""
     reader = readers(family)
