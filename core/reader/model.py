@@ -342,14 +342,15 @@ class Reader:
         self._check_lengths(items, [n - t for n, t in zip(inputs["attention_mask"].sum(1).tolist(), tail_lengths)],
                             answer_lengths or tail_lengths)
         try:
-            out = self.hf_model(**inputs, logits_to_keep=logits_to_keep, use_cache=use_cache)
+            state = self.family.prefill_state(self.hf_model, inputs) if use_cache and self.family.prefill_state else {}
+            positions = {"position_ids": state["position_ids"]} if "position_ids" in state else {}
+            out = self.hf_model(**inputs, **positions, logits_to_keep=logits_to_keep, use_cache=use_cache)
         except (ValueError, RuntimeError, IndexError) as e:
             counts = self._image_token_counts(inputs)
             images = [1 + (c is not None) for _, c, _ in items]
             raise ReaderError(f"{self._names(items)}: the model rejected the processor's inputs ({e}); the processor "
                               f"yielded {counts} image tokens for {images} images per prompt; its image settings "
                               f"(image_seq_length, patch and image sizes) must match the model's config") from None
-        state = self.family.prefill_state(self.hf_model, inputs) if use_cache and self.family.prefill_state else {}
         return _Forward(out.logits, inputs["attention_mask"], out.cache if use_cache else None, state)
 
     def _check_lengths(self, items, prompt_lengths: Sequence[int], answer_lengths: Sequence[int]) -> None:
