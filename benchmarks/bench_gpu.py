@@ -106,7 +106,8 @@ def build(name: str, smoke: bool, max_pixels: int | None):
         from dxrag.core.reader.families import _qwen_tokens
 
         tok, template = _tokenizer_and_template("qwen2_vl")
-        rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": text.pop("mrope_section")}
+        rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
+                "mrope_section": text.pop("mrope_section")}
         text.pop("head_dim", None)
         qv = dict(QWEN_VISION, hidden_size=text["hidden_size"])
         if smoke:
