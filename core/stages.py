@@ -255,7 +255,8 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
                               if (s, queries[qi].id) not in plog.done])
     tau = ctx.cfg.distill.tau_retriever
-    per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" else 1  # reader requests per context
+    # prompt passes per context: a multi-label context's L questions share one prefix pass (ScoreRequest.share_prefix)
+    per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" and not ctx.cfg.reader.share_prefix else 1
     chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n * per_context))
     bar = tqdm(total=len(todo), desc=f"per-context predictions ({split})", unit="query",
                disable=not distributed.is_main())
