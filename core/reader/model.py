@@ -69,11 +69,8 @@ class ScoreRequest:
 
 
 class _PrefixOnly(tuple):
-    """The candidates slot of a prompt item (query, context, candidates) standing for the prompt's prefix alone
+    """The candidates of a prompt item (query, context, candidates) that stands for the prompt's prefix alone
     (`PromptRenderer.split`): the shared-prefix requests' prompts are the prefix followed by suffix tokens."""
-
-
-PREFIX_ONLY = _PrefixOnly()
 
 
 @dataclass
@@ -265,9 +262,9 @@ class Reader:
         return out
 
     def _prompt_text(self, query: Query, context: CorpusItem | None, candidates: Sequence[str]) -> str:
-        """The rendered prompt of an item, or its prefix when `candidates` is `PREFIX_ONLY`."""
-        if candidates is PREFIX_ONLY:
-            return self._render.split(query, context)[0]
+        """The rendered prompt of an item, or its prefix when its candidates are marked `_PrefixOnly`."""
+        if isinstance(candidates, _PrefixOnly):
+            return self._render.split(query, context, candidates)[0]
         return self._render(query, context, candidates)
 
     def _generic_inputs(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path,
@@ -650,7 +647,7 @@ class Reader:
         suffix tokens (the unshared path of `share_prefix` requests)."""
         modes = [self._mode(r, cands) for r, cands in zip(requests, cand_ids)]
         multi = any(m == "full" and max(len(c) for c in cands) > 1 for m, cands in zip(modes, cand_ids))
-        items = [(r.query, r.context, r.answers if suffixes is None else PREFIX_ONLY) for r in requests]
+        items = [(r.query, r.context, r.answers if suffixes is None else _PrefixOnly(r.answers)) for r in requests]
         answer_lengths = [max(len(c) for c in cands) for cands in cand_ids]
         if suffixes is not None:
             answer_lengths = [a + len(t) for a, t in zip(answer_lengths, suffixes)]
@@ -747,8 +744,8 @@ class Reader:
             while n < min(len(shared), len(t) - 1) and shared[n] == t[n]:
                 n += 1
             del shared[n:]
-        fwd = self._run([(requests[j].query, requests[j].context, PREFIX_ONLY) for j in heads], root,
-                        tails=list(common.values()), use_cache=True, features=features,
+        prefixes = [(requests[j].query, requests[j].context, _PrefixOnly(requests[j].answers)) for j in heads]
+        fwd = self._run(prefixes, root, tails=list(common.values()), use_cache=True, features=features,
                         answer_lengths=list(longest.values()))
         owners, rows, tokens, keep = [], [], [], []
         for j, (r, cands, suffix) in enumerate(zip(requests, cand_ids, suffixes)):

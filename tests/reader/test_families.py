@@ -139,6 +139,17 @@ def test_shared_prefix_equals_the_unshared_path_and_the_whole_prompt(readers, to
         assert np.abs(a[0] - a[1]).max() > 1e-4
 
 
+def test_shared_prefix_falls_back_to_the_whole_prompt_when_the_template_hides_the_question(readers, toy_dataset):
+    base = readers("llava")
+    reader = Reader(base.model, base.processor, settings("llava"))
+    reader._render.split = lambda *args: None  # a chat template that does not insert the question verbatim
+    requests = shared_requests(toy_dataset)
+    assert reader._split(requests) == ({}, {})
+    for a, b in zip(reader.score(requests, toy_dataset.root),
+                    base.score([dataclasses.replace(r, share_prefix=False) for r in requests], toy_dataset.root)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_qwen3_vl_is_kept_off_the_fast_path(readers, toy_dataset):
     """Forcing the Qwen2-VL fast path onto Qwen3-VL drops its deepstack features: plausible but wrong scores."""
     generic = readers("qwen3_vl")
