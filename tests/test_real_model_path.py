@@ -199,7 +199,7 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
         "reader.finetune.steps": 8, "reader.finetune.batch_size": 8, "reader.finetune.eval_every": 0,
         "reader.finetune.checkpoint_every": 4,
         "distill.steps": 4, "distill.batch_size": 8, "distill.candidates": 8, "distill.refresh_every": 2,
-        "distill.checkpoint_every": 2,
+        "distill.checkpoint_every": 2, "probe.mode": "off",
     }
     cfg = load_config(CONFIG, overrides)
     assert cfg.reader.lora is not None and cfg.retriever.pretrain is None
