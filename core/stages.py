@@ -365,7 +365,7 @@ def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]
 
         train, val = ds.queries["train"], ds.queries.get("val", [])
         fitted = fit(features(train), [q.label for q in train], features(val) if val else None,
-                     [q.label for q in val], settings.c_grid, seed=ctx.cfg.seed)
+                     [q.label for q in val], settings.c_grid, settings.balanced, seed=ctx.cfg.seed)
         proba = fitted.predict_proba(features(queries))
         for query, p in zip(queries, proba):
             if (SYSTEM, query.id) in plog.done:
@@ -374,7 +374,7 @@ def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]
             plog.write([], Answer(SYSTEM, query.id, max(probs, key=probs.get), query.label, probs,
                                   answer_type=CLOSED))
         ctx.run.mark_done("probe", {"weights": settings.weights, "image_size": settings.image_size, "C": fitted.c,
-                                    "val_accuracy": fitted.val_accuracy, "train": len(train)})
+                                    "balanced": fitted.balanced, "val_accuracy": fitted.val_accuracy, "train": len(train)})
     finally:
         plog.close()
     return read_logs(log_dir)

@@ -48,6 +48,22 @@ def test_fit_keeps_the_c_with_the_best_validation_accuracy():
         fit(tx, ["no"] * len(tx), vx, vy, [1.0])
 
 
+def test_balanced_weighting_is_chosen_when_validation_undoes_a_skewed_training_prior():
+    pytest.importorskip("sklearn")
+    from dxrag.core.probe import fit
+
+    rng = np.random.default_rng(1)
+
+    def sample(n_no, n_yes):
+        y = np.r_[np.zeros(n_no, int), np.ones(n_yes, int)]
+        return rng.normal(size=(len(y), 5)) + 1.0 * y[:, None] * (np.arange(5) < 1), np.array(["no", "yes"])[y]
+
+    (tx, ty), (vx, vy) = sample(40, 360), sample(200, 200)  # training 90 % "yes", validation balanced
+    skewed = fit(tx, ty, vx, vy, [1.0], balanced=[False])
+    probe = fit(tx, ty, vx, vy, [1.0], balanced=[False, True])
+    assert probe.balanced and probe.val_accuracy > skewed.val_accuracy + 0.05
+
+
 def test_settings_are_checked_with_the_key_named():
     with pytest.raises(ConfigError, match=r"probe.mode 'sometimes' is not one of \['auto', 'on', 'off'\]"):
         load_config(REPO / "configs" / "embedded.yaml", {"probe.mode": "sometimes"})
@@ -78,7 +94,7 @@ def test_auto_leaves_the_probe_out_when_it_cannot_run_and_on_refuses(tmp_path, m
 
 @pytest.mark.real
 def test_probe_on_breastmnist_reaches_the_frozen_feature_floor_and_resumes(tmp_path, monkeypatch):
-    """BreastMNIST test split: measured 0.833 (C = 0.03 chosen on val; majority class 0.731). The stage's answers
+    """BreastMNIST test split: measured 0.833 (C = 0.03, unweighted, chosen on val; majority class 0.731). The stage's answers
     are one `probe` row per test query with probabilities over the candidates; a rerun reads them back."""
     pytest.importorskip("sklearn")
     real_weights("efficientnet-lite0")
@@ -104,7 +120,7 @@ def test_probe_on_breastmnist_reaches_the_frozen_feature_floor_and_resumes(tmp_p
     assert 0.80 <= accuracy <= 0.90, accuracy
     assert len({r["prediction"] for r in answers}) == 2  # not the majority class
     info = json.loads((ctx.run / "stages" / "probe.json").read_text())
-    assert info["val_accuracy"] > 0.8 and info["train"] == 546
+    assert info["val_accuracy"] > 0.8 and info["train"] == 546 and isinstance(info["balanced"], bool)
 
     monkeypatch.setattr(probe_module, "load_encoder", lambda *a: pytest.fail("a finished probe is not refitted"))
     assert probe(ctx, ds, "test", tmp_path / "probe") == rows
