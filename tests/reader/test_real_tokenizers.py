@@ -176,7 +176,7 @@ def test_lora_step_lowers_the_loss_and_save_load_keeps_the_scores(smol_dir, toy_
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     with torch.no_grad():
         losses.append(float(reader.answer_loss(examples, toy_dataset.root)))
     assert losses[-1] < losses[0], losses
