@@ -47,8 +47,6 @@ def _sets(overrides: dict) -> list[str]:
 
 
 
-
-
 def real_weights(name: str) -> Path:
     """The installed directory of real pretrained weights `name` (dxrag.core.weights); skips the calling test when the
     cache lacks it."""
