@@ -111,10 +111,19 @@ def assemble(lm_dir: str | os.PathLike, out: str | os.PathLike, vision: VisionTo
         torch.manual_seed(seed)
         model.model.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config,
                                                                                 dtype=torch.float32)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     model.model.language_model.load_state_dict(lm.model.state_dict())
-    if not text.tie_word_embeddings:
+    if text.tie_word_embeddings:
+        # built without initialisation, the output layer is not tied yet: tie it, or an untied garbage lm_head is saved
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    else:
         model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    probe = tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        gap = float((model.eval()(input_ids=probe).logits - lm(input_ids=probe).logits).abs().max())
+    if gap > 1e-4:
+        raise ValueError(f"{lm_dir}: the assembled reader's text-only logits differ from the language model's by "
+                         f"{gap:.3g}; its weights did not load as they are")
     del lm
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
