@@ -374,7 +374,8 @@ def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]
             plog.write([], Answer(SYSTEM, query.id, max(probs, key=probs.get), query.label, probs,
                                   answer_type=CLOSED))
         ctx.run.mark_done("probe", {"weights": settings.weights, "image_size": settings.image_size, "C": fitted.c,
-                                    "balanced": fitted.balanced, "val_accuracy": fitted.val_accuracy, "train": len(train)})
+                                    "balanced": fitted.balanced, "val_accuracy": fitted.val_accuracy,
+                                    "train": len(train)})
     finally:
         plog.close()
     return read_logs(log_dir)

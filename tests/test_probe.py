@@ -94,8 +94,8 @@ def test_auto_leaves_the_probe_out_when_it_cannot_run_and_on_refuses(tmp_path, m
 
 @pytest.mark.real
 def test_probe_on_breastmnist_reaches_the_frozen_feature_floor_and_resumes(tmp_path, monkeypatch):
-    """BreastMNIST test split: measured 0.833 (C = 0.03, unweighted, chosen on val; majority class 0.731). The stage's answers
-    are one `probe` row per test query with probabilities over the candidates; a rerun reads them back."""
+    """BreastMNIST test split: measured 0.833 (C = 0.03, unweighted, chosen on val; majority class 0.731). The stage's
+    answers are one `probe` row per test query with probabilities over the candidates; a rerun reads them back."""
     pytest.importorskip("sklearn")
     real_weights("efficientnet-lite0")
     npz = SHARED_DATA / "breastmnist" / "breastmnist.npz"

@@ -1,7 +1,8 @@
-"""The Qwen2-VL reader around the real Qwen2.5-0.5B language model and its 151,936-id tokenizer (core/reader/qwen2vl.py):
-text-only logits equal the standalone LLM's; on multi-token, leading-space and prefix candidates the cached-vision fast
-path equals the generic path, which equals teacher forcing over the processor's tokens. Few and cheap: one assembly
-(~30 s), prompts of ~60 tokens (Qwen forward 1x128 is ~1.7 s fp32 on one thread)."""
+"""The Qwen2-VL reader around the real Qwen2.5-0.5B language model and its 151,936-id tokenizer
+(core/reader/qwen2vl.py): text-only logits equal the standalone LLM's; on multi-token, leading-space and prefix
+candidates the cached-vision fast path equals the generic path, which equals teacher forcing over the processor's
+tokens; batched generation, a LoRA step and adapter save/load. Few and cheap: one assembly (~30 s), prompts of ~60
+tokens (a Qwen forward of 1x128 tokens is ~1.7 s fp32 on one thread)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def test_fast_path_equals_generic_path_and_teacher_forcing(fast, toy_dataset):
     for candidates, end in CANDIDATE_SETS:
         requests = [ScoreRequest(q, c, candidates) for q, c in zip(toy_dataset.queries["val"], contexts)]
         batched_fast = fast.score(requests, root, batch_size=3)
+        assert max(np.ptp(s) for s in batched_fast) > 0.1  # not uniform: a real output layer is in place
         for r, got in zip(requests, batched_fast):
             one_generic = generic.score([r], root, batch_size=1)[0]
             want = teacher_forced(generic, r.query, r.context, candidates, root, end).numpy()
