@@ -339,6 +339,51 @@ def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: lis
     plog.write(rows, Answer(system, query.id, open_answer(texts, weights), query.label, answer_type=OPEN))
 
 
+def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]:
+    """The `probe` baseline's answers on `split` (core/probe.py: logistic regression on frozen vision features of the
+    training queries, C chosen on val), logged like every system's; [] when the probe is off or cannot run here
+    (mode auto: the reason is logged). Runs after the other systems and draws no random numbers from torch, so their
+    results are the same with and without it."""
+    from .probe import SYSTEM, ProbeError, fit, image_features, load_encoder, unavailable
+
+    settings = ctx.cfg.probe
+    if settings.mode == "off":
+        return []
+    reason = unavailable(settings, ds.meta.task)
+    if reason is not None:
+        if settings.mode == "on":
+            raise ProbeError(f"probe.mode is 'on' but the probe cannot run: {reason}")
+        log.info("probe baseline left out: %s", reason)
+        return []
+    plog = PredictionLog(log_dir)
+    queries = ds.queries[split]
+    try:
+        if all((SYSTEM, q.id) in plog.done for q in queries):
+            return read_logs(log_dir)
+        encoder = load_encoder(settings.weights)
+
+        def features(qs):
+            return image_features(encoder, [ds.image_path(q.image) for q in qs], settings.image_size,
+                                  settings.batch_size)
+
+        train, val = ds.queries["train"], ds.queries.get("val", [])
+        fitted = fit(features(train), [q.label for q in train], features(val) if val else None,
+                     [q.label for q in val], settings.c_grid, settings.balanced, seed=ctx.cfg.seed)
+        proba = fitted.predict_proba(features(queries))
+        for query, p in zip(queries, proba):
+            if (SYSTEM, query.id) in plog.done:
+                continue
+            probs = {c: float(p[fitted.classes.index(c)]) if c in fitted.classes else 0.0 for c in query.candidates}
+            plog.write([], Answer(SYSTEM, query.id, max(probs, key=probs.get), query.label, probs,
+                                  answer_type=CLOSED))
+        ctx.run.mark_done("probe", {"weights": settings.weights, "image_size": settings.image_size, "C": fitted.c,
+                                    "balanced": fitted.balanced, "val_accuracy": fitted.val_accuracy,
+                                    "train": len(train)})
+    finally:
+        plog.close()
+    return read_logs(log_dir)
+
+
 def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | None = None,
            val_answers: Path | None = None) -> tuple[str, str]:
     """The oracle report in the report directory (with the `learned` selector trained on the validation predictions
