@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .data.synth import SynthConfig
+from .probe import ProbeSettings
 from .reader.settings import ReaderSettings
 
 
@@ -148,6 +149,7 @@ class RunConfig:
     reader: ReaderSettings = field(default_factory=ReaderSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)  # the `probe` baseline system (core/probe.py)
     report: bool = True  # run the oracle analysis into reports/<run>/
     figures: bool = True
 
@@ -269,6 +271,7 @@ def _check(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: retriever.index: {e}") from None
     try:
         cfg.reader.check()
+        cfg.probe.check()
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.inference.split not in ("train", "val", "test"):

@@ -61,6 +61,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
                           ctx.run / "predictions" / "val")
     if not distributed.is_main():
         return {}
+    rows = rows + _timed(timings, "probe", stages.probe, ctx, ds, split, ctx.run / "predictions" / "probe")
     contexts, answers = write_tables(rows, ctx.run / "predictions")
     summary: dict[str, Any] = {"run_dir": str(ctx.run.path), "contexts": str(contexts), "answers": str(answers)}
     val_tables: tuple[Path, Path] | tuple[()] = ()

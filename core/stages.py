@@ -255,7 +255,8 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
                               if (s, queries[qi].id) not in plog.done])
     tau = ctx.cfg.distill.tau_retriever
-    per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" else 1  # reader requests per context
+    # prompt passes per context: a multi-label context's L questions share one prefix pass (ScoreRequest.share_prefix)
+    per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" and not ctx.cfg.reader.share_prefix else 1
     chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n * per_context))
     bar = tqdm(total=len(todo), desc=f"per-context predictions ({split})", unit="query",
                disable=not distributed.is_main())
@@ -268,8 +269,10 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
             asked = [prompts.label_queries(query) if kind == SET else [prompts.prompt_query(query)]
                      for (_, query, _), kind in zip(plans, types)]
             opened = [kind == OPEN for kind in types]
-            requests = [[ScoreRequest(a, items[item_id] if item_id else None) for _, item_id, _ in ranked
-                         for a in ask] for (_, _, ranked), ask in zip(plans, asked)]
+            # a context's per-label questions share their prompt up to the question: encoded once (ScoreRequest)
+            requests = [[ScoreRequest(a, items[item_id] if item_id else None, share_prefix=kind == SET)
+                         for _, item_id, _ in ranked for a in ask]
+                        for (_, _, ranked), ask, kind in zip(plans, asked, types)]
             scores = iter(model.score([r for rs, o in zip(requests, opened) if not o for r in rs], ds.root,
                                       progress=False))
             texts = iter(model.generate([r for rs, o in zip(requests, opened) if o for r in rs], ds.root,
@@ -334,6 +337,51 @@ def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: lis
             for rank, ((head, item_id, score), text) in enumerate(zip(ranked, texts), 1)]
     weights = fusion_weights(np.array([s for _, _, s in ranked]), tau)
     plog.write(rows, Answer(system, query.id, open_answer(texts, weights), query.label, answer_type=OPEN))
+
+
+def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]:
+    """The `probe` baseline's answers on `split` (core/probe.py: logistic regression on frozen vision features of the
+    training queries, C chosen on val), logged like every system's; [] when the probe is off or cannot run here
+    (mode auto: the reason is logged). Runs after the other systems and draws no random numbers from torch, so their
+    results are the same with and without it."""
+    from .probe import SYSTEM, ProbeError, fit, image_features, load_encoder, unavailable
+
+    settings = ctx.cfg.probe
+    if settings.mode == "off":
+        return []
+    reason = unavailable(settings, ds.meta.task)
+    if reason is not None:
+        if settings.mode == "on":
+            raise ProbeError(f"probe.mode is 'on' but the probe cannot run: {reason}")
+        log.info("probe baseline left out: %s", reason)
+        return []
+    plog = PredictionLog(log_dir)
+    queries = ds.queries[split]
+    try:
+        if all((SYSTEM, q.id) in plog.done for q in queries):
+            return read_logs(log_dir)
+        encoder = load_encoder(settings.weights)
+
+        def features(qs):
+            return image_features(encoder, [ds.image_path(q.image) for q in qs], settings.image_size,
+                                  settings.batch_size)
+
+        train, val = ds.queries["train"], ds.queries.get("val", [])
+        fitted = fit(features(train), [q.label for q in train], features(val) if val else None,
+                     [q.label for q in val], settings.c_grid, settings.balanced, seed=ctx.cfg.seed)
+        proba = fitted.predict_proba(features(queries))
+        for query, p in zip(queries, proba):
+            if (SYSTEM, query.id) in plog.done:
+                continue
+            probs = {c: float(p[fitted.classes.index(c)]) if c in fitted.classes else 0.0 for c in query.candidates}
+            plog.write([], Answer(SYSTEM, query.id, max(probs, key=probs.get), query.label, probs,
+                                  answer_type=CLOSED))
+        ctx.run.mark_done("probe", {"weights": settings.weights, "image_size": settings.image_size, "C": fitted.c,
+                                    "balanced": fitted.balanced, "val_accuracy": fitted.val_accuracy,
+                                    "train": len(train)})
+    finally:
+        plog.close()
+    return read_logs(log_dir)
 
 
 def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | None = None,

@@ -5,9 +5,10 @@ Torch-free.
 Multi-label scoring is per label: a query over L labels becomes L requests per context, "Is <label> present?" with
 candidates ("yes", "no"), and the predicted set is the labels with p(yes) > 0.5. Scoring whole candidate sets instead
 would need 2^L candidates per context (16 384 for ChestMNIST's 14 findings) or a generated list that the reader may
-not close; per-label requests cost L forward passes per context (each a one-token, two-candidate score, batched like
-any other request), train on a yes/no target per label and give every label its own probability, which is also
-what the fused answer averages over contexts.
+not close; per-label requests share their prompt up to the question (`ScoreRequest.share_prefix`, set where they are
+scored): one pass over the context's prefix and L short continuations of "<label> present? ..." per context, each a
+one-token, two-candidate score. They train on a yes/no target per label and give every label its own probability,
+which is also what the fused answer averages over contexts.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def test_pipeline_runs_the_gpu_config_on_local_stand_ins(roco, tmp_path):
         "reader.finetune.steps": 8, "reader.finetune.batch_size": 8, "reader.finetune.eval_every": 0,
         "reader.finetune.checkpoint_every": 4,
         "distill.steps": 4, "distill.batch_size": 8, "distill.candidates": 8, "distill.refresh_every": 2,
-        "distill.checkpoint_every": 2,
+        "distill.checkpoint_every": 2, "probe.mode": "off",
     }
     cfg = load_config(CONFIG, overrides)
     assert cfg.reader.lora is not None and cfg.retriever.pretrain is None
@@ -320,7 +320,7 @@ def test_dxrag_run_with_a_tiny_reader_of_each_family(family_dirs, tmp_path, name
         "reader.max_pixels": SMALL_IMAGES[family], "reader.finetune.steps": 4, "reader.finetune.batch_size": 4,
         "reader.finetune.eval_every": 0, "reader.finetune.checkpoint_every": 2,
         "distill.steps": 2, "distill.batch_size": 4, "distill.candidates": 4, "distill.refresh_every": 2,
-        "distill.checkpoint_every": 2,
+        "distill.checkpoint_every": 2, "probe.mode": "off",
     }
     run_dir = tmp_path / "trained"
     assert main(["run", "--config", str(REPO / "configs" / f"{name}.yaml"), *_sets(overrides),

@@ -27,9 +27,13 @@ def sweep():
 def test_committed_sweep_is_of_the_current_embedded_config(sweep):
     ranges, table = sweep
     current = load_config(ROOT / "configs" / "embedded.yaml").to_dict()
-    assert ranges["config"] == current, ("configs/embedded.yaml (or a default it relies on) changed after the sweep "
-                                         "in docs/results was run: rerun `dxrag sweep --config configs/embedded.yaml "
-                                         "--seeds 0 1 2 3 4` and copy its ranges.json and seeds.csv there")
+    # the probe baseline runs after the swept systems and adds none of the swept columns (their prediction tables are
+    # identical with and without it: issue 20's report), so its settings are not part of the sweep's config
+    current.pop("probe", None)
+    swept = {k: v for k, v in ranges["config"].items() if k != "probe"}
+    assert swept == current, ("configs/embedded.yaml (or a default it relies on) changed after the sweep in "
+                              "docs/results was run: rerun `dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 "
+                              "4` and copy its ranges.json and seeds.csv there")
     assert sorted(table["seed"]) == sorted(ranges["seeds"]) and len(table) >= 5
 
 

@@ -55,7 +55,8 @@ class Family:
     # per-token processor outputs besides input_ids/attention_mask, and their value at appended answer tokens:
     # a number, or "repeat" (copy the prompt's last position; Mllama's cross-attention mask)
     tail_fill: dict[str, float | str] = field(default_factory=dict)
-    # inputs the prompt's forward leaves for its continuation: (model, processor inputs) -> state per row
+    # inputs the prompt's forward leaves for its continuation: (model, processor inputs) -> state per row; computed
+    # before the prompt's forward, which takes the state's `position_ids` when it has them
     prefill_state: Callable[[Any, dict], dict] | None = None
     # extra kwargs of a continuation of T tokens for rows `rows` of the prompt batch: (state, rows, T) -> kwargs
     continuation: Callable[[dict, torch.Tensor, int], dict] | None = None
@@ -79,12 +80,14 @@ class Family:
 
 
 def mrope_state(model, inputs: dict) -> dict:
-    """Qwen M-RoPE: the position after each prompt, from the model's own rope index (text continues past images)."""
+    """Qwen M-RoPE: the position after each prompt, from the model's own rope index (text continues past images),
+    and the prompt's positions themselves (`position_ids`: the prompt's forward takes them instead of computing the
+    rope index a second time)."""
     base = model.model
     kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids") if k in inputs}
     positions, _ = base.get_rope_index(inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs)
     masked = positions.masked_fill(inputs["attention_mask"][None] == 0, -1)
-    return {"next_position": masked.amax(dim=(0, 2)) + 1}
+    return {"next_position": masked.amax(dim=(0, 2)) + 1, "position_ids": positions}
 
 
 def mrope_continuation(state: dict, rows: torch.Tensor, steps: int) -> dict:

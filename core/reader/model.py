@@ -38,11 +38,21 @@ class ReaderError(ValueError):
 @dataclass(frozen=True)
 class ScoreRequest:
     """Score the candidate answers of `query` given one retrieved item (`context`), or closed-book (None).
-    `candidates` overrides `query.candidates`; results follow its order."""
+    `candidates` overrides `query.candidates`; results follow its order.
+
+    `share_prefix`: the prompt is tokenized as two pieces, the prefix up to the question's text (chat-template start,
+    context image and text, query image; `PromptRenderer.split`) and the suffix (question, options, assistant header),
+    whose tokens follow the prefix's. Requests with the same prefix (the per-label questions of one (query, context)
+    of a multi-label task) then encode it once and continue from its KV cache (`ReaderSettings.share_prefix`). The
+    scores do not depend on whether the prefix is shared: the unshared path feeds the same two pieces in one pass.
+    Tokenizing the pieces apart is what makes the two paths one token sequence (a BPE or SentencePiece tokenizer
+    could merge across the cut if the whole text were tokenized); the cut follows the query image's placeholder, a
+    special token in every family, where whole-text tokenization splits as well (tested for every family)."""
 
     query: Query
     context: CorpusItem | None
     candidates: tuple[str, ...] | None = None
+    share_prefix: bool = False
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -56,6 +66,11 @@ class ScoreRequest:
     def describe(self) -> str:
         where = f"query {self.query.id!r}"
         return where + (f" with context {self.context.id!r}" if self.context is not None else " (closed-book)")
+
+
+class _PrefixOnly(tuple):
+    """The candidates of a prompt item (query, context, candidates) that stands for the prompt's prefix alone
+    (`PromptRenderer.split`): the shared-prefix requests' prompts are the prefix followed by suffix tokens."""
 
 
 @dataclass
@@ -246,10 +261,16 @@ class Reader:
             out.append(row)
         return out
 
+    def _prompt_text(self, query: Query, context: CorpusItem | None, candidates: Sequence[str]) -> str:
+        """The rendered prompt of an item, or its prefix when its candidates are marked `_PrefixOnly`."""
+        if isinstance(candidates, _PrefixOnly):
+            return self._render.split(query, context, candidates)[0]
+        return self._render(query, context, candidates)
+
     def _generic_inputs(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path,
                         tails: Sequence[Sequence[int]] | None = None) -> dict:
         """The processor's model inputs for the prompts (left-padded), optionally followed by answer tokens."""
-        texts = [self._render(q, c, cands) for q, c, cands in items]
+        texts = [self._prompt_text(q, c, cands) for q, c, cands in items]
         for (q, c, _), text in zip(items, texts):
             n_images = 1 + (c is not None)
             if text.count(self.placeholder) != n_images:
@@ -318,14 +339,15 @@ class Reader:
         self._check_lengths(items, [n - t for n, t in zip(inputs["attention_mask"].sum(1).tolist(), tail_lengths)],
                             answer_lengths or tail_lengths)
         try:
-            out = self.hf_model(**inputs, logits_to_keep=logits_to_keep, use_cache=use_cache)
+            state = self.family.prefill_state(self.hf_model, inputs) if use_cache and self.family.prefill_state else {}
+            positions = {"position_ids": state["position_ids"]} if "position_ids" in state else {}
+            out = self.hf_model(**inputs, **positions, logits_to_keep=logits_to_keep, use_cache=use_cache)
         except (ValueError, RuntimeError, IndexError) as e:
             counts = self._image_token_counts(inputs)
             images = [1 + (c is not None) for _, c, _ in items]
             raise ReaderError(f"{self._names(items)}: the model rejected the processor's inputs ({e}); the processor "
                               f"yielded {counts} image tokens for {images} images per prompt; its image settings "
                               f"(image_seq_length, patch and image sizes) must match the model's config") from None
-        state = self.family.prefill_state(self.hf_model, inputs) if use_cache and self.family.prefill_state else {}
         return _Forward(out.logits, inputs["attention_mask"], out.cache if use_cache else None, state)
 
     def _check_lengths(self, items, prompt_lengths: Sequence[int], answer_lengths: Sequence[int]) -> None:
@@ -345,7 +367,8 @@ class Reader:
         tail_lengths = [len(t) for t in tails] if tails is not None else [0] * len(items)
         self._check_lengths(items, [len(p.ids) for p in prompts], answer_lengths or tail_lengths)
         logits, mask, cache = self._forward(prompts, tails, features, logits_to_keep, use_cache)
-        state = {"next_position": torch.tensor([p.next_position for p in prompts], device=self.device)}
+        state = {"next_position": torch.tensor([p.next_position + n for p, n in zip(prompts, tail_lengths)],
+                                               device=self.device)}
         return _Forward(logits, mask, cache, state)
 
     # ------------------------------------------------------------------------------------------------ fast path
@@ -385,7 +408,7 @@ class Reader:
 
     def _encode(self, requests: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path) -> list[_Prompt]:
         """Render, tokenize and expand the image placeholders of each (query, context, candidates) prompt."""
-        texts = [self._render(q, c, cands) for q, c, cands in requests]
+        texts = [self._prompt_text(q, c, cands) for q, c, cands in requests]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         wanted: dict[str, str] = {}
         for query, context, _ in requests:
@@ -519,24 +542,82 @@ class Reader:
               progress: bool | None = None) -> list[np.ndarray]:
         """Log-probabilities over each request's candidate answers (log-softmax over the candidates, in the order
         given): one forward pass per (query, context); multi-token candidates continue from the prompt's KV cache.
-        Requests are batched by prompt length and returned in input order."""
+        Requests are batched by prompt length and returned in input order. Requests with `share_prefix` are
+        scored as prefix + suffix (`ScoreRequest`), by default encoding each distinct prefix once per batch
+        (`_score_shared`)."""
         root = Path(image_root)
         batch_size = batch_size or self.config.batch_size
         cand_ids = [self._candidate_ids(r) for r in requests]
         # longest prompts first (an out-of-memory batch fails at once); text length stands in for token count
         order = sorted(range(len(requests)), key=lambda i: -requests[i].prompt_size())
+        keys, suffixes = self._split(requests)
         results: list[np.ndarray | None] = [None] * len(requests)
         show = progress if progress is not None else len(requests) > 8 * batch_size
         features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        split = [i for i in order if i in suffixes]
+        batches = [(idx, False) for idx in self._batches([i for i in order if i not in suffixes], requests,
+                                                         batch_size)]
+        if self.config.share_prefix:
+            batches += [(idx, True) for idx in self._prefix_batches(split, requests, keys, batch_size)]
+        else:
+            batches += [(idx, False) for idx in self._batches(split, requests, batch_size)]
         with self._inference(), tqdm(total=len(requests), desc="scoring", unit="ctx", disable=not show) as bar:
-            for idx in self._batches(order, requests, batch_size):
-                for i, lp in zip(idx, self._score_batch([requests[i] for i in idx], [cand_ids[i] for i in idx],
-                                                        root, features)):
+            for idx, shared in batches:
+                part, cands = [requests[i] for i in idx], [cand_ids[i] for i in idx]
+                tails = [suffixes[i] for i in idx] if idx[0] in suffixes else None
+                if shared:
+                    scores = self._score_shared(part, cands, tails, [keys[i] for i in idx], root, features)
+                else:
+                    scores = self._score_batch(part, cands, root, features, tails)
+                for i, lp in zip(idx, scores):
                     results[i] = lp
                 while len(features) > self.config.image_cache:
                     features.popitem(last=False)
                 bar.update(len(idx))
         return results  # type: ignore[return-value]
+
+    def _split(self, requests: Sequence[ScoreRequest]) -> tuple[dict[int, tuple], dict[int, list[int]]]:
+        """Of each `share_prefix` request, by request index: the key of its prefix (prefix text and images: equal
+        keys, one encoding) and its suffix tokens (question, options, assistant header). A request whose chat
+        template does not insert the question verbatim, or whose suffix has no tokens, is scored whole (left
+        out). The prompt around the question depends on the candidates and the context only, so it is cut once per
+        (candidates, context) and each distinct suffix is tokenized once."""
+        cuts: dict[tuple, tuple[str, str] | None] = {}
+        keys, texts = {}, {}
+        for i, r in enumerate(requests):
+            if not r.share_prefix:
+                continue
+            around = (r.answers, None if r.context is None else r.context.text)
+            if around not in cuts:
+                pieces = self._render.split(r.query, r.context, r.answers)
+                cuts[around] = None if pieces is None else (pieces[0], pieces[1][len(r.query.question.strip()):])
+            if cuts[around] is not None:
+                prefix, rest = cuts[around]
+                keys[i] = (prefix, tuple(prompt_images(r.query, r.context)))
+                texts[i] = r.query.question.strip() + rest
+        distinct = list(dict.fromkeys(texts.values()))
+        ids = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+        suffixes = {i: ids[t] for i, t in texts.items() if ids[t]}
+        return {i: k for i, k in keys.items() if i in suffixes}, suffixes
+
+    def _prefix_batches(self, order: list[int], requests: Sequence[ScoreRequest], keys: dict[int, tuple],
+                        batch_size: int) -> list[list[int]]:
+        """Batches of whole prefix groups (requests with the same prefix, in `order` of their first member), up to
+        `batch_size` prefixes each: a batch's prefix pass is no wider than an unshared batch, and its continuation
+        rows run in chunks of `batch_size`."""
+        groups: dict[tuple, list[int]] = {}
+        for i in order:
+            groups.setdefault(keys[i], []).append(i)
+        members = list(groups.values())
+        out = []
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            if self.family.same_image_count:
+                out += [[i for g in chunk for i in g if (requests[g[0]].context is None) == closed]
+                        for closed in (False, True)]
+            else:
+                out.append([i for g in chunk for i in g])
+        return [b for b in out if b]
 
     @contextlib.contextmanager
     def _inference(self):
@@ -561,12 +642,17 @@ class Reader:
         return [b for b in out if b]
 
     def _score_batch(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]], root: Path,
-                     features: OrderedDict) -> list[np.ndarray]:
+                     features: OrderedDict, suffixes: Sequence[list[int]] | None = None) -> list[np.ndarray]:
+        """One forward pass over the requests' prompts, or with `suffixes` over their prefixes followed by the
+        suffix tokens (the unshared path of `share_prefix` requests)."""
         modes = [self._mode(r, cands) for r, cands in zip(requests, cand_ids)]
         multi = any(m == "full" and max(len(c) for c in cands) > 1 for m, cands in zip(modes, cand_ids))
-        items = [(r.query, r.context, r.answers) for r in requests]
-        fwd = self._run(items, root, use_cache=multi, features=features,
-                        answer_lengths=[max(len(c) for c in cands) for cands in cand_ids])
+        items = [(r.query, r.context, r.answers if suffixes is None else _PrefixOnly(r.answers)) for r in requests]
+        answer_lengths = [max(len(c) for c in cands) for cands in cand_ids]
+        if suffixes is not None:
+            answer_lengths = [a + len(t) for a, t in zip(answer_lengths, suffixes)]
+        fwd = self._run(items, root, tails=suffixes, use_cache=multi, features=features,
+                        answer_lengths=answer_lengths)
         first = torch.log_softmax(fwd.logits[:, -1].float(), dim=-1)
         seq_lp = [first[b, [c[0] for c in cands]] for b, cands in enumerate(cand_ids)]
         if multi:
@@ -597,31 +683,103 @@ class Reader:
 
     def _add_continuations(self, fwd: _Forward, cand_ids, modes, seq_lp) -> None:
         """Add log p(tokens 2.. of each multi-token candidate) by running the candidates' continuations against the
-        prompt's KV cache (one batched pass per chunk of rows, never one generate() per candidate)."""
-        from transformers import DynamicCache
-
+        prompt's KV cache (`_continuations`)."""
         rows = [(b, k) for b, (cands, m) in enumerate(zip(cand_ids, modes)) if m == "full"
                 for k, c in enumerate(cands) if len(c) > 1]
+        conts = [cand_ids[b][k] for b, k in rows]
+        for part, logp, ends in self._continuations(fwd, [b for b, _ in rows], [c[:-1] for c in conts],
+                                                    [len(c) - 1 for c in conts]):
+            for i, r in enumerate(part):
+                (b, k), c = rows[r], conts[r]
+                positions = torch.arange(ends[i] - len(c) + 1, ends[i], device=self.device)
+                seq_lp[b][k] = seq_lp[b][k] + logp[i, positions, torch.tensor(c[1:], device=self.device)].sum()
+
+    def _continuations(self, fwd: _Forward, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                       keep: Sequence[int]):
+        """Continue prompts of `fwd` from its KV cache: continuation r feeds `tokens[r]` after prompt `rows[r]`; the
+        log-softmax over the vocabulary is kept at its last `keep[r]` positions. One batched pass per chunk of
+        `batch_size` right-padded continuations, never one generate() per candidate; the cache rows are copied per
+        continuation, so many continuations of one prompt (candidates, per-label questions) share its encoding.
+        Yields per chunk (part, logp, ends): the continuations' indices, their log-probabilities (len(part), P, V)
+        and per continuation the index in P one past its last token (its kept positions end there)."""
+        from transformers import DynamicCache
+
         chunk = max(1, self.config.batch_size)
         for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            conts = [cand_ids[b][k] for b, k in part]
-            T = max(len(c) for c in conts) - 1
-            inputs = torch.full((len(part), T), self.pad_id, dtype=torch.long, device=self.device)
-            cont_mask = torch.zeros((len(part), T), dtype=torch.long, device=self.device)
-            for r, c in enumerate(conts):
-                inputs[r, :len(c) - 1] = torch.tensor(c[:-1], device=self.device)
-                cont_mask[r, :len(c) - 1] = 1
-            batch_rows = torch.tensor([b for b, _ in part], device=self.device)
+            part = range(start, min(start + chunk, len(rows)))
+            T = max(len(tokens[r]) for r in part)
+            inputs = torch.tensor([list(tokens[r]) + [self.pad_id] * (T - len(tokens[r])) for r in part],
+                                  dtype=torch.long, device=self.device)
+            lengths = torch.tensor([len(tokens[r]) for r in part], device=self.device)
+            cont_mask = (torch.arange(T, device=self.device)[None] < lengths[:, None]).long()
+            batch_rows = torch.tensor([rows[r] for r in part], device=self.device)
             sub = DynamicCache(config=self.hf_model.config.get_text_config())
-            for layer_idx, layer in enumerate(fwd.cache.layers):
-                sub.update(layer.keys[batch_rows], layer.values[batch_rows], layer_idx)
+            for layer_idx, layer in enumerate(fwd.cache.layers):  # index_select: faster than [rows] on CPU
+                sub.update(layer.keys.index_select(0, batch_rows), layer.values.index_select(0, batch_rows), layer_idx)
+            first = min(len(tokens[r]) - keep[r] for r in part)  # logits only from the first position kept
             out = self.hf_model(input_ids=inputs, attention_mask=torch.cat([fwd.mask[batch_rows], cont_mask], dim=1),
-                                cache=sub, use_cache=True, **self._continuation_inputs(fwd, batch_rows, T))
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            for r, ((b, k), c) in enumerate(zip(part, conts)):
-                targets = torch.tensor(c[1:], device=self.device)
-                seq_lp[b][k] = seq_lp[b][k] + logp[r, torch.arange(len(c) - 1, device=self.device), targets].sum()
+                                cache=sub, use_cache=True, logits_to_keep=T - first,
+                                **self._continuation_inputs(fwd, batch_rows, T))
+            yield list(part), torch.log_softmax(out.logits.float(), dim=-1), [len(tokens[r]) - first for r in part]
+
+    def _score_shared(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]],
+                      suffixes: Sequence[list[int]], keys: Sequence[tuple], root: Path, features: OrderedDict
+                      ) -> list[np.ndarray]:
+        """`share_prefix` requests, each distinct prefix encoded once: one forward pass over the prefixes (with KV
+        cache), then every request's suffix (and, for multi-token candidates, suffix + candidate per candidate)
+        continued from its prefix's cache. The suffixes' common leading tokens (a legend, "Is") join the prefix
+        pass, each request keeping at least its last suffix token to continue. Equals `_score_batch(...,
+        suffixes)` on the same requests (tested)."""
+        slot: dict[tuple, int] = {}
+        for j, key in enumerate(keys):
+            slot.setdefault(key, j)
+        heads = list(slot.values())
+        row_of = {key: b for b, key in enumerate(slot)}
+        longest: dict[tuple, int] = {}
+        common: dict[tuple, list[int]] = {}
+        for key, t, cands in zip(keys, suffixes, cand_ids):
+            longest[key] = max(longest.get(key, 0), len(t) + max(len(c) for c in cands))
+            shared = common.setdefault(key, list(t[:-1]))
+            n = 0
+            while n < min(len(shared), len(t) - 1) and shared[n] == t[n]:
+                n += 1
+            del shared[n:]
+        prefixes = [(requests[j].query, requests[j].context, _PrefixOnly(requests[j].answers)) for j in heads]
+        fwd = self._run(prefixes, root, tails=list(common.values()), use_cache=True, features=features,
+                        answer_lengths=list(longest.values()))
+        owners, rows, tokens, keep = [], [], [], []
+        for j, (r, cands, suffix) in enumerate(zip(requests, cand_ids, suffixes)):
+            tail = suffix[len(common[keys[j]]):]
+            if self._mode(r, cands) == "full" and max(len(c) for c in cands) > 1:
+                # one continuation per candidate, suffix + candidate: its every token is read after the suffix
+                conts = [(k, tail + c[:-1], len(c)) for k, c in enumerate(cands)]
+            else:  # first tokens only: one continuation per request, read at the suffix's last position
+                conts = [(None, tail, 1)]
+            for k, t, n in conts:
+                owners.append((j, k))
+                rows.append(row_of[keys[j]])
+                tokens.append(t)
+                keep.append(n)
+        seq_lp: list = [np.zeros(len(c)) for c in cand_ids]
+        for part, logp, ends in self._continuations(fwd, rows, tokens, keep):
+            # first tokens: one gather per chunk, (continuation, candidate) padded to the most candidates
+            firsts = [i for i, r in enumerate(part) if owners[r][1] is None]
+            if firsts:
+                width = max(len(cand_ids[owners[part[i]][0]]) for i in firsts)
+                ids = [[c[0] for c in cand_ids[owners[part[i]][0]]] for i in firsts]
+                ids = torch.tensor([x + [x[0]] * (width - len(x)) for x in ids], device=self.device)
+                at = torch.tensor([ends[i] - 1 for i in firsts], device=self.device)
+                picked = logp[torch.tensor(firsts, device=self.device), at].gather(1, ids).double().cpu().numpy()
+                for i, values in zip(firsts, picked):
+                    j = owners[part[i]][0]
+                    seq_lp[j] = values[:len(cand_ids[j])]
+            for i, r in enumerate(part):
+                j, k = owners[r]
+                if k is not None:  # every token of candidate k, read after the suffix
+                    c = cand_ids[j][k]
+                    positions = torch.arange(ends[i] - len(c), ends[i], device=self.device)
+                    seq_lp[j][k] = float(logp[i, positions, torch.tensor(c, device=self.device)].sum())
+        return [lp - np.logaddexp.reduce(lp) for lp in seq_lp]
 
     # ------------------------------------------------------------------------------------------------ training
 

@@ -4,6 +4,7 @@ and its closed-book variant, as chat messages rendered through the processor's c
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 from ..records import CorpusItem, Query
@@ -68,6 +69,7 @@ class PromptRenderer:
     text substituted into it; templates that do not insert the text verbatim are rendered every time."""
 
     _SENTINEL = "\x00context\x00"
+    _QUESTION = "\x00question\x00"
 
     def __init__(self, processor: Any):
         self.processor = processor
@@ -84,3 +86,17 @@ class PromptRenderer:
         if template is None:
             return render_prompt(self.processor, query, context, candidates)
         return template if context is None else template.replace(self._SENTINEL, context.text.strip())
+
+    def split(self, query: Query, context: CorpusItem | None, candidates: Sequence[str] | None = None
+              ) -> tuple[str, str] | None:
+        """The prompt cut where the question's text starts: (prefix, suffix), prefix + suffix being the prompt. The
+        prefix (chat-template start, context image and text, query image) is the same for every question asked of
+        one (query image, context), such as the per-label questions of a multi-label query, so it can be encoded
+        once (`model.ScoreRequest.share_prefix`). None when the chat template does not insert the question
+        verbatim."""
+        text = self(dataclasses.replace(query, question=self._QUESTION), context, candidates)
+        if text.count(self._QUESTION) != 1:
+            return None
+        prefix, rest = text.split(self._QUESTION)
+        return prefix, query.question.strip() + rest
+

@@ -73,6 +73,9 @@ class ReaderSettings:
     # the cached-vision-features scoring path where the family has one that a parity test shows equals the generic
     # processor + model(**inputs) path (families.FAMILIES[...].fast_path: qwen2_vl, qwen2_5_vl); false: always generic
     fast_path: bool = True
+    # requests marked `share_prefix` (the per-label questions of a multi-label context) encode their common prompt
+    # prefix once and continue from its KV cache; false: one full pass each (the same scores, L times the cost)
+    share_prefix: bool = True
     lora: LoraSettings | None = None
     adapter: str | None = None  # directory of saved LoRA adapters to load on top of `model`
     image_cache: int = 8192  # preprocessed images kept in memory (LRU)

@@ -3,6 +3,8 @@ batched = unbatched, multi-token = teacher forcing, LoRA step, save/load, fast p
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,62 @@ def test_fast_path_equals_the_generic_path(readers, toy_dataset, family, candida
     for a, b in zip(fast.score(requests, toy_dataset.root, batch_size=4),
                     generic.score(requests, toy_dataset.root, batch_size=4)):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def shared_requests(ds, candidates=None) -> list[ScoreRequest]:
+    """Questions of different lengths over each of three (query image, context) pairs, one closed-book and one with a
+    longer context, marked `share_prefix` as the per-label questions of a multi-label context are (with common
+    leading words, as a legend gives them: 1 and 2 tokens); and two unmarked requests in between."""
+    questions = ["report findings mild disease ?", "report findings severe ?", "report normal eye disease ?",
+                 "report findings consistent with What is the severity of the retinopathy ?"]
+    qs = ds.queries["val"]
+    contexts = [ds.corpus[1], None, CorpusItem(id="long", image=ds.corpus[2].image,
+                                               text=ds.corpus[2].text + " mild eye" * 5)]
+    asked = [questions[1:] + questions[:1], questions[::-1], questions[:2]]
+    out = [ScoreRequest(dataclasses.replace(qs[i], question=text), ctx, candidates, share_prefix=True)
+           for i, (ctx, texts) in enumerate(zip(contexts, asked)) for text in texts]
+    return out[:5] + [ScoreRequest(qs[4], ds.corpus[4], candidates), ScoreRequest(qs[5], None, candidates)] + out[5:]
+
+
+@pytest.mark.parametrize("family", TESTED)
+@pytest.mark.parametrize("candidates", [None, MULTI])
+def test_shared_prefix_equals_the_unshared_path_and_the_whole_prompt(readers, toy_dataset, family, candidates):
+    """`share_prefix` requests encode each distinct prefix once (3 prefix rows for 10 requests) and give the scores
+    of one full pass per request over the same two pieces, single-token and multi-token candidates, batched; with
+    the word-level tokenizers the pieces are also the whole prompt's tokens, so the scores equal unmarked scoring."""
+    reader = readers(family)
+    paths = [reader] + ([Reader(reader.model, reader.processor, settings(family, fast_path=False))]
+                        if reader.fast else [])
+    requests = shared_requests(toy_dataset, candidates)
+    for shared in paths:
+        unshared = Reader(shared.model, shared.processor, settings(family, fast_path=shared.fast,
+                                                                   share_prefix=False))
+        prefix_rows = []
+        run = shared._run
+        shared._run = lambda items, *a, **kw: prefix_rows.append(len(items)) or run(items, *a, **kw)
+        try:
+            a = shared.score(requests, toy_dataset.root, batch_size=2)
+        finally:
+            del shared._run
+        assert sum(prefix_rows) == 2 + 3  # the two unmarked requests, then the three distinct prefixes
+        b = unshared.score(requests, toy_dataset.root, batch_size=3)
+        c = shared.score([dataclasses.replace(r, share_prefix=False) for r in requests], toy_dataset.root)
+        for x, y, z in zip(a, b, c):
+            np.testing.assert_allclose(x, y, atol=1e-4)
+            np.testing.assert_allclose(x, z, atol=1e-4)
+        # the questions matter: the suffixes are not ignored
+        assert np.abs(a[0] - a[1]).max() > 1e-4
+
+
+def test_shared_prefix_falls_back_to_the_whole_prompt_when_the_template_hides_the_question(readers, toy_dataset):
+    base = readers("llava")
+    reader = Reader(base.model, base.processor, settings("llava"))
+    reader._render.split = lambda *args: None  # a chat template that does not insert the question verbatim
+    requests = shared_requests(toy_dataset)
+    assert reader._split(requests) == ({}, {})
+    for a, b in zip(reader.score(requests, toy_dataset.root),
+                    base.score([dataclasses.replace(r, share_prefix=False) for r in requests], toy_dataset.root)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_qwen3_vl_is_kept_off_the_fast_path(readers, toy_dataset):
