@@ -562,8 +562,8 @@ def _check_answer_labels(ct: ContextTable, at: AnswerTable) -> None:
     query_type = np.zeros(len(ct.query_ids), dtype=np.int8)
     if ct.run_type is not None:
         query_type[ct.run_query] = ct.run_type
-        if not at.typed:
-            at.retype(np.array(ANSWER_TYPES, dtype=object)[np.where(known, query_type[codes], 0)])
+    if not at.typed:
+        at.retype(np.array(ANSWER_TYPES, dtype=object)[np.where(known, query_type[codes], 0)])
     ctx_type = np.array(ANSWER_TYPES, dtype=object)[query_type[codes[known]]]
     ans_type = at.frame[ANSWER_TYPE].to_numpy()[known]
     bad = np.flatnonzero(ans_type != ctx_type)
