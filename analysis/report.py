@@ -26,7 +26,7 @@ from ..core.fsutil import dir_lock, make_temp_dir
 from ..core.provenance import git_hash, versions
 from .answers import ANSWER_TYPES, OPEN, SET, AnswerSettings, set_members
 from .consistency import QueryMetrics, query_metrics
-from .learned import DEFAULT_CLOSED_BOOK, LearnedSelector, closed_book_answers, train_learned
+from .learned import CV_FOLDS, DEFAULT_CLOSED_BOOK, RAW, LearnedSelector, closed_book_answers, train_learned
 from .oracle import oracle_at_k
 from .relevance import relevance_metrics, write_trec
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
@@ -473,8 +473,14 @@ class OracleReport:
                  _markdown(selectors), ""]
         if self.learned is not None:
             parts += ["The `learned` selector: a logistic regression trained on the validation contexts of "
-                      f"`{self.learned.train_path}` (never on these queries); features per system and the ones left "
-                      "out, with why, are in learned_selector.json.", ""]
+                      f"`{self.learned.train_path}` (never on these queries), used only where it beat rank 1 on "
+                      f"held-out validation queries ({CV_FOLDS}-fold cross-validation), else rank 1; `{RAW}` is "
+                      "the model's own picks. Features per system and the ones left out, with why, are in "
+                      "learned_selector.json.", ""]
+            for system, sm in self.learned.models.items():
+                cv = sm.cv
+                parts.append(f"- `{system}`: {'the model' if sm.use_model else 'rank 1'} selects (held-out "
+                             f"validation accuracy {cv['model_acc']:.3f} model vs {cv['top1_acc']:.3f} rank 1)")
             for system, dropped in self.learned.dropped.items():
                 if dropped:
                     parts.append(f"- `{system}`: left out " + "; ".join(f"`{n}` ({why})" for n, why in
