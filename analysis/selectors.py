@@ -89,7 +89,7 @@ def fusion_weights(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def fuse(probs: np.ndarray, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """One query's fused distribution: per-context distributions `probs` (n contexts × C candidates) weighted by
-    softmax(retrieval `scores` (n,) / temperature) over its n contexts (DESIGN.md inference). Returns (C,)."""
+    softmax(retrieval `scores` (n,) / temperature) over its n contexts (docs/design.md, inference). Returns (C,)."""
     return (fusion_weights(scores, temperature)[:, None] * np.asarray(probs, dtype=np.float64)).sum(axis=0)
 
 

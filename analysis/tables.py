@@ -28,7 +28,7 @@ from .answers import token_scores as _token_scores
 
 log = logging.getLogger(__name__)
 
-# Column names are part of the public interface (DESIGN.md, "The analysis, defined exactly").
+# Column names are part of the public interface (docs/design.md, "The analysis, defined exactly").
 SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION = "system", "query_id", "rank", "label", "prediction"
 ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS = "item_id", "head", "retrieval_score", "probs"
 SELECTOR, RANKING, ERROR = "selector", "ranking", "error"
