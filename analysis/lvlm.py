@@ -204,12 +204,12 @@ class Reranker:
         self._key_ok = True
         return _reply_of(resp)
 
-    def complete(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], bool, str]:
+    def complete(self, messages: list[dict[str, Any]], use_cache: bool = True) -> tuple[dict[str, Any], bool, str]:
         """The reply {content, prompt_tokens, completion_tokens}, whether it came from the cache, and its cache key
         (the caller stores it once it proved usable)."""
         request = self._request(messages)
         key = ResponseCache.key({**request, "endpoint": self.endpoint})
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) if use_cache else None
         if hit is not None:
             return hit, True, key
         if self._key_ok:
@@ -220,6 +220,8 @@ class Reranker:
     def rerank(self, messages: list[dict[str, Any]], ranks: list[int]) -> Outcome:
         try:
             reply, cached, key = self.complete(messages)
+            if cached and parse_ranking(reply["content"], len(ranks)) is None:  # cached unusable (an older version)
+                reply, cached, key = self.complete(messages, use_cache=False)
         except MalformedReply as e:
             return Outcome([], str(e), 0, 0, False)
         except Exception as e:

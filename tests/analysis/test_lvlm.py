@@ -292,3 +292,19 @@ def test_cache_is_keyed_by_request_not_by_out(server, tmp_path, monkeypatch, cap
     assert sum(server.calls.values()) - calls == 1  # only case-4 (no ranking) asks again
     a, b = (load_rerank(p).frame.set_index("query_id") for p in (tmp_path / "a.jsonl", tmp_path / "b" / "b.parquet"))
     assert a.loc["q2", "ranking"] == b.loc["q2", "ranking"] == [2, 3, 1]
+
+
+def test_a_cached_reply_without_ranking_is_asked_again(server, tmp_path, monkeypatch, user_cache):
+    """A cache written before unusable replies stopped being stored: such an entry is a miss, not an answer."""
+    from dxrag.analysis.lvlm import ResponseCache
+
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    monkeypatch.setitem(SCRIPT, "case-1", [(200, "[2, 1, 3]")])
+    out = tmp_path / "r.jsonl"
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--limit", "1")) == 0
+    (entry,) = user_cache.glob("*.json")
+    ResponseCache(user_cache).put(entry.stem, {"content": "no idea", "prompt_tokens": 1, "completion_tokens": 1})
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--limit", "1")) == 0
+    assert server.calls["case-1"] == 2
+    assert load_rerank(out).frame.set_index("query_id").loc["q1", "ranking"] == [2, 1, 3]
