@@ -57,6 +57,18 @@ def pin(environ: MutableMapping[str, str] | None = None) -> str:
     return level
 
 
+def configure_torch() -> None:
+    """What the pinned level sets inside torch, once it is imported (no variable reaches it): torch's oneDNN backend
+    off, so convolutions run ATen's own kernels (im2col + MKL gemm, reproducible under MKL_CBWR). oneDNN chooses its
+    blocking by the CPU's cache sizes and promises equal results only on the same CPU type: under the pin alone an
+    AVX-512 Sapphire Rapids machine still gave other numbers than the machine the committed results come from."""
+    if (os.environ.get(ENV) or DEFAULT) == "native" or not _x86():
+        return
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+
+
 def record() -> dict[str, Any]:
     """What run.json records: the level, the variables in effect, and the capability torch actually uses."""
     names = sorted({n for v in LEVELS.values() for n in v})
@@ -66,4 +78,5 @@ def record() -> dict[str, Any]:
     except ImportError:
         return out
     out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    out["torch_onednn"] = bool(torch.backends.mkldnn.enabled)
     return out

@@ -39,6 +39,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     `metrics.json`). Under torchrun only the main process returns a summary."""
     import torch
 
+    cpu_kernels.configure_torch()
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -152,6 +153,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
     """Run (or continue) the job of `cfg`. An existing run directory made with the same config is continued; one
     made with another config is refused unless `overwrite` (then started afresh)."""
     distributed.init()
+    cpu_kernels.configure_torch()  # before run.json records it
     run_dir = Path(run_dir or Path("trained") / cfg.run)
     report_dir = Path(report_dir or Path("reports") / cfg.run)
     saved = run_dir / "run.json"
