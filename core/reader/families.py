@@ -431,21 +431,32 @@ def llava_project(model, features: torch.Tensor) -> torch.Tensor:
 def _timm_processor(tokenizer, template: str, settings: TinyReaderSettings):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    images = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, image_mean=[0.5] * 3,
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False, image_mean=[0.5] * 3,
                                 image_std=[0.5] * 3)
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16,
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=32,
                           vision_feature_select_strategy="full", image_token="<image>", chat_template=template)
 
 
 def tiny_timm_llava(tok, s: TinyReaderSettings):
-    """timm's `test_efficientnet` (32x32 -> a 2x2 map of 192 channels) + a tiny Llama, as `fast_vlm`."""
+    """timm's `test_efficientnet` (64x64 -> a 2x2 map of 256 channels) + a tiny Llama, as `fast_vlm`."""
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration, TimmWrapperConfig
 
     vision = TimmWrapperConfig(architecture="test_efficientnet", do_pooling=False, num_labels=0)
-    vision.hidden_size = 192
+    vision.hidden_size = 256
     config = FastVlmConfig(vision_config=vision, text_config=dict(model_type="llama", **_text(tok, s)),
                            image_token_index=_ids(tok, "<image>")[0], image_seq_length=4)
-    return FastVlmForConditionalGeneration(config).eval()
+    model = FastVlmForConditionalGeneration(config).eval()
+    # with transformers' init (normal, std 0.02) and default BatchNorm statistics the CNN's output is ~1e-14 and images
+    # would have no effect: BatchNorm statistics measured on random images instead (a pretrained tower has its own)
+    tower = model.model.vision_tower.timm_model
+    for module in tower.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        tower.train()
+        tower.forward_features(torch.randn(16, 3, 64, 64))
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ registry
