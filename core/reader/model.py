@@ -473,9 +473,14 @@ class Reader:
         tail_lengths = [len(t) for t in tails] if tails is not None else [0] * len(items)
         self._check_lengths(items, [n - t for n, t in zip(mask.sum(1).tolist(), tail_lengths)],
                             answer_lengths or tail_lengths)
+        slots = ids == self.image_token_id
+        if int(slots.sum()) != tower.shape[0] * tower.shape[1]:
+            raise ReaderError(f"{self._names(items)}: {int(slots.sum())} image tokens in the prompts for "
+                              f"{tower.shape[0]} images of {tower.shape[1]} tokens; the tokenizer must keep "
+                              f"{self.placeholder!r} a single special token")
         embeds = self.hf_model.get_input_embeddings()(ids)
         image = self.family.project(self.hf_model, tower.to(self.hf_model.dtype))
-        embeds = embeds.masked_scatter((ids == self.image_token_id).unsqueeze(-1), image.to(embeds.dtype))
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), image.to(embeds.dtype))
         out = self.hf_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=logits_to_keep,
                             use_cache=use_cache)
         return _Forward(out.logits, mask, out.cache if use_cache else None, {})

@@ -74,7 +74,8 @@ class AlignSettings:
 class ReaderSettings:
     """How to build and run the reader. `model`: "tiny" (random weights, vocabulary from the dataset), a hub name or
     a local directory written by `Reader.save`, or a recipe of core/reader/build.py (`effnet-smollm2`: built into
-    the run directory from installed weights on first use). `lora`: adapter settings for fine-tuning, or None to train every
+    the run directory from installed weights on first use). `lora`: adapter settings for fine-tuning, or None to train
+    every
     weight (the tiny reader has no pretrained weights to adapt)."""
 
     model: str = "tiny"
