@@ -2,7 +2,7 @@
 EfficientNet-Lite0 features at 112², logistic regression fitted on train, C and class weighting chosen on val),
 reported on the test split with macro-F1, the answers' class counts and the majority-class accuracy.
 
-    python benchmarks/probe_baseline.py --flag breastmnist --npz ../shared/data/breastmnist/breastmnist.npz
+    python benchmarks/probe_baseline.py --flag breastmnist --npz breastmnist.npz
 """
 
 from __future__ import annotations

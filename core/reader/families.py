@@ -70,6 +70,14 @@ class Family:
     tiny_processor: Callable[[Any, str, TinyReaderSettings], Any] | None = None  # (tokenizer, template, settings)
     special_tokens: tuple[str, ...] = ()  # the tiny tokenizer's special tokens besides the chat format's
     named_tokens: dict[str, str] = field(default_factory=dict)  # tokenizer attributes the processor reads
+    # A frozen vision tower whose output the trainable rest of the model reuses: `tower_features(model, pixels)` ->
+    # (images, tokens, dim) before the projector and `project(model, features)` -> image-token embeddings. Families
+    # with both score and train on tower features computed once per image (model.VisionFeatureCache), which a parity
+    # test shows equals the generic path; `tower` / `projector` name the modules (kept frozen / trained in alignment).
+    tower_features: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    project: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    tower: str | None = None
+    projector: str | None = None
 
     @property
     def lora_targets(self) -> str:
@@ -410,6 +418,50 @@ def tiny_mllama(tok, s: TinyReaderSettings):
     return model
 
 
+# LLaVA with a timm CNN tower (transformers' `fast_vlm`: EfficientNet-Lite0 + SmolLM2, core/reader/build.py) --------
+
+
+def timm_tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The timm tower's last feature map as a token sequence (what FastVlmModel.get_image_features projects)."""
+    tower = model.model.vision_tower
+    return tower(pixels.to(tower.dtype), return_dict=True).last_hidden_state.flatten(2).transpose(1, 2)
+
+
+def llava_project(model, features: torch.Tensor) -> torch.Tensor:
+    return model.model.multi_modal_projector(features)
+
+
+def _timm_processor(tokenizer, template: str, settings: TinyReaderSettings):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3)
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=32,
+                          vision_feature_select_strategy="full", image_token="<image>", chat_template=template)
+
+
+def tiny_timm_llava(tok, s: TinyReaderSettings):
+    """timm's `test_efficientnet` (64x64 -> a 2x2 map of 256 channels) + a tiny Llama, as `fast_vlm`."""
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, TimmWrapperConfig
+
+    vision = TimmWrapperConfig(architecture="test_efficientnet", do_pooling=False, num_labels=0)
+    vision.hidden_size = 256
+    config = FastVlmConfig(vision_config=vision, text_config=dict(model_type="llama", **_text(tok, s)),
+                           image_token_index=_ids(tok, "<image>")[0], image_seq_length=4)
+    model = FastVlmForConditionalGeneration(config).eval()
+    # with transformers' init (normal, std 0.02) and default BatchNorm statistics the CNN's output is ~1e-14 and images
+    # would have no effect: BatchNorm statistics measured on random images instead (a pretrained tower has its own)
+    tower = model.model.vision_tower.timm_model
+    for module in tower.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        tower.train()
+        tower.forward_features(torch.randn(16, 3, 64, 64))
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 _QWEN = dict(pixel_budget=lambda n: {"max_pixels": n}, prefill_state=mrope_state, continuation=mrope_continuation,
@@ -437,6 +489,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llava_onevision", chat=ONEVISION_CHAT,
            special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"), tiny=tiny_onevision,
            tiny_processor=_onevision_processor),
+    Family("fast_vlm", chat=ONEVISION_CHAT, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"),
+           tiny=tiny_timm_llava, tiny_processor=_timm_processor, tower_features=timm_tower_features,
+           project=llava_project, tower="model.vision_tower", projector="model.multi_modal_projector"),
     Family("mllama", same_image_count=True, prefill_state=cross_attention_state, continuation=cross_attention_continuation,
            tail_fill={"cross_attention_mask": "repeat"}, chat=MLLAMA_CHAT, end_token="<|eot_id|>",
            special_tokens=("<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|image|>",

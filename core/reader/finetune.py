@@ -19,7 +19,7 @@ from .. import distributed
 from ..fsutil import atomic_dir
 from ..records import CorpusItem, Query, normalize_answer
 from .model import Reader, ReaderError, ScoreRequest, predictions
-from .settings import FinetuneSettings
+from .settings import AlignSettings, FinetuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def accuracy(reader: Reader, requests: Sequence[ScoreRequest], image_root: str |
 
 def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike,
              config: FinetuneSettings, val_requests: Sequence[ScoreRequest] = (), seed: int = 0,
-             checkpoint_dir: str | os.PathLike | None = None) -> FinetuneHistory:
+             checkpoint_dir: str | os.PathLike | None = None, projector_only: bool = False) -> FinetuneHistory:
     """Train the reader in place on (query, context) pairs; loss = cross-entropy of the gold answer's tokens.
+    `projector_only`: only the family's projector trains (the alignment stage, `align_settings`).
 
     With `reader.config.lora` set, fresh LoRA adapters are added (unless present) and only they train; with
     `lora: None` every weight trains (the tiny reader, which has no pretrained weights to adapt).
@@ -59,7 +60,12 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
         raise ReaderError("finetune: no training examples")
     if not 0.0 <= config.closed_book_fraction <= 1.0:
         raise ReaderError(f"finetune: closed_book_fraction {config.closed_book_fraction} must lie in [0, 1]")
-    if reader.config.lora is not None and not hasattr(reader.model, "peft_config"):
+    if projector_only:
+        if not reader.family.projector:
+            raise ReaderError(f"finetune: model type {reader.family.model_type!r} names no projector to align")
+        reader.model.requires_grad_(False)
+        reader.hf_model.get_submodule(reader.family.projector).requires_grad_(True)
+    elif reader.config.lora is not None and not hasattr(reader.model, "peft_config"):
         reader.add_lora(reader.config.lora)
     if config.gradient_checkpointing:
         # non-reentrant: gradients reach the adapters although the prompt embeddings themselves need none
@@ -115,6 +121,20 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
     evaluate(config.steps)
     reader.model.eval()
     return history
+
+
+def align_settings(align: AlignSettings) -> FinetuneSettings:
+    """The fine-tuning loop's settings for projector alignment (closed-book captions, no validation)."""
+    return FinetuneSettings(steps=align.steps, batch_size=align.batch_size, lr=align.lr,
+                            warmup_fraction=align.warmup_fraction, closed_book_fraction=0.0, eval_every=0,
+                            checkpoint_every=align.checkpoint_every)
+
+
+def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[tuple[Query, None]]:
+    """LLaVA stage 1's data: each corpus image, closed-book, asked `question`, answered by its corpus text (an open
+    answer: its tokens and the end token are the target)."""
+    return [(Query(id=f"caption-{item.id}", image=item.image, question=question, candidates=(), label=item.text.strip(),
+                   metadata={"answer_type": "open"}), None) for item in corpus if item.text.strip()]
 
 
 def _resume_key(config: FinetuneSettings, seed: int) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,88 @@ def _family(model_type: str, where: str) -> Family:
         raise ReaderError(str(e)) from None
 
 
+def _wanted_images(items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path) -> dict[str, str]:
+    """The distinct image paths of the prompts, each naming the record field it comes from (for errors)."""
+    wanted: dict[str, str] = {}
+    for query, context, _ in items:
+        if context is not None:
+            wanted.setdefault(str(root / context.image), f"context {context.id!r} field 'image'")
+        wanted.setdefault(str(root / query.image), f"query {query.id!r} field 'image'")
+    return wanted
+
+
+def _freeze(tower: torch.nn.Module) -> None:
+    """No gradients into a frozen vision tower, and eval mode whatever the reader's mode: its BatchNorm must neither
+    normalise with batch statistics nor update its running ones while the rest of the reader trains."""
+    tower.requires_grad_(False)
+    tower.train = types.MethodType(lambda self, mode=True: torch.nn.Module.train(self, False), tower)
+    tower.eval()
+
+
+class VisionFeatureCache:
+    """Frozen vision-tower outputs (before the trainable projector) per image path, each computed once: scoring K
+    contexts per query and every training step reuse them. `save` / `load` keep them in a run directory, keyed by
+    the image's path relative to the dataset root and stamped with a fingerprint of the tower's weights and the image
+    preprocessing, so a changed tower or image size is never served stale features."""
+
+    def __init__(self, reader: "Reader"):
+        self.reader = reader
+        self.features: dict[str, torch.Tensor] = {}
+
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.reader.hf_model.get_submodule(self.reader.family.tower).state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(json.dumps(self.reader.processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def get(self, wanted: dict[str, str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """Features of each image path (keys; values name the record field for errors), computing missing ones."""
+        missing = [p for p in wanted if p not in self.features]
+        reader = self.reader
+        for start in range(0, len(missing), batch_size):
+            part = missing[start:start + batch_size]
+            images = []
+            for path in part:
+                try:
+                    images.append(open_image(Path(path)))
+                except DatasetError as e:
+                    raise ReaderError(f"{wanted[path]}: {e}") from None
+            pixels = reader.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                out = reader.family.tower_features(reader.hf_model, pixels.to(reader.device))
+            self.features.update(zip(part, out.detach()))
+        return {p: self.features[p] for p in wanted}
+
+    def save(self, file: str | os.PathLike, image_root: str | os.PathLike) -> Path:
+        """Write every cached feature (safetensors, atomically) keyed by path relative to `image_root`."""
+        from safetensors.torch import save_file
+
+        root, file = str(Path(image_root)), Path(file)
+        tensors = {os.path.relpath(p, root): t.cpu().contiguous() for p, t in self.features.items()}
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(file.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint()})
+        os.replace(tmp, file)
+        return file
+
+    def load(self, file: str | os.PathLike, image_root: str | os.PathLike) -> int:
+        """Add the features of `file` when its fingerprint is this tower's; returns how many were loaded."""
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != self.fingerprint():
+                log.warning("%s: vision features of another tower or image size; recomputing them", file)
+                return 0
+            for key in f.keys():
+                self.features[str(Path(image_root) / key)] = f.get_tensor(key).to(self.reader.device)
+        return len(self.features)
+
+
 class Reader:
     """An image-text-to-text LVLM with its processor, scoring candidate answers per (query, context).
 
@@ -168,6 +251,11 @@ class Reader:
         if self.fast:
             self.merge = hf_config.vision_config.spatial_merge_size
         self.placeholder = processor.image_token  # what the chat template renders an image as
+        self.tower_cache = None
+        if self.family.tower:
+            _freeze(self.hf_model.get_submodule(self.family.tower))
+        if self.family.tower_features is not None and config.fast_path:
+            self.tower_cache = VisionFeatureCache(self)
         self._pixels: OrderedDict[str, tuple[torch.Tensor, tuple[int, int, int]]] = OrderedDict()
         self._answer_ids: dict[str, list[int]] = {}
         self._grid_offsets: dict[tuple[int, int, int], np.ndarray] = {}
@@ -207,6 +295,13 @@ class Reader:
         else:
             from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+            from .build import recipe_of
+
+            if recipe_of(config.model) is not None and not Path(config.model).is_dir():
+                raise ReaderError(f"reader model {config.model!r} is a recipe: `dxrag run` builds it into the run "
+                                  f"directory, `dxrag reader build {config.model} --out DIR` into DIR (then "
+                                  f"reader.model: DIR)")
+
             family = _family(AutoConfig.from_pretrained(config.model).model_type, f"reader model {config.model!r}")
             sizes = {}
             if config.max_pixels:
@@ -231,8 +326,11 @@ class Reader:
         """Wrap the model with fresh LoRA adapters; afterwards only adapter weights are trainable."""
         from peft import LoraConfig, get_peft_model
 
+        # a family's projector trains beside the adapters and is saved with them (LLaVA's stage 2)
+        saved = [self.family.projector.rsplit(".", 1)[-1]] if self.family.projector else None
         lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=settings.target_modules or self.family.lora_targets, bias="none")
+                          target_modules=settings.target_modules or self.family.lora_targets, bias="none",
+                          modules_to_save=saved)
         self.model = get_peft_model(self.hf_model, lora)
         self.hf_model = self.model.get_base_model()
 
@@ -270,13 +368,7 @@ class Reader:
     def _generic_inputs(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]], root: Path,
                         tails: Sequence[Sequence[int]] | None = None) -> dict:
         """The processor's model inputs for the prompts (left-padded), optionally followed by answer tokens."""
-        texts = [self._prompt_text(q, c, cands) for q, c, cands in items]
-        for (q, c, _), text in zip(items, texts):
-            n_images = 1 + (c is not None)
-            if text.count(self.placeholder) != n_images:
-                raise ReaderError(f"{ScoreRequest(q, c).describe()}: the chat template produced "
-                                  f"{text.count(self.placeholder)} image placeholders ({self.placeholder!r}) for "
-                                  f"{n_images} images")
+        texts = self._rendered(items)
         images = self._open_images(items, root)
         try:
             inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
@@ -289,6 +381,17 @@ class Reader:
         dtype = self.hf_model.dtype
         return {k: (v.to(self.device, dtype=dtype) if torch.is_floating_point(v) else v.to(self.device))
                 for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+
+    def _rendered(self, items: Sequence[tuple[Query, CorpusItem | None, Sequence[str]]]) -> list[str]:
+        """The prompts' texts through the chat template, each checked to hold one placeholder per image."""
+        texts = [self._prompt_text(q, c, cands) for q, c, cands in items]
+        for (q, c, _), text in zip(items, texts):
+            n_images = 1 + (c is not None)
+            if text.count(self.placeholder) != n_images:
+                raise ReaderError(f"{ScoreRequest(q, c).describe()}: the chat template produced "
+                                  f"{text.count(self.placeholder)} image placeholders ({self.placeholder!r}) for "
+                                  f"{n_images} images")
+        return texts
 
     @staticmethod
     def _names(items) -> str:
@@ -361,6 +464,8 @@ class Reader:
              features: OrderedDict | None = None, answer_lengths: Sequence[int] | None = None) -> _Forward:
         """One forward pass over the prompts of `items` (+ answer `tails`) on the fast or the generic path;
         `answer_lengths` (default: the tails') is what the length check adds to each prompt."""
+        if self.tower_cache is not None:
+            return self._tower_forward(items, root, tails, logits_to_keep, use_cache, answer_lengths)
         if not self.fast:
             return self._generic_forward(items, root, tails, logits_to_keep, use_cache, answer_lengths)
         prompts = self._encode(items, root)
@@ -370,6 +475,38 @@ class Reader:
         state = {"next_position": torch.tensor([p.next_position + n for p, n in zip(prompts, tail_lengths)],
                                                device=self.device)}
         return _Forward(logits, mask, cache, state)
+
+    # ------------------------------------------------------------------------------------------------ cached tower
+
+    def _tower_forward(self, items, root: Path, tails=None, logits_to_keep: int = 1, use_cache: bool = False,
+                       answer_lengths: Sequence[int] | None = None) -> _Forward:
+        """The generic forward with the frozen tower's outputs taken from `tower_cache` (computed once per image):
+        the same tokens as the processor's (each placeholder repeated once per image token), the trainable projector
+        applied to the cached features and scattered into the token embeddings."""
+        texts = self._rendered(items)
+        feats = self.tower_cache.get(_wanted_images(items, root))
+        order = [str(root / rel) for q, c, _ in items for rel in prompt_images(q, c)]
+        tower = torch.stack([feats[p] for p in order])
+        texts = [t.replace(self.placeholder, self.placeholder * tower.shape[1]) for t in texts]
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if tails is not None:
+            inputs = self._append(inputs, tails)
+        ids, mask = inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
+        tail_lengths = [len(t) for t in tails] if tails is not None else [0] * len(items)
+        self._check_lengths(items, [n - t for n, t in zip(mask.sum(1).tolist(), tail_lengths)],
+                            answer_lengths or tail_lengths)
+        slots = ids == self.image_token_id
+        if int(slots.sum()) != tower.shape[0] * tower.shape[1]:
+            raise ReaderError(f"{self._names(items)}: {int(slots.sum())} image tokens in the prompts for "
+                              f"{tower.shape[0]} images of {tower.shape[1]} tokens; the tokenizer must keep "
+                              f"{self.placeholder!r} a single special token")
+        embeds = self.hf_model.get_input_embeddings()(ids)
+        image = self.family.project(self.hf_model, tower.to(self.hf_model.dtype))
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), image.to(embeds.dtype))
+        out = self.hf_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=logits_to_keep,
+                            use_cache=use_cache)
+        return _Forward(out.logits, mask, out.cache if use_cache else None, {})
 
     # ------------------------------------------------------------------------------------------------ fast path
 
@@ -410,12 +547,7 @@ class Reader:
         """Render, tokenize and expand the image placeholders of each (query, context, candidates) prompt."""
         texts = [self._prompt_text(q, c, cands) for q, c, cands in requests]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        wanted: dict[str, str] = {}
-        for query, context, _ in requests:
-            if context is not None:
-                wanted.setdefault(str(root / context.image), f"context {context.id!r} field 'image'")
-            wanted.setdefault(str(root / query.image), f"query {query.id!r} field 'image'")
-        pixels = self._images(wanted)
+        pixels = self._images(_wanted_images(requests, root))
         prompts = []
         for (query, context, _), ids in zip(requests, token_ids):
             rels = prompt_images(query, context)
@@ -565,10 +697,11 @@ class Reader:
             for idx, shared in batches:
                 part, cands = [requests[i] for i in idx], [cand_ids[i] for i in idx]
                 tails = [suffixes[i] for i in idx] if idx[0] in suffixes else None
-                if shared:
-                    scores = self._score_shared(part, cands, tails, [keys[i] for i in idx], root, features)
-                else:
-                    scores = self._score_batch(part, cands, root, features, tails)
+                with self._autocast():
+                    if shared:
+                        scores = self._score_shared(part, cands, tails, [keys[i] for i in idx], root, features)
+                    else:
+                        scores = self._score_batch(part, cands, root, features, tails)
                 for i, lp in zip(idx, scores):
                     results[i] = lp
                 while len(features) > self.config.image_cache:
@@ -629,6 +762,12 @@ class Reader:
                 yield
         finally:
             self.model.train(was_training)
+
+    def _autocast(self):
+        """`reader.autocast`: forward passes in mixed precision (weights untouched); otherwise nothing."""
+        if self.config.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast))
 
     def _batches(self, order: list[int], requests: Sequence[ScoreRequest], batch_size: int) -> list[list[int]]:
         """Consecutive chunks of `order`, split where the image count changes when the family needs that."""
@@ -796,7 +935,8 @@ class Reader:
             parts = [torch.nn.functional.pad(x, (0, 0, A + 1 - x.shape[1], 0)) for x in parts]
             order = torch.tensor([i for g in groups for i in g], device=parts[0].device)
             return torch.cat(parts)[torch.argsort(order)]
-        return self._run(items, Path(image_root), tails=answers, logits_to_keep=A + 1).logits
+        with self._autocast():
+            return self._run(items, Path(image_root), tails=answers, logits_to_keep=A + 1).logits
 
     def target_ids(self, query: Query) -> list[int]:
         """The tokens of a query's gold answer as the assistant turn: the answer's tokens, and for an open question
@@ -860,8 +1000,9 @@ class Reader:
                 items = [(requests[i].query, requests[i].context, ()) for i in idx]
                 inputs = self._generic_inputs(items, root)
                 self._check_lengths(items, inputs["attention_mask"].sum(1).tolist(), [max_new] * len(items))
-                out = self.hf_model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
-                                             pad_token_id=self.pad_id)
+                with self._autocast():
+                    out = self.hf_model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
+                                                 pad_token_id=self.pad_id)
                 new = out[:, inputs["input_ids"].shape[1]:]
                 for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                     results[i] = text.strip()

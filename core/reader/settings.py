@@ -57,21 +57,41 @@ class FinetuneSettings:
 
 
 @dataclass
+class AlignSettings:
+    """Projector alignment before fine-tuning (LLaVA's stage 1): every corpus image captioned with its corpus text,
+    closed-book, only the projector between a frozen vision tower and the frozen LLM training. For families with a
+    projector (core/reader/families.py `projector`)."""
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_fraction: float = 0.05
+    question: str = "Describe the image."
+    checkpoint_every: int = 50
+
+
+@dataclass
 class ReaderSettings:
     """How to build and run the reader. `model`: "tiny" (random weights, vocabulary from the dataset), a hub name or
-    a local directory written by `Reader.save`. `lora`: adapter settings for fine-tuning, or None to train every
+    a local directory written by `Reader.save`, or a recipe of core/reader/build.py (`effnet-smollm2`: built into
+    the run directory from installed weights on first use). `lora`: adapter settings for fine-tuning, or None to train
+    every
     weight (the tiny reader has no pretrained weights to adapt)."""
 
     model: str = "tiny"
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
+    # mixed precision: weights stay in `dtype`, forward passes run under torch.autocast in this dtype (bfloat16 on CPU:
+    # about 2x faster for SmolLM2 here, benchmarks/bench_real_reader.py); null: none
+    autocast: str | None = None
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     batch_size: int = 64
     max_length: int | None = None  # prompt + answer tokens; None: the model's max_position_embeddings
     max_pixels: int | None = None  # images are resized to at most this many pixels; None: the processor's setting
     scoring: str = "auto"  # auto (single-token when every candidate is one token), first_token, full
     generate_max_tokens: int = 16  # open VQA questions: greedy generation stops after this many new tokens
-    # the cached-vision-features scoring path where the family has one that a parity test shows equals the generic
-    # processor + model(**inputs) path (families.FAMILIES[...].fast_path: qwen2_vl, qwen2_5_vl); false: always generic
+    # the cached-vision-features path where the family has one that a parity test shows equals the generic
+    # processor + model(**inputs) path: Qwen2-VL / 2.5-VL (families' fast_path: tower run once per image per score
+    # call) and frozen-tower families (tower_features: fast_vlm, tower outputs cached for the run); false: generic
     fast_path: bool = True
     # requests marked `share_prefix` (the per-label questions of a multi-label context) encode their common prompt
     # prefix once and continue from its KV cache; false: one full pass each (the same scores, L times the cost)
@@ -81,6 +101,7 @@ class ReaderSettings:
     image_cache: int = 8192  # preprocessed images kept in memory (LRU)
     tiny: TinyReaderSettings = field(default_factory=TinyReaderSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    align: AlignSettings | None = None  # projector alignment before fine-tuning; None: none
 
     def check(self, where: str = "reader") -> None:
         """Raise ValueError naming the field when a value is outside its valid set."""
@@ -88,6 +109,8 @@ class ReaderSettings:
             raise ValueError(f"{where}.scoring {self.scoring!r} is not one of {list(SCORING_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"{where}.dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"{where}.autocast {self.autocast!r} is not one of [null, 'bfloat16', 'float16']")
         if self.generate_max_tokens < 1:
             raise ValueError(f"{where}.generate_max_tokens must be at least 1, got {self.generate_max_tokens}")
         if not 0 <= self.finetune.closed_book_fraction <= 1:
