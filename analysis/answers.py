@@ -64,7 +64,7 @@ DEFAULT_SETTINGS = AnswerSettings()
 
 
 def normalize_closed(text: str) -> str:
-    """Closed answers are compared after strip() + casefold() (DESIGN.md)."""
+    """Closed answers are compared after strip() + casefold() (docs/design.md)."""
     return str(text).strip().casefold()
 
 

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .report import OracleReport
+    from .report import OracleReport, ReportWriteError
 
     try:
         report = OracleReport.from_tables(args.contexts, answers=args.answers, rerank=args.rerank, k=args.k,
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except TableError as e:
         print(f"analyze-oracle: error: {e}", file=sys.stderr)
         return 2
-    out = report.write(args.out, figures=not args.no_figures, trec=not args.no_trec)
+    try:
+        out = report.write(args.out, figures=not args.no_figures, trec=not args.no_trec)
+    except ReportWriteError as e:
+        print(f"analyze-oracle: error: {e}", file=sys.stderr)
+        return 2
     print(report.compact_table())
     print(f"\nwrote {out}")
     return 0

@@ -1,6 +1,6 @@
 """Per-query consistency of a system's top-k single-context predictions: n_distinct, top-1, majority and oracle.
 
-Vectorised over a (query × rank) matrix; no per-query Python loop (DESIGN.md, "The analysis, defined exactly").
+Vectorised over a (query × rank) matrix; no per-query Python loop (docs/design.md, "The analysis, defined exactly").
 """
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
 """The learned context selector: a logistic regression fitted on validation per-context rows that predicts whether a
 context's single-context answer is correct, from features the tables hold; it picks the best-scored context per query.
 
+A model can pick worse than the retriever's rank 1 (few validation queries, features that do not carry over). So
+whether to use it is decided on the validation split itself, by cross-validation over its queries: the model is used
+only when its held-out picks beat rank 1 there; otherwise `learned` is rank 1 (every query counted as a fallback).
+The model's own picks are reported either way, as `learned-raw`.
+
 scikit-learn is imported only here and only when a selector is trained (extra `learn`); fitting on a query that is also
 analysed is refused, so the reported accuracy is always out of sample.
 """
@@ -31,6 +36,9 @@ FEATURES = {
     "closed_book_agree": "an answer table with a closed-book system",
 }
 DEFAULT_CLOSED_BOOK = "closed-book"  # the pipeline's closed-book system (core/pipeline.py SYSTEMS)
+CV_FOLDS = 5  # folds over the validation queries that decide between the model and rank 1
+CV_SEED = 0
+RAW = "learned-raw"  # the selector name of the model's own picks
 
 
 def _require_sklearn() -> Any:
@@ -160,6 +168,8 @@ class SystemModel:
     n_rows: int
     positive_rate: float
     coefficients: dict[str, float] = field(default_factory=dict)  # on standardised features
+    cv: dict[str, Any] = field(default_factory=dict)  # folds, held-out accuracy of the model and of rank 1
+    use_model: bool = True  # the cross-validation's verdict: the model's picks beat rank 1 on held-out queries
 
 
 @dataclass
@@ -172,27 +182,65 @@ class LearnedSelector:
     skipped: dict[str, str]  # system -> why no model was trained
     _features: dict[str, Features] = field(default_factory=dict, repr=False)  # test-table features per system
 
-    def select(self, table: ContextTable, qm: QueryMetrics) -> tuple[np.ndarray, np.ndarray] | None:
-        """(chosen column, correct) per query for this system, or None when it has no model."""
+    def select(self, table: ContextTable, qm: QueryMetrics, raw: bool = False) -> tuple[np.ndarray, bool] | None:
+        """(chosen column per query, whether they are the model's picks) for this system, or None when it has no
+        model. Without `raw` the picks are rank 1's where the cross-validation chose rank 1."""
         sm = self.models.get(qm.system)
         if sm is None:
             return None
-        feats = self._features[qm.system]
-        present = qm.matrix.present
-        proba = np.full(present.shape, -np.inf)
-        proba[present] = sm.model.predict_proba(feats.matrix(sm.features, present))[:, 1]
-        col = np.argmax(proba, axis=1)  # ties -> the best rank (argmax takes the first maximum)
-        return col, qm.matrix.correct[np.arange(len(col)), col]
+        if not (raw or sm.use_model):
+            return qm.top1_col, False
+        return _pick_best(sm.model, self._features[qm.system].matrix(sm.features, qm.matrix.present),
+                          qm.matrix.present), True
 
     def summary(self) -> dict[str, Any]:
         """What the models use and were trained on (written as learned_selector.json)."""
         return {"train": self.train_path, "model": "StandardScaler + LogisticRegression(C=1)",
                 "target": "this context's single-context prediction is correct",
+                "choice": (f"per system, the model when its picks beat rank 1 on held-out validation queries "
+                           f"({CV_FOLDS}-fold cross-validation over queries), else rank 1; '{RAW}' is the model "
+                           f"either way"),
                 "systems": {s: dict(features=sm.features, train_queries=sm.n_queries, train_rows=sm.n_rows,
                                     train_positive_rate=sm.positive_rate, coefficients=sm.coefficients,
+                                    selects="model" if sm.use_model else "rank 1", cv=sm.cv,
                                     dropped=self.dropped.get(s, {}))
                             for s, sm in self.models.items()},
                 "skipped": self.skipped}
+
+
+def _pick_best(model: Any, x: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per query, the column the model scores most likely correct (ties -> the best rank)."""
+    proba = np.full(present.shape, -np.inf)
+    proba[present] = model.predict_proba(x)[:, 1]
+    return np.argmax(proba, axis=1)  # argmax takes the first maximum
+
+
+def cross_validate(make_model: Any, feats: Features, names: list[str], qm: QueryMetrics,
+                   folds: int = CV_FOLDS, seed: int = CV_SEED) -> dict[str, Any]:
+    """Held-out accuracy of the model's picks and of rank 1 over `folds` folds of the training table's queries
+    (each query held out once; a fold whose training rows are all correct or all wrong keeps rank 1)."""
+    present, correct = qm.matrix.present, qm.matrix.correct
+    n = len(present)
+    folds = min(folds, n)
+    if folds < 2:
+        return {"folds": folds, "model_acc": float("nan"), "top1_acc": float("nan"), "n_queries": n}
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    x_all = feats.matrix(names, present)
+    row_fold = np.broadcast_to(fold[:, None], present.shape)[present]
+    y_all = correct[present]
+    col = qm.top1_col.copy()
+    for f in range(folds):
+        fit = row_fold != f
+        if y_all[fit].all() or not y_all[fit].any():
+            continue
+        model = make_model()
+        model.fit(x_all[fit], y_all[fit])
+        held = fold == f
+        col[held] = _pick_best(model, x_all[~fit], present[held])
+    picked = correct[np.arange(n), col]
+    return {"folds": folds, "n_queries": n, "model_acc": float(picked.mean()),
+            "top1_acc": float(qm.top1_correct.mean())}
 
 
 def train_learned(train: ContextTable, test: ContextTable, test_metrics: list[QueryMetrics], k: int | None,
@@ -236,9 +284,15 @@ def train_learned(train: ContextTable, test: ContextTable, test_metrics: list[Qu
         model = make_model()
         model.fit(f_train.matrix(names, present), y)
         coef = model[-1].coef_[0]
+        cv = cross_validate(make_model, f_train, names, tq)
+        use_model = bool(cv["model_acc"] > cv["top1_acc"])  # NaN (too few queries) compares False: rank 1
         out.models[s] = SystemModel(s, names, model, n_queries=tq.n_queries, n_rows=int(present.sum()),
                                     positive_rate=float(y.mean()),
-                                    coefficients={n: float(c) for n, c in zip(names, coef)})
+                                    coefficients={n: float(c) for n, c in zip(names, coef)}, cv=cv,
+                                    use_model=use_model)
+        log.info("learned selector, system %s: held-out validation accuracy %.3f (model) vs %.3f (rank 1) over %d "
+                 "folds: %s", s, cv["model_acc"], cv["top1_acc"], cv["folds"],
+                 "the model selects" if use_model else "rank 1 selects")
         out.dropped[s] = dropped
         out._features[s] = f_test
         log.info("learned selector, system %s: trained on %d contexts of %d queries with %s", s,

@@ -1,7 +1,9 @@
 """The frontier-LVLM selector: `lvlm-rerank` asks a chat-completions endpoint to rank each query's k candidates.
 
-Any OpenAI-compatible endpoint; answers cached on disk by request content; bounded threads; retries by the openai
-client itself (429, 408/409, 5xx, timeouts and connection errors; exponential backoff, honouring Retry-After).
+Any OpenAI-compatible endpoint; usable answers cached on disk by request content (endpoint, model, messages,
+parameters), so a rerun, under any --out, pays only for what failed; bounded threads; retries by the openai client
+itself (429, 408/409, 5xx, timeouts and connection errors; exponential backoff, honouring Retry-After). A malformed
+reply fails its query only; a rejected key (401/403) stops the run after its first request.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import os
 import re
 import sys
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +26,8 @@ from typing import Any
 import pandas as pd
 
 from ..core.fsutil import atomic_write_text
-from .tables import (ERROR, ITEM_ID, QUERY_ID, RANKING, SELECTOR, SYSTEM, TableError, load_contexts, rank_matrices,
-                     write_table)
+from .tables import (ERROR, ITEM_ID, QUERY_ID, RANKING, SELECTOR, SUFFIXES, SYSTEM, TableError, load_contexts,
+                     rank_matrices, write_table)
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,16 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
     return picked + [i for i in range(1, n + 1) if i not in picked]
 
 
+def default_cache_dir() -> Path:
+    """Where replies are cached unless --cache says otherwise: one place per user ($XDG_CACHE_HOME or ~/.cache), so
+    the same request is never paid twice, whatever --out is called."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dxrag" / "lvlm-rerank"
+
+
 class ResponseCache:
-    """One JSON file per request, named by the sha256 of the request content (model, messages, parameters)."""
+    """One JSON file per request, named by the sha256 of the request content (endpoint, model, messages,
+    parameters). Only replies that held a ranking are stored."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -109,12 +121,21 @@ class ResponseCache:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
             return None
+        return value if isinstance(value, dict) and isinstance(value.get("content"), str) else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         atomic_write_text(self.root / f"{key}.json", json.dumps(value))
+
+
+class KeyRejected(Exception):
+    """The endpoint refused the API key (HTTP 401 / 403): every further request would fail the same way."""
+
+
+class MalformedReply(Exception):
+    """A 200 reply that is not a chat completion (not JSON, no `choices`, no message)."""
 
 
 @dataclass
@@ -126,34 +147,83 @@ class Outcome:
     cached: bool
 
 
+def _reply_of(resp: Any) -> dict[str, Any]:
+    """{content, prompt_tokens, completion_tokens} of a chat completion, or MalformedReply. The openai client
+    returns a non-JSON body as a string and builds its models without validation, so a broken reply surfaces here."""
+    if isinstance(resp, (str, bytes)):
+        raise MalformedReply(f"malformed reply (not a JSON chat completion): {str(resp)[:80]!r}")
+    try:
+        content = resp.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise MalformedReply(f"malformed reply (no choices[0].message): {str(resp)[:80]!r}") from None
+    if content is not None and not isinstance(content, str):
+        raise MalformedReply(f"malformed reply (message content is {type(content).__name__}, not text)")
+    usage = getattr(resp, "usage", None)
+
+    def count(name: str) -> int:
+        try:
+            return int(getattr(usage, name, 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return {"content": content or "", "prompt_tokens": count("prompt_tokens"),
+            "completion_tokens": count("completion_tokens")}
+
+
 class Reranker:
-    """Sends cached requests through an openai client; the client's own `max_retries` handles transient faults."""
+    """Sends cached requests through an openai client; the client's own `max_retries` handles transient faults.
+
+    Until one request has been answered by the endpoint (any answer but 401/403), requests go out one at a time:
+    a wrong key costs one request, not one per thread."""
 
     def __init__(self, client: Any, model: str, cache: ResponseCache, temperature: float = 0.0,
-                 max_tokens: int = 300):
+                 max_tokens: int = 300, endpoint: str | None = None):
         self.client, self.model, self.cache = client, model, cache
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.temperature, self.max_tokens, self.endpoint = temperature, max_tokens, endpoint
         self._openai = _openai()
+        self._gate = threading.Lock()
+        self._key_ok = False
+        self.rejected: str | None = None  # the one-line reason once the endpoint refused the key
 
-    def complete(self, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
-        """The reply {content, prompt_tokens, completion_tokens} and whether it came from the cache."""
-        request = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                   "max_tokens": self.max_tokens}
-        key = ResponseCache.key(request)
-        hit = self.cache.get(key)
+    def _request(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens}
+
+    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.rejected:
+            raise KeyRejected(self.rejected)
+        try:
+            resp = self.client.chat.completions.create(**request)
+        except (self._openai.AuthenticationError, self._openai.PermissionDeniedError) as e:
+            self.rejected = (f"the endpoint refused the API key (HTTP {getattr(e, 'status_code', '?')}, "
+                             f"{type(e).__name__}); check --api-key-env, --base-url and the key's permissions")
+            raise KeyRejected(self.rejected) from None
+        except ValueError as e:  # a JSON content type whose body does not decode
+            self._key_ok = True
+            raise MalformedReply(f"malformed reply ({type(e).__name__}: {str(e)[:60]})") from None
+        self._key_ok = True
+        return _reply_of(resp)
+
+    def complete(self, messages: list[dict[str, Any]], use_cache: bool = True) -> tuple[dict[str, Any], bool, str]:
+        """The reply {content, prompt_tokens, completion_tokens}, whether it came from the cache, and its cache key
+        (the caller stores it once it proved usable)."""
+        request = self._request(messages)
+        key = ResponseCache.key({**request, "endpoint": self.endpoint})
+        hit = self.cache.get(key) if use_cache else None
         if hit is not None:
-            return hit, True
-        resp = self.client.chat.completions.create(**request)
-        usage = getattr(resp, "usage", None)
-        reply = {"content": resp.choices[0].message.content or "",
-                 "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-                 "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0)}
-        self.cache.put(key, reply)
-        return reply, False
+            return hit, True, key
+        if self._key_ok:
+            return self._send(request), False, key
+        with self._gate:  # the first request alone: a rejected key stops everything after one request
+            return self._send(request), False, key
 
     def rerank(self, messages: list[dict[str, Any]], ranks: list[int]) -> Outcome:
         try:
-            reply, cached = self.complete(messages)
+            reply, cached, key = self.complete(messages)
+            if cached and parse_ranking(reply["content"], len(ranks)) is None:  # cached unusable (an older version)
+                reply, cached, key = self.complete(messages, use_cache=False)
+        except MalformedReply as e:
+            return Outcome([], str(e), 0, 0, False)
         except Exception as e:
             if not isinstance(e, self._openai.OpenAIError):
                 raise
@@ -161,9 +231,27 @@ class Reranker:
             return Outcome([], f"{type(e).__name__}" + (f" (HTTP {status})" if status else ""), 0, 0, False)
         tokens = (0, 0) if cached else (reply["prompt_tokens"], reply["completion_tokens"])
         order = parse_ranking(reply["content"], len(ranks))
-        if order is None:
+        if order is None:  # not cached: a rerun asks again
             return Outcome([], f"no ranking in the reply: {reply['content'][:80]!r}", *tokens, cached)
+        if not cached:
+            self.cache.put(key, reply)
         return Outcome([ranks[i - 1] for i in order], "", *tokens, cached)
+
+
+def check_out(path: Path) -> str | None:
+    """Why the rerank file cannot be written at `path` (checked before any paid request), or None."""
+    if path.suffix.lower() not in SUFFIXES:
+        return f"--out {path}: unsupported file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
+    if path.is_dir():
+        return f"--out {path}: is a directory; expected a file path"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"--out {path}: cannot write there ({e.strerror or e})"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", action="append", help="context system(s) to rerank (default: all)")
     p.add_argument("--k", type=int, help="candidates per query: ranks 1..k (default: each system's largest rank)")
     p.add_argument("--limit", type=int, help="only the first N queries of each system")
-    p.add_argument("--cache", type=Path, help="response cache directory (default: <out>.cache/)")
+    p.add_argument("--cache", type=Path, help="response cache directory, keyed by request content (default: "
+                                              "$XDG_CACHE_HOME/dxrag/lvlm-rerank, else ~/.cache/dxrag/lvlm-rerank)")
     p.add_argument("--concurrency", type=int, default=4, help="parallel requests (default 4)")
     p.add_argument("--max-retries", type=int, default=5,
                    help="the openai client's retries on 429, 408/409, 5xx, timeouts and connection errors, waiting "
@@ -206,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get(args.api_key_env)
     if not key:
         print(f"lvlm-rerank: error: environment variable {args.api_key_env} is not set (the API key)", file=sys.stderr)
+        return 2
+    problem = check_out(args.out)
+    if problem:
+        print(f"lvlm-rerank: error: {problem}", file=sys.stderr)
         return 2
     try:
         table = load_contexts(args.contexts, columns=(ITEM_ID,))
@@ -245,13 +338,20 @@ def main(argv: list[str] | None = None) -> int:
                          build_messages(q.question, list(q.candidates), dataset.image_path(q.image), cands)))
 
     client = openai.OpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout, max_retries=args.max_retries)
-    cache = ResponseCache(args.cache or args.out.with_name(args.out.name + ".cache"))
-    reranker = Reranker(client, args.model, cache, temperature=args.temperature, max_tokens=args.max_tokens)
+    cache = ResponseCache(args.cache or default_cache_dir())
+    reranker = Reranker(client, args.model, cache, temperature=args.temperature, max_tokens=args.max_tokens,
+                        endpoint=str(client.base_url))
     results: list[Outcome | None] = [None] * len(jobs)
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
         futures = {pool.submit(reranker.rerank, messages, ranks): i for i, (_, _, ranks, messages) in enumerate(jobs)}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="lvlm-rerank", disable=None):
-            results[futures[fut]] = fut.result()
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="lvlm-rerank", disable=None):
+                results[futures[fut]] = fut.result()
+        except KeyRejected as e:
+            for fut in futures:
+                fut.cancel()
+            print(f"lvlm-rerank: error: {e}; nothing written", file=sys.stderr)
+            return 2
     rows = [{SYSTEM: system, QUERY_ID: qid, SELECTOR: f"lvlm:{args.model}", RANKING: r.ranking, ERROR: r.error,
              "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "cached": r.cached}
             for (system, qid, _, _), r in zip(jobs, results) if r is not None]
@@ -264,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lvlm-rerank: {stats['queries']} queries ({stats['cached']} from cache, {n_failed} failed, recorded in "
           f"'{ERROR}'); tokens: {stats['prompt_tokens']} prompt, {stats['completion_tokens']} completion; "
           f"wrote {args.out}")
+    if rows and n_failed == len(rows):
+        print(f"lvlm-rerank: error: every query failed (first: {rows[0][ERROR]})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,10 +22,11 @@ import pyarrow.csv as pacsv
 
 from . import stats
 from ..core.dataset import sha256_file
+from ..core.fsutil import dir_lock, make_temp_dir
 from ..core.provenance import git_hash, versions
 from .answers import ANSWER_TYPES, OPEN, SET, AnswerSettings, set_members
 from .consistency import QueryMetrics, query_metrics
-from .learned import DEFAULT_CLOSED_BOOK, LearnedSelector, closed_book_answers, train_learned
+from .learned import CV_FOLDS, DEFAULT_CLOSED_BOOK, RAW, LearnedSelector, closed_book_answers, train_learned
 from .oracle import oracle_at_k
 from .relevance import relevance_metrics, write_trec
 from .selectors import SelectorResult, check_rerank_systems, gap_closed, run_selectors
@@ -34,6 +34,10 @@ from .tables import (ANSWER_TYPE, HEAD, PROBS, QUERY_ID, RETRIEVAL_SCORE, SHORT_
                      ContextTable, RerankTable, TableError, load_answers, load_contexts, load_rerank, rank_matrices)
 
 log = logging.getLogger(__name__)
+
+
+class ReportWriteError(ValueError):
+    """The report could not be written (a read-only folder, a full disk, another writer); names the folder."""
 
 SUBSETS = ("consistent", "inconsistent", "all")
 CONTEXT_METHODS = ("top1", "majority", "fusion")  # how a context system is scored on the subsets
@@ -469,8 +473,14 @@ class OracleReport:
                  _markdown(selectors), ""]
         if self.learned is not None:
             parts += ["The `learned` selector: a logistic regression trained on the validation contexts of "
-                      f"`{self.learned.train_path}` (never on these queries); features per system and the ones left "
-                      "out, with why, are in learned_selector.json.", ""]
+                      f"`{self.learned.train_path}` (never on these queries), used only where it beat rank 1 on "
+                      f"held-out validation queries ({CV_FOLDS}-fold cross-validation), else rank 1; `{RAW}` is "
+                      "the model's own picks. Features per system and the ones left out, with why, are in "
+                      "learned_selector.json.", ""]
+            for system, sm in self.learned.models.items():
+                cv = sm.cv
+                parts.append(f"- `{system}`: {'the model' if sm.use_model else 'rank 1'} selects (held-out "
+                             f"validation accuracy {cv['model_acc']:.3f} model vs {cv['top1_acc']:.3f} rank 1)")
             for system, dropped in self.learned.dropped.items():
                 if dropped:
                     parts.append(f"- `{system}`: left out " + "; ".join(f"`{n}` ({why})" for n, why in
@@ -518,8 +528,12 @@ class OracleReport:
         existing one each file is replaced atomically (other files there are left alone).
         """
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not out.exists()
+            tmp = make_temp_dir(out)
+        except OSError as e:
+            raise ReportWriteError(f"{out}: cannot write the report there ({e.strerror or e})") from None
         try:
             pacsv.write_csv(self._per_query_arrow(), tmp / "per_query.csv")
             for name, frame in (("summary", self.summary()), ("oracle_at_k", self.oracle_at_k()),
@@ -538,15 +552,25 @@ class OracleReport:
                 from .figures import write_figures
 
                 write_figures(self, tmp / "figures")
-            if not out.exists():
-                os.replace(tmp, out)
-                return out
-            for src in sorted(tmp.rglob("*")):
-                dst = out / src.relative_to(tmp)
-                if src.is_dir():
-                    dst.mkdir(exist_ok=True)
-                else:
-                    os.replace(src, dst)
+            # Publishing takes turns with other writers of the same folder (a lock, not a check then a rename): a
+            # new out_dir appears whole in one rename, and one another writer created meanwhile is not merged into.
+            with dir_lock(out.parent):
+                if not out.exists():
+                    os.rename(tmp, out)
+                    return out
+                if fresh:
+                    raise ReportWriteError(f"{out}: another writer created it while this report was built; "
+                                           f"nothing written (rerun to replace its files)")
+                for src in sorted(tmp.rglob("*")):
+                    dst = out / src.relative_to(tmp)
+                    if src.is_dir():
+                        dst.mkdir(exist_ok=True)
+                    else:
+                        os.replace(src, dst)
+        except OSError as e:  # a read-only folder, a full disk: the temporary folder goes, out_dir is untouched
+            raise ReportWriteError(f"{out}: cannot write the report ({e.strerror or e}); "
+                                   f"{'nothing written' if fresh else 'files already there are left as they were'}"
+                                   ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -562,8 +586,8 @@ def _check_answer_labels(ct: ContextTable, at: AnswerTable) -> None:
     query_type = np.zeros(len(ct.query_ids), dtype=np.int8)
     if ct.run_type is not None:
         query_type[ct.run_query] = ct.run_type
-        if not at.typed:
-            at.retype(np.array(ANSWER_TYPES, dtype=object)[np.where(known, query_type[codes], 0)])
+    if not at.typed:
+        at.retype(np.array(ANSWER_TYPES, dtype=object)[np.where(known, query_type[codes], 0)])
     ctx_type = np.array(ANSWER_TYPES, dtype=object)[query_type[codes[known]]]
     ans_type = at.frame[ANSWER_TYPE].to_numpy()[known]
     bad = np.flatnonzero(ans_type != ctx_type)

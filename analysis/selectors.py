@@ -15,7 +15,7 @@ import pandas as pd
 
 from .answers import OPEN
 from .consistency import QueryMetrics
-from .learned import LearnedSelector
+from .learned import RAW, LearnedSelector
 from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def fusion_weights(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def fuse(probs: np.ndarray, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """One query's fused distribution: per-context distributions `probs` (n contexts × C candidates) weighted by
-    softmax(retrieval `scores` (n,) / temperature) over its n contexts (DESIGN.md inference). Returns (C,)."""
+    softmax(retrieval `scores` (n,) / temperature) over its n contexts (docs/design.md, inference). Returns (C,)."""
     return (fusion_weights(scores, temperature)[:, None] * np.asarray(probs, dtype=np.float64)).sum(axis=0)
 
 
@@ -142,11 +142,16 @@ def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> S
     return SelectorResult("fusion", table.judge(choice, m.label, m.answer_type), n_fallback, choice)
 
 
-def learned(table: ContextTable, qm: QueryMetrics, model: LearnedSelector) -> SelectorResult | None:
-    """The context the learned selector scores most likely correct (ties -> best rank); None without a model for
-    this system."""
-    picked = model.select(table, qm)
-    return None if picked is None else _pick(qm, "learned", picked[0])
+def learned(table: ContextTable, qm: QueryMetrics, model: LearnedSelector, raw: bool = False
+            ) -> SelectorResult | None:
+    """The context the learned selector scores most likely correct (ties -> best rank), or rank 1 for every query
+    (all counted in n_fallback) where the validation's cross-validation found the model no better than rank 1;
+    `raw`: the model's picks either way (selector `learned-raw`). None without a model for this system."""
+    picked = model.select(table, qm, raw=raw)
+    if picked is None:
+        return None
+    col, by_model = picked
+    return _pick(qm, RAW if raw else "learned", col, n_fallback=0 if by_model else len(col))
 
 
 def rerank_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable) -> list[SelectorResult]:
@@ -191,9 +196,10 @@ def run_selectors(table: ContextTable, qm: QueryMetrics, rerank: RerankTable | N
         if extra is not None:
             results.append(extra)
     if learned_model is not None:
-        picked = learned(table, qm, learned_model)
-        if picked is not None:
-            results.append(picked)
+        for raw in (False, True):
+            picked = learned(table, qm, learned_model, raw=raw)
+            if picked is not None:
+                results.append(picked)
     if rerank is not None:
         results.extend(rerank_selectors(table, qm, rerank))
     # The oracle's answer: its best correct context's, else rank 1's (what it reports when nothing is correct).

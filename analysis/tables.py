@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 
 from ..core.fsutil import atomic_path
 from ..core.jsonl import iter_jsonl
-from .answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, AnswerSettings, normalize_answer, score_rows
+from .answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows
 from .answers import token_scores as _token_scores
 
 log = logging.getLogger(__name__)
 
-# Column names are part of the public interface (DESIGN.md, "The analysis, defined exactly").
+# Column names are part of the public interface (docs/design.md, "The analysis, defined exactly").
 SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION = "system", "query_id", "rank", "label", "prediction"
 ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS = "item_id", "head", "retrieval_score", "probs"
 SELECTOR, RANKING, ERROR = "selector", "ranking", "error"
@@ -60,6 +60,8 @@ _SPECS: dict[str, dict[str, str]] = {
     "rerank": {SYSTEM: "id", QUERY_ID: "id", SELECTOR: "id", RANKING: "ranking", ERROR: "text"},
 }
 _REQUIRED = {"contexts": CONTEXT_REQUIRED, "answers": ANSWER_REQUIRED, "rerank": RERANK_REQUIRED}
+# "id" columns whose empty string is valid on set rows (the empty label set): checked once the row types are known
+_BLANK_ON_SET = (LABEL,)
 _PROBS_TYPE = pa.map_(pa.string(), pa.float64())
 
 
@@ -467,7 +469,7 @@ def _check_values(raw: RawTable, spec: dict[str, str], required: Sequence[str]) 
         if name in required and col.null_count:
             row = _first(~pc.is_valid(col).to_numpy(zero_copy_only=False))
             raise raw.fail(row, name, f"missing value; expected {_KIND_WANT[kind]}")
-        if kind == "id":
+        if kind == "id" and name not in _BLANK_ON_SET:
             row = _first_blank(raw, name)
             if row is not None:
                 raise raw.fail(row, name, f"empty string; expected {_KIND_WANT[kind]}")
@@ -522,15 +524,34 @@ def encode_strings(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return codes, chunks[0].dictionary.cast(pa.string())
 
 
-def _first_blank(raw: RawTable, name: str) -> int | None:
-    """First row whose string is empty or only whitespace. Dictionary columns are checked through their values."""
+def _blank(raw: RawTable, name: str) -> np.ndarray:
+    """Per row: the string is empty or only whitespace. Dictionary columns are checked through their values."""
     col = raw.columns[name]
     if pa.types.is_dictionary(col.type):
         codes, uniques = raw.encode(name)
         blank = [i for i, u in enumerate(uniques.to_pylist()) if u is not None and not u.strip()]
-        return _first(np.isin(codes, blank)) if blank else None
+        return np.isin(codes, blank) if blank else np.zeros(raw.n_rows, dtype=bool)
     blank = pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col))
-    return _first(blank.fill_null(False).to_numpy(zero_copy_only=False))
+    return blank.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _first_blank(raw: RawTable, name: str) -> int | None:
+    """First row whose string is empty or only whitespace."""
+    return _first(_blank(raw, name))
+
+
+def check_blank_labels(raw: RawTable, types: np.ndarray | None) -> None:
+    """An empty gold label is the empty set on a set row (answers.parse_set) and an error on any other row; `types`:
+    the answer-type code of every file row (None: all closed)."""
+    if LABEL not in raw.columns:
+        return
+    blank = _blank(raw, LABEL)
+    if types is not None:
+        blank &= np.asarray(types) != ANSWER_TYPES.index(SET)
+    row = _first(blank)
+    if row is not None:
+        raise raw.fail(row, LABEL, f"empty string; expected {_KIND_WANT['id']} (an empty gold label is the empty set, "
+                                   f"valid only on a row whose answer_type is set)")
 
 
 @dataclass
@@ -726,6 +747,7 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None,
     rank = raw.columns[RANK].to_numpy()
     probs = raw.probs
     row_type = _row_types(raw, settings)
+    check_blank_labels(raw, row_type)
     if probs is not None:
         key_codes, key_uniques = encode_strings(pa.chunked_array([probs.keys]))
     if row_type is None:
@@ -968,15 +990,32 @@ class AnswerTable:
 
     def retype(self, types: np.ndarray) -> None:
         """Gives the rows these answer types (names) and judges them again: an answer table without the column
-        takes each query's type from the context table."""
+        takes each query's type from the context table; its labels are then checked (non-empty except on set rows,
+        one gold label per query) after that type's normalisation."""
         self.frame[ANSWER_TYPE] = types
-        for key, value in score_rows(self.frame[PREDICTION], self.frame[LABEL], types, self.settings).items():
+        codes = pd.Series(types).map({t: i for i, t in enumerate(ANSWER_TYPES)}).to_numpy(dtype=np.int8)
+        check_blank_labels(self.raw, codes)
+        scored = score_rows(self.frame[PREDICTION], self.frame[LABEL], types, self.settings)
+        _check_one_label_per_query(self.frame, scored["label_norm"], self.raw)
+        for key, value in scored.items():
             self.frame[key] = value
         self.typed = True
 
     @property
     def path(self) -> Path:
         return self.raw.path
+
+
+def _check_one_label_per_query(df: pd.DataFrame, label_norm: np.ndarray, raw: RawTable) -> None:
+    """A query has one answer type (checked first: labels normalise by it) and one gold label (normalised)."""
+    for name, values, what in ((ANSWER_TYPE, df[ANSWER_TYPE], "answer type"),
+                               (LABEL, pd.Series(label_norm, index=df.index), "gold label")):
+        first_value = values.groupby(df[QUERY_ID], sort=False).transform("first")
+        bad = _first((values != first_value).to_numpy())
+        if bad is not None:
+            first = int(np.argmax((df[QUERY_ID] == df[QUERY_ID].iloc[bad]).to_numpy()))
+            raise raw.fail(bad, name, f"{df[name].iloc[bad]!r} differs from {df[name].iloc[first]!r} at "
+                                      f"{raw.locate(first)} for the same query; a query has one {what}")
 
 
 def load_answers(path: str | os.PathLike, settings: AnswerSettings = DEFAULT_SETTINGS) -> AnswerTable:
@@ -986,21 +1025,16 @@ def load_answers(path: str | os.PathLike, settings: AnswerSettings = DEFAULT_SET
     df = _frame(raw, ANSWER_REQUIRED)
     _check_unique(df, [SYSTEM, QUERY_ID], raw, "the answer table holds one answer per system and query")
     types = _row_types(raw, settings)
+    typed = ANSWER_TYPE in raw.columns or settings.task != "auto"
+    if typed:  # untyped tables are checked when they take their types from a context table (AnswerTable.retype)
+        check_blank_labels(raw, types)
     df[ANSWER_TYPE] = (np.array(ANSWER_TYPES, dtype=object)[types] if types is not None
                        else np.full(len(df), CLOSED, dtype=object))
     scored = score_rows(df[PREDICTION], df[LABEL], df[ANSWER_TYPE], settings)
-    # A query has one answer type (checked first: labels normalise by it) and one gold label.
-    for name, values, what in ((ANSWER_TYPE, df[ANSWER_TYPE], "answer type"),
-                               (LABEL, pd.Series(scored["label_norm"], index=df.index), "gold label")):
-        first_value = values.groupby(df[QUERY_ID], sort=False).transform("first")
-        bad = _first((values != first_value).to_numpy())
-        if bad is not None:
-            first = int(np.argmax((df[QUERY_ID] == df[QUERY_ID].iloc[bad]).to_numpy()))
-            raise raw.fail(bad, name, f"{df[name].iloc[bad]!r} differs from {df[name].iloc[first]!r} at "
-                                      f"{raw.locate(first)} for the same query; a query has one {what}")
+    if typed:
+        _check_one_label_per_query(df, scored["label_norm"], raw)
     for key, value in scored.items():
         df[key] = value
-    typed = ANSWER_TYPE in raw.columns or settings.task != "auto"
     return AnswerTable(raw=raw, systems=list(dict.fromkeys(df[SYSTEM])), frame=df, settings=settings, typed=typed)
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cpu_kernels
 from .dataset import DatasetError, load_dataset
 from .logs import quiet_weight_bars, setup_logging
 
@@ -17,10 +17,11 @@ EXAMPLES = """\
 examples:
   dxrag data synth --out data/synth                  # the embedded default dataset (seconds)
   dxrag data synth --out data/synth-hard --set anatomy_jitter=0.4 --set misleading_fraction=0.1
-  dxrag data medmnist --flag breastmnist --npz ../shared/data/breastmnist/breastmnist.npz --out data/breastmnist
+  dxrag data medmnist --flag breastmnist --out data/breastmnist        # downloads through medmnist when online
+  dxrag data medmnist --flag breastmnist --npz breastmnist.npz --out data/breastmnist   # a local npz
   dxrag data medmnist --flag chestmnist --npz chestmnist.npz --out data/chestmnist   # multi-label
   dxrag data labels-csv --csv image_labels_train.csv --test-csv image_labels_test.csv --images png/ --out data/pcxr
-  dxrag data vqa-rad --root ../shared/data/vqa-rad --out data/vqa-rad
+  dxrag data vqa-rad --root path/to/vqa-rad --out data/vqa-rad
   dxrag data vqa-hf --root path-vqa/ --name path-vqa --out data/path-vqa   # Hugging Face parquet / save_to_disk
   dxrag data slake --root Slake1.0 --out data/slake                          # SLAKE json + imgs/ (English)
   dxrag data corpus --jsonl roco.jsonl --queries-from data/retinamnist --out data/retinamnist-roco
@@ -130,15 +131,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         print(format_summary(summary))
         if args.expect:
-            print(expectation_report(Path(summary["run_dir"]), args.expect))
+            text, reproduced = expectation_report(Path(summary["run_dir"]), args.expect)
+            print(text)
+            return 0 if reproduced else 1
     return 0
 
 
-def expectation_report(run_dir: Path, expected_path: Path) -> str:
-    """Which of a run's numbers fall inside the per-seed ranges of a sweep (`ranges.json`, as quoted in README)."""
+def expectation_report(run_dir: Path, expected_path: Path) -> tuple[str, bool]:
+    """A run against a sweep (`ranges.json`, as README quotes it): equality with the committed row of its seed, and
+    where each number lies in the per-seed ranges. True when the run reproduces its seed's row (or has none)."""
     import json
 
-    from .sweep import check_against, seed_row
+    from . import cpu_kernels
+    from .sweep import check_against, check_equal, seed_row
 
     try:
         expected = json.loads(Path(expected_path).read_text(encoding="utf-8"))
@@ -146,13 +151,26 @@ def expectation_report(run_dir: Path, expected_path: Path) -> str:
         raise DatasetError(f"{expected_path}: cannot read the expected ranges ({e}); it is the ranges.json a "
                            f"`dxrag sweep` writes") from None
     row = seed_row(run_dir)
+    record = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    same, differ = check_equal(row, record["config"], expected)
+    level = record.get("cpu_kernels", {}).get("level", "unrecorded")
     lines, outside = check_against(row, expected)
-    head = (f"this run against the README's ranges ({expected_path}: min-max over seeds "
-            f"{expected.get('seeds')}, git {str(expected.get('git'))[:12]}):")
+    head = (f"this run against the README's numbers ({expected_path}, git {str(expected.get('git'))[:12]}), "
+            f"CPU kernels {level}:")
+    if differ is None:
+        verdict_equal = "equality not checked"
+    elif not differ:
+        verdict_equal = f"every number equals the committed seed-{row['seed']} row"
+    else:
+        verdict_equal = (f"{differ} number(s) differ from the committed seed-{row['seed']} row"
+                         + ("" if level == cpu_kernels.DEFAULT else
+                            f": this run used CPU kernels {level!r}; the committed numbers need "
+                            f"{cpu_kernels.ENV}={cpu_kernels.DEFAULT} (the default)"))
     verdict = ("every number lies inside its range" if not outside else
-               f"{outside} number(s) outside the seeds' range: tiny models trained from scratch amplify float "
-               f"differences between CPUs; see README 'Results' for the spread")
-    return "\n".join(["", head, *lines, verdict])
+               f"{outside} number(s) outside the seeds' range")
+    text = "\n".join(["", head, f"equal to the committed seed-{row['seed']} row:", *same, verdict_equal,
+                      f"within the min-max over seeds {expected.get('seeds')}:", *lines, verdict])
+    return text, not differ
 
 
 def _cmd_compare_sweeps(args: argparse.Namespace) -> int:
@@ -297,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="override the run directory (default trained/<run name>)")
     p.add_argument("--report-dir", type=Path, help="override the report directory (default reports/<run name>)")
     p.add_argument("--expect", type=Path, metavar="RANGES_JSON",
-                   help="afterwards, say which numbers fall inside a sweep's per-seed ranges (make demo passes "
-                        "docs/results/embedded-seeds.json, the ranges README quotes)")
+                   help="afterwards, check the numbers equal the sweep's row of this seed (exit 1 when they differ) "
+                        "and show where they lie in its per-seed ranges (make demo passes "
+                        "docs/results/embedded-seeds.json, the numbers README quotes)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sweep", help="run a config over several seeds and report how robust joint - rag is",
@@ -328,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cpu_kernels.pin()  # before anything imports numpy or torch (build_parser imports the converters, which use numpy)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

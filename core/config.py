@@ -238,7 +238,32 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return cfg
 
 
+# Counts with a least valid value (dotted key: minimum): a batch of 0, a negative step count or no contexts would
+# fail deep inside a stage, or silently train nothing.
+AT_LEAST = {
+    "threads": 0,
+    "retriever.batch_size": 1, "retriever.pretrain.epochs": 0, "retriever.pretrain.batch_size": 1,
+    "reader.batch_size": 1, "reader.image_cache": 0, "reader.finetune.steps": 0, "reader.finetune.batch_size": 1,
+    "reader.finetune.contexts_per_head": 1, "reader.finetune.eval_every": 0, "reader.finetune.checkpoint_every": 0,
+    "distill.steps": 0, "distill.batch_size": 1, "distill.candidates": 1, "distill.refresh_every": 1,
+    "distill.checkpoint_every": 1,
+    "inference.top_n": 1,
+}
+
+
+def _dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        if obj is None:
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
 def _check(cfg: RunConfig, where: str) -> None:
+    for key, least in AT_LEAST.items():
+        value = _dotted(cfg, key)
+        if value is not None and value < least:
+            raise ConfigError(f"{where}: {key} must be at least {least}, got {value}")
     if cfg.data.kind not in ("synth", "medmnist", "dir"):
         raise ConfigError(f"{where}: data.kind {cfg.data.kind!r} is not one of ['synth', 'medmnist', 'dir']")
     if cfg.data.kind == "medmnist" and not cfg.data.flag:

@@ -9,14 +9,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import yaml
 
-from .fsutil import replace_dir
+from .fsutil import make_temp_dir, replace_dir
 from .jsonl import iter_jsonl
 from .records import EMPTY_LABEL_SET, LABEL_SET_SEPARATOR, CorpusItem, Query, normalize_answer
 
@@ -394,7 +393,7 @@ class DatasetWriter:
         if self.out.exists() and not self.overwrite:
             raise DatasetError(f"{self.out}: already exists (pass --overwrite to replace it)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._tmp = make_temp_dir(self.out)  # mode from the umask, not tempfile's private 0700
         (self._tmp / "images").mkdir()
         return self
 

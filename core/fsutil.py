@@ -7,9 +7,58 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux /proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or directory made by tempfile (0600 / 0700, private by design) the mode a plain open() or
+    mkdir() would have given it: 0666 or 0777 less the umask. Outputs are then as readable as the user's other
+    files."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def make_temp_dir(out: Path) -> Path:
+    """A temporary sibling directory of `out` (same file system, so it can be renamed into place), mode from the
+    umask."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    follow_umask(tmp, directory=True)
+    return tmp
+
+
+def dir_lock(directory: str | os.PathLike):
+    """An exclusive advisory lock (flock) on a directory, held while the block runs: writers that publish into the
+    same directory take turns. A no-op where flock is not available."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return nullcontext()
+
+    @contextmanager
+    def held() -> Iterator[None]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    return held()
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -29,7 +78,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     fails."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)
     try:
         yield tmp
         replace_dir(tmp, out)
@@ -48,6 +97,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        follow_umask(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException:

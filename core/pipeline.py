@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-from . import distributed, stages
+from . import cpu_kernels, distributed, stages
 from .config import ConfigError, RunConfig
 from .dataset import Dataset
 from .fsutil import atomic_write_json
@@ -39,6 +39,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     `metrics.json`). Under torchrun only the main process returns a summary."""
     import torch
 
+    cpu_kernels.configure_torch()
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -47,6 +48,8 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ds = stages.answerable(_timed(timings, "data", stages.main_first, stages.dataset, ctx))
+    if distributed.is_main():
+        check_inputs(ctx.run.path, ds)
     enc = _timed(timings, "encoder", stages.main_first, stages.encoder, ctx, ds)
     retriever = _timed(timings, "index", stages.main_first, stages.index, ctx, ds, enc)
     q = stages.query_inputs(ctx, ds, enc)
@@ -74,6 +77,40 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(ctx.run / "metrics.json", summary)
     return summary
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def input_fingerprint(ds: Dataset) -> dict[str, Any]:
+    """What a run's results depend on beyond its config: the corpus checksum and, per split, a sha256 of the queries
+    it answers (ids, images, questions, candidates, labels, metadata)."""
+    import dataclasses
+    import hashlib
+
+    def digest(queries) -> str:
+        text = json.dumps([dataclasses.asdict(q) for q in queries], sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    return {"corpus": ds.corpus_checksum, "queries": {split: digest(qs) for split, qs in sorted(ds.queries.items())}}
+
+
+def check_inputs(run_dir: Path, ds: Dataset) -> None:
+    """Record the run's inputs on its first start; on every later start refuse a dataset whose corpus or queries
+    changed, so a continued run never mixes predictions (or models) of two datasets."""
+    path = Path(run_dir) / INPUTS_FILE
+    now = input_fingerprint(ds)
+    if not path.exists():
+        atomic_write_json(path, now)
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    changed = (["corpus"] if before.get("corpus") != now["corpus"] else []) + [
+        f"{split} queries" for split in sorted(set(before.get("queries", {})) | set(now["queries"]))
+        if before.get("queries", {}).get(split) != now["queries"].get(split)]
+    if changed:
+        raise ConfigError(f"{run_dir}: the dataset {ds.root} changed since this run began ({', '.join(changed)} "
+                          f"differ from {path}); pass --overwrite to start the run afresh, or choose another "
+                          f"--run-dir / run name")
 
 
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
@@ -116,6 +153,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
     """Run (or continue) the job of `cfg`. An existing run directory made with the same config is continued; one
     made with another config is refused unless `overwrite` (then started afresh)."""
     distributed.init()
+    cpu_kernels.configure_torch()  # before run.json records it
     run_dir = Path(run_dir or Path("trained") / cfg.run)
     report_dir = Path(report_dir or Path("reports") / cfg.run)
     saved = run_dir / "run.json"
@@ -123,8 +161,14 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
         distributed.barrier()
         return run_stages(cfg, run_dir, report_dir)
     if saved.exists():
-        previous = json.loads(saved.read_text(encoding="utf-8"))["config"]
-        diffs = _config_diff(previous, cfg.to_dict())
+        record = json.loads(saved.read_text(encoding="utf-8"))
+        diffs = _config_diff(record["config"], cfg.to_dict())
+        level, was = cpu_kernels.record()["level"], record.get("cpu_kernels", {}).get("level")
+        if was is not None and was != level:  # kernels that round differently would mix within one run
+            diffs.append(f"CPU kernels ({was} then, {level} now; {cpu_kernels.ENV})")
+        if diffs and not any((run_dir / "stages").glob("*.json")):
+            log.info("%s: the earlier start with another config finished no stage; starting afresh", run_dir)
+            overwrite = True
         if diffs and not overwrite:
             raise ConfigError(f"{run_dir}: this run directory was made with another config (differs at "
                               f"{', '.join(diffs[:6])}); pass --overwrite to start it afresh, or choose another "
@@ -138,6 +182,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
     run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         atomic_write_json(saved, provenance(cfg.to_dict(), cfg.seed, {"run_dir": str(run_dir),
-                                                                      "world_size": distributed.world_size()}))
+                                                                      "world_size": distributed.world_size(),
+                                                                      "cpu_kernels": cpu_kernels.record()}))
     distributed.barrier()
     return run_stages(cfg, run_dir, report_dir)

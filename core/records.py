@@ -72,7 +72,7 @@ class Query:
 
 @dataclass(frozen=True)
 class ContextPrediction:
-    """One single-context prediction: the reader's answer for a query given one retrieved item (a row of DESIGN.md's
+    """One single-context prediction: the reader's answer for a query given one retrieved item (a row of docs/design.md's
     context-prediction table). A closed-book prediction is an answer row, not a context row."""
 
     system: str
@@ -106,7 +106,7 @@ class Answer:
 
 
 def normalize_answer(text: str) -> str:
-    """Answers are compared after strip() + casefold() (DESIGN.md)."""
+    """Answers are compared after strip() + casefold() (docs/design.md)."""
     return str(text).strip().casefold()
 
 

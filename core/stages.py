@@ -215,6 +215,8 @@ def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs)
         path = ctx.run / "heads" / f"{head}.safetensors"
         if ctx.run.stage_done(f"distill-{head}"):
             towers[head] = tower.load(path)
+            # the next head starts from the judge cache this one ended with, as in an uninterrupted run
+            judge.restore_from(ctx.run / "checkpoints" / f"distill-{head}")
             continue
         task = DistillTask(tower, retriever.indexes[head], judge, q.pixels["train"], q.exclude["train"],
                            candidates=cfg.candidates, tau_gold=cfg.tau_gold, tau_retriever=cfg.tau_retriever,

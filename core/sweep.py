@@ -62,6 +62,11 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     }
 
 
+def _json_rows(frame) -> list[dict[str, Any]]:
+    """The per-seed rows as JSON values (ints as int, floats at full precision): what `--expect` compares with."""
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
 def _mean_se(values) -> tuple[float, float]:
     """Mean and standard error over the seeds of the non-NaN values (NaN when none; se NaN for a single value)."""
     v = np.asarray(values, dtype=float)
@@ -105,6 +110,31 @@ def check_against(row: dict[str, Any], expected: dict[str, Any]) -> tuple[list[s
         lines.append(f"  {col:<30}{value:>7.3f}  {'inside ' if inside else 'OUTSIDE'} [{r['min']:.3f}, {r['max']:.3f}]"
                      f"  (mean {r['mean']:.3f} over {len(seeds)} seeds)")
     return lines, outside
+
+
+def check_equal(row: dict[str, Any], config: dict[str, Any], expected: dict[str, Any]) -> tuple[list[str], int | None]:
+    """Lines comparing a run's row with the committed row of its seed (`rows` of a ranges.json), value for value;
+    and how many differ. None instead of a count when there is nothing to compare it with: no row for this seed, or
+    a run whose config is not the sweep's (beyond its seed)."""
+    rows = {r["seed"]: r for r in expected.get("rows", [])}
+    seed = row["seed"]
+    if seed not in rows:
+        return [f"  no committed row for seed {seed} (seeds {sorted(rows) or 'none'}): equality not checked"], None
+    swept = expected.get("config")
+    if swept is not None:
+        seeded = {**swept, "seed": seed}
+        if expected.get("vary_data", True):
+            seeded["data"] = {**swept["data"], "seed": seed}
+        if seeded != config:
+            return [f"  this run's config is not the sweep's (beyond the seed): equality with seed {seed}'s row not "
+                    f"checked"], None
+    lines, differ = [], 0
+    for col in COLUMNS:
+        want, got = rows[seed].get(col), row.get(col)
+        same = want == got or (isinstance(want, float) and isinstance(got, float) and np.isnan(want) and np.isnan(got))
+        differ += not same
+        lines.append(f"  {col:<30}{got!s:>22}  {'equal' if same else f'DIFFERS (committed {want!s})'}")
+    return lines, differ
 
 
 def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_data: bool = True,
@@ -152,8 +182,10 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
              *(f"| {system} | {selector} | {_format_mean_se(g['acc'])} | {_format_mean_se(g['gap_closed'])} |"
                for (system, selector), g in selectors.groupby(["system", "selector"], sort=False))]
     text = "\n".join(lines) + "\n"
-    ranges = {**provenance(cfg.to_dict(), cfg.seed), "seeds": list(seeds), "vary_data": vary_data,
-              "ranges": seed_ranges(frame)}
+    from . import cpu_kernels
+
+    ranges = {**provenance(cfg.to_dict(), cfg.seed, {"cpu_kernels": cpu_kernels.record()}), "seeds": list(seeds),
+              "vary_data": vary_data, "ranges": seed_ranges(frame), "rows": _json_rows(frame)}
     out = reports / f"{name}-seeds"
     with atomic_dir(out) as tmp:
         frame.to_csv(tmp / "seeds.csv", index=False)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+from dxrag.core import cpu_kernels
 
-from dxrag_test_support import SMALL
+# The CPU kernel level, before any test imports numpy or torch: the numbers tests compare are the same on every x86
+# machine, and the subprocesses tests start (dxrag run, torchrun, notebooks) inherit it. DXRAG_CPU_KERNELS=native
+# turns it off.
+cpu_kernels.pin()
+
+import pytest  # noqa: E402
+
+from dxrag_test_support import SMALL  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

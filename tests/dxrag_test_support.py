@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# ../shared/data beside the checkout, or DXRAG_SHARED_DATA
+# The offline copies of the real datasets used by tests: DXRAG_SHARED_DATA, else shared/data beside the checkout
 SHARED_DATA = Path(os.environ.get("DXRAG_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
@@ -15,7 +15,7 @@ def shared_vqarad() -> Path:
 
     root = SHARED_DATA / "vqa-rad"
     if not (root / "trainset.json").is_file():
-        pytest.skip("../shared/data/vqa-rad not present (set DXRAG_SHARED_DATA to its data folder)")
+        pytest.skip(f"{root} not present (set DXRAG_SHARED_DATA to the folder of the offline datasets)")
     return root
 
 # A small variant of configs/embedded.yaml: well under a minute on 2 cores instead of a few minutes.

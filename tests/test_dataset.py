@@ -314,3 +314,20 @@ def test_external_corpus_keeps_label_sets_and_legend(tmp_path):
     ds = load_dataset(build_corpus_dataset(jsonl, src, tmp_path / "out"))
     assert ds.meta.task == "multilabel" and ds.meta.allow_empty and ds.meta.legend["mass"] == "MASS"
     assert [q.label_set for q in ds.queries["test"]] == [("mass",), ("effusion", "nodule"), ()]
+
+
+def test_written_dataset_follows_the_umask(tmp_path):
+    """The dataset folder is built in a temporary sibling (tempfile makes it 0700) and renamed: it must end up as
+    readable as a plain mkdir under the user's umask."""
+    import os
+    import stat
+
+    from dxrag.core.data.synth import generate
+
+    old = os.umask(0o002)
+    try:
+        path = generate(tmp_path / "synth", seed=0, n_patients=10, n_corpus=20, n_train=10, n_val=5, n_test=5)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o775
+    assert stat.S_IMODE((path / "corpus.jsonl").stat().st_mode) == 0o664

@@ -80,6 +80,59 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("key, value", [("distill.steps", -1), ("inference.top_n", 0), ("distill.batch_size", 0),
+                                        ("reader.batch_size", 0), ("retriever.batch_size", 0),
+                                        ("reader.finetune.batch_size", 0), ("distill.candidates", 0)])
+def test_counts_are_checked_at_load(key, value):
+    with pytest.raises(ConfigError, match=rf"embedded.yaml: {key.replace('.', '[.]')} must be at least \d, got {value}"):
+        load_config(REPO / "configs" / "embedded.yaml", {key: value})
+
+
+def test_other_cpu_kernels_are_refused(small_run, monkeypatch):
+    base, _ = small_run
+    assert json.loads((base / "trained" / "run.json").read_text())["cpu_kernels"]["level"] == "avx2"
+    monkeypatch.setenv("DXRAG_CPU_KERNELS", "native")
+    cfg = load_config(REPO / "configs" / "embedded.yaml", SMALL)
+    with pytest.raises(ConfigError, match=r"differs at CPU kernels \(avx2 then, native now"):
+        run_pipeline(cfg, base / "trained", base / "reports")
+
+
+def test_changed_queries_or_corpus_are_refused(tmp_path):
+    import dataclasses
+
+    from dxrag.core.data.synth import generate
+    from dxrag.core.dataset import load_dataset
+    from dxrag.core.pipeline import check_inputs
+
+    ds = load_dataset(generate(tmp_path / "data", seed=0, **SMALL["data.synth"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    check_inputs(run, ds)  # first start: recorded
+    check_inputs(run, ds)  # same inputs: continues
+    test = list(ds.queries["test"])
+    test[3] = dataclasses.replace(test[3], label="severe" if test[3].label != "severe" else "mild")
+    with pytest.raises(ConfigError, match=r"changed since this run began \(test queries differ.*--overwrite"):
+        check_inputs(run, dataclasses.replace(ds, queries={**ds.queries, "test": test}))
+    with pytest.raises(ConfigError, match=r"\(test queries differ"):
+        check_inputs(run, dataclasses.replace(ds, queries={**ds.queries, "test": ds.queries["test"][:-1]}))
+    (ds.root / "corpus.jsonl").write_text((ds.root / "corpus.jsonl").read_text() + "\n")
+    ds.meta.checksums.clear()
+    with pytest.raises(ConfigError, match=r"\(corpus differ"):
+        check_inputs(run, ds)
+
+
+def test_a_start_that_finished_no_stage_does_not_lock_the_run_dir(tmp_path):
+    from dxrag.core.dataset import DatasetError
+
+    run_dir = tmp_path / "trained"
+    for name in ("missing-a", "missing-b"):  # a wrong path, then the corrected config (wrong again, differently)
+        cfg = load_config(REPO / "configs" / "embedded.yaml",
+                          {**SMALL, "data.kind": "dir", "data.path": str(tmp_path / name)})
+        with pytest.raises(DatasetError, match=name):
+            run_pipeline(cfg, run_dir, tmp_path / "reports")
+        assert json.loads((run_dir / "run.json").read_text())["config"]["data"]["path"].endswith(name)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(small_run, tmp_path):
     """Kill a run during retriever distillation, resume it, and compare with the uninterrupted run."""
@@ -99,15 +152,18 @@ def test_killed_run_resumes_to_the_same_result(small_run, tmp_path):
     assert not (run_dir / "stages" / "distill-text.json").exists()
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    _assert_same_tables(run_dir, summary)
+    _assert_same_tables(run_dir, summary, exact=True)  # the judge cache came back with the checkpoint
 
 
-def _assert_same_tables(run_dir: Path, summary: dict) -> None:
-    """Same predictions; probabilities equal up to float noise (batches are composed differently, and batched scores
-    equal one-at-a-time scores to ~1e-7, not bit for bit)."""
+def _assert_same_tables(run_dir: Path, summary: dict, exact: bool = False) -> None:
+    """Same predictions; `exact`: every number equal, else probabilities equal up to float noise (batches composed
+    differently: batched scores equal one-at-a-time scores to ~1e-7, not bit for bit)."""
     for name in ("contexts", "answers"):
         got, want = _rows(run_dir / "predictions" / f"{name}.jsonl"), _rows(Path(summary[name]))
         assert len(got) == len(want)
+        if exact:
+            assert got == want
+            continue
         for a, b in zip(got, want):
             assert {k: v for k, v in a.items() if k not in ("probs", "retrieval_score")} == \
                    {k: v for k, v in b.items() if k not in ("probs", "retrieval_score")}

@@ -50,3 +50,33 @@ def test_ranges_summarise_the_table(sweep):
     for col, r in ranges["ranges"].items():
         assert r["min"] == pytest.approx(table[col].min()) and r["max"] == pytest.approx(table[col].max())
         assert r["min"] <= r["mean"] <= r["max"]
+
+
+def test_rows_are_the_table(sweep):
+    """`dxrag run --expect` compares a run with `rows` of the JSON: value for value the committed CSV's rows."""
+    import csv
+
+    ranges, _ = sweep
+    with open(RESULTS / "embedded-seeds.csv", encoding="utf-8") as f:
+        text_rows = list(csv.DictReader(f))
+    assert len(ranges["rows"]) == len(text_rows)
+    for row, text in zip(ranges["rows"], text_rows):
+        assert row == {k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in text.items()}
+
+
+def test_expect_checks_equality_with_its_seeds_row(sweep):
+    from dxrag.core.sweep import check_equal
+
+    ranges, _ = sweep
+    row = dict(ranges["rows"][0])
+    config = ranges["config"]
+    lines, differ = check_equal(row, config, ranges)
+    assert differ == 0 and all(line.endswith("equal") for line in lines)
+    row["closed_book_macro_f1"] = float(__import__("numpy").nextafter(row["closed_book_macro_f1"], 1))  # last bit
+    lines, differ = check_equal(row, config, ranges)
+    assert differ == 1 and any("closed_book_macro_f1" in line and "DIFFERS" in line for line in lines)
+    seed1 = {**ranges["rows"][1]}
+    lines, differ = check_equal(seed1, {**config, "seed": 1, "data": {**config["data"], "seed": 1}}, ranges)
+    assert differ == 0
+    lines, differ = check_equal(seed1, {**config, "seed": 1, "distill": {**config["distill"], "steps": 1}}, ranges)
+    assert differ is None and "not the sweep's" in lines[0]

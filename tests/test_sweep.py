@@ -53,13 +53,16 @@ def test_sweep_over_two_seeds(tmp_path, capsys, monkeypatch):
     # a run is checked against the ranges: seed 0 lies inside (it is one of the seeds), a shifted range is outside
     from dxrag.core.cli import expectation_report
 
-    assert "every number lies inside" in expectation_report(tmp_path / "trained" / "small-seed0",
-                                                            tmp_path / "reports" / "small-seeds" / "ranges.json")
+    text, reproduced = expectation_report(tmp_path / "trained" / "small-seed0",
+                                          tmp_path / "reports" / "small-seeds" / "ranges.json")
+    assert reproduced and "every number lies inside" in text and "every number equals the committed seed-0" in text
     ranges["ranges"]["rag_acc"] = {"min": 2.0, "max": 3.0, "mean": 2.5, "se": 0.1}
+    ranges["rows"][0]["rag_acc"] += 1e-12  # a difference in the last digits is a difference
     shifted = tmp_path / "shifted.json"
     shifted.write_text(json.dumps(ranges))
-    text = expectation_report(tmp_path / "trained" / "small-seed0", shifted)
+    text, reproduced = expectation_report(tmp_path / "trained" / "small-seed0", shifted)
     assert "1 number(s) outside" in text and "rag_acc" in text and "OUTSIDE" in text
+    assert not reproduced and "1 number(s) differ from the committed seed-0 row" in text and "DIFFERS" in text
     # compare-sweeps: a sweep against itself differs nowhere; unpaired run lists are refused
     runs = [str(tmp_path / "trained" / f"small-seed{seed}") for seed in (0, 1)]
     assert main(["compare-sweeps", "--a", *runs, "--b", *runs]) == 0

@@ -63,7 +63,7 @@ def _named(title: str, modality: str, question: str, class_names: tuple[str, ...
 _ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
            "lung-right", "pancreas", "spleen")
 
-# Binary disease flags use yes/no answers: the question asks whether a disease is present (DESIGN.md's BreastMNIST
+# Binary disease flags use yes/no answers: the question asks whether a disease is present (docs/design.md's BreastMNIST
 # question), and "normal, benign" is not an answer to it. Multi-class flags answer with the class name.
 FLAGS: dict[str, FlagSpec] = {
     "breastmnist": FlagSpec(

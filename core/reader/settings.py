@@ -12,7 +12,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class LoraSettings:
-    """PEFT LoRA adapter settings (DESIGN.md: rank 8, alpha 16, dropout 0, the language model's linear layers)."""
+    """PEFT LoRA adapter settings (the paper's settings, docs/design.md: rank 8, alpha 16, dropout 0, the language model's linear layers)."""
 
     r: int = 8
     alpha: int = 16
@@ -22,7 +22,7 @@ class LoraSettings:
 
 @dataclass
 class TinyReaderSettings:
-    """Shape of the random-weight reader of `model: tiny`: by default the Qwen2-VL of the embedded default (DESIGN.md's
+    """Shape of the random-weight reader of `model: tiny`: by default the Qwen2-VL of the embedded default (docs/design.md's
     measured settings, ~0.3 M params); `family` builds another model type of the same size (tests, benchmarks)."""
 
     family: str = "qwen2_vl"  # model type (a key of core/reader/families.py FAMILIES)
@@ -40,7 +40,7 @@ class TinyReaderSettings:
 
 @dataclass
 class FinetuneSettings:
-    """Reader fine-tuning on single-context prompts (DESIGN.md: tiny reader AdamW lr 2e-3, ~600 steps, batch 16;
+    """Reader fine-tuning on single-context prompts (docs/design.md: tiny reader AdamW lr 2e-3, ~600 steps, batch 16;
     LoRA lr 1e-4)."""
 
     steps: int = 600

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ...analysis.answers import CLOSED, OPEN, SET
 from ..records import CorpusItem, Query
-from .runs import load_checkpoint, save_checkpoint
+from .runs import load_arrays, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,12 @@ class ReaderJudge:
     contexts like log p(gold set) = the sum, on the scale of one decision; prediction = the predicted set as a
     bitmask); an open question scores the gold answer's tokens (gold = `Reader.gold_logprobs`, the mean per-token
     log p; prediction = 0: no answer is generated during distillation, so the inconsistency weighting counts open
-    queries as consistent)."""
+    queries as consistent).
+
+    The cache is the run's persistent judge cache: saved with every distillation checkpoint (`state_arrays`) and
+    restored on resume (`restore`), so a resumed run reuses the very scores the interrupted one computed. A reader's
+    score moves by ~1e-7 with the other requests of its batch; recomputing a pair in another batch after a resume
+    would let the resumed run drift from the uninterrupted one."""
 
     def __init__(self, reader, image_root: Path, queries: Sequence[Query], items: dict[str, CorpusItem],
                  batch_size: int = 64, prompts=None):
@@ -54,6 +59,43 @@ class ReaderJudge:
         # yes/no per label; an open question's (1,) mean per-token gold log p
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self.calls = 0  # (query, item) pairs actually scored
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The cache as plain arrays (numbers and strings; no pickle): pairs, each value's shape, the values
+        concatenated in their own dtype, and the count of pairs scored so far."""
+        keys = sorted(self.cache)
+        values = [np.asarray(self.cache[k]) for k in keys]
+        dtype = np.result_type(*values) if values else np.float32
+        shapes = np.zeros((len(values), 2), dtype=np.int64)
+        for n, v in enumerate(values):
+            shapes[n, 2 - v.ndim:] = v.shape
+        return {"judge_query": np.array([q for q, _ in keys], dtype=np.int64),
+                "judge_item": np.array([i for _, i in keys], dtype=np.str_),
+                "judge_shape": shapes,
+                "judge_ndim": np.array([v.ndim for v in values], dtype=np.int8),
+                "judge_values": (np.concatenate([v.ravel() for v in values]).astype(dtype, copy=False) if values
+                                 else np.zeros(0, dtype)),
+                "judge_calls": np.array(self.calls, dtype=np.int64)}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the cache by one `state_arrays` saved (the whole cache of that moment)."""
+        cache, pos = {}, 0
+        for q, item, shape, ndim in zip(arrays["judge_query"].tolist(), arrays["judge_item"].tolist(),
+                                        arrays["judge_shape"], arrays["judge_ndim"].tolist()):
+            shape = tuple(int(x) for x in shape[2 - ndim:])
+            size = int(np.prod(shape))
+            cache[(q, item)] = arrays["judge_values"][pos:pos + size].reshape(shape)
+            pos += size
+        self.cache = cache
+        self.calls = int(arrays["judge_calls"])
+
+    def restore_from(self, checkpoint_dir: Path) -> bool:
+        """Restore the cache saved with a checkpoint; False when there is none."""
+        arrays = load_arrays(checkpoint_dir) if (Path(checkpoint_dir) / "state.json").exists() else None
+        if arrays is None or "judge_query" not in arrays:
+            return False
+        self.restore(arrays)
+        return True
 
     def _type(self, q: int) -> str:
         return CLOSED if self.prompts is None else self.prompts.answer_type(self.queries[q])
@@ -238,7 +280,10 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
                                                  if k.startswith("snapshot.")})
         optimizer.load_state_dict(opt_state)
         start, history = state["step"], state["history"]
-        log.info("resuming distillation of the %s head at step %d", task.tower.head, start)
+        restored = task.judge.restore_from(checkpoint_dir)
+        log.info("resuming distillation of the %s head at step %d (%s)", task.tower.head, start,
+                 f"judge cache of {len(task.judge.cache)} pairs restored" if restored else
+                 "a checkpoint without a judge cache: scores are recomputed")
     task.tower.train(True)
     bar = tqdm(range(start, steps), desc=f"distil {task.tower.head} head", unit="step", initial=start, total=steps,
                disable=not distributed.is_main())
@@ -247,6 +292,7 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
             task.refresh_snapshot()
         batch = batch_for_step(len(task.pixels), batch_size, step, seed)
         ids, prior = task.retrieve(batch)
+        calls_before = task.judge.calls
         gold = task.judge.gold_logprobs(batch, ids)
         predictions = task.judge.predictions(batch, ids)  # cached by gold_logprobs: no extra reader forward
         weights = task.query_weights(predictions)
@@ -256,16 +302,24 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
         optimizer.step()
         history["loss"].append(float(loss.item()))
         history.setdefault("inconsistent_fraction", []).append(float(inconsistent(predictions).mean()))
+        history.setdefault("judge_pairs", []).append(int(ids.size))  # (query, candidate) pairs the step judged
+        history.setdefault("judge_scored", []).append(task.judge.calls - calls_before)  # of them, new to the cache
         bar.set_postfix(kl=f"{loss.item():.4f}", reader_calls=task.judge.calls)
         done = step + 1
         if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps) and distributed.is_main():
             tensors = {f"tower.{k}": v for k, v in task.tower.trainable.state_dict().items()}
             tensors.update({f"snapshot.{k}": v for k, v in task.snapshot.trainable.state_dict().items()})
-            save_checkpoint(checkpoint_dir, tensors, optimizer.state_dict(), {"step": done, "history": history})
+            save_checkpoint(checkpoint_dir, tensors, optimizer.state_dict(), {"step": done, "history": history},
+                            arrays=task.judge.state_arrays())
         if on_step is not None:
             on_step(done)
     task.tower.train(False)
     history["reader_calls"] = task.judge.calls
+    if history.get("judge_pairs"):
+        pairs, scored = sum(history["judge_pairs"]), sum(history["judge_scored"])
+        log.info("%s head: the reader scored %d of %d judged (query, candidate) pairs (%.1f per step; judge cache hit "
+                 "rate %.1f%%)", task.tower.head, scored, pairs, scored / len(history["judge_pairs"]),
+                 100 * (1 - scored / max(pairs, 1)))
     if history.get("inconsistent_fraction"):
         log.info("%s head: %.0f%% of training queries had inconsistent candidates (mean over steps)",
                  task.tower.head, 100 * float(np.mean(history["inconsistent_fraction"])))

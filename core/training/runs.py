@@ -32,8 +32,14 @@ class RunDir:
         atomic_write_json(self._marker(stage), {"stage": stage, "finished": time.time(), **(info or {})})
 
 
-def save_checkpoint(path: Path, tensors: dict, optimizer_state: dict | None, state: dict[str, Any]) -> None:
-    """One training checkpoint directory, written atomically: weights.safetensors, optimizer.pt, state.json."""
+ARRAYS_FILE = "arrays.npz"
+
+
+def save_checkpoint(path: Path, tensors: dict, optimizer_state: dict | None, state: dict[str, Any],
+                    arrays: dict[str, Any] | None = None) -> None:
+    """One training checkpoint directory, written atomically: weights.safetensors, optimizer.pt, state.json, and
+    `arrays` (numpy arrays of numbers or strings, no objects) as arrays.npz: everything of a step or nothing."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -41,7 +47,21 @@ def save_checkpoint(path: Path, tensors: dict, optimizer_state: dict | None, sta
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
+        if arrays:
+            with open(tmp / ARRAYS_FILE, "wb") as f:
+                np.savez(f, **arrays)
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def load_arrays(path: Path) -> dict[str, Any] | None:
+    """The arrays saved with a checkpoint (read without pickle), or None when it has none."""
+    import numpy as np
+
+    file = Path(path) / ARRAYS_FILE
+    if not file.is_file():
+        return None
+    with np.load(file, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict | None, dict[str, Any]]:

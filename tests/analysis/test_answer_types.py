@@ -200,6 +200,51 @@ def test_answer_table_without_types_takes_the_contexts_types(tmp_path):
     assert sub.loc[("closed-book", "all"), "acc"] == pytest.approx(2 / 3)  # read as sets: {a,b} and {} right
 
 
+def test_untyped_answer_labels_compare_after_the_contexts_normalisation(tmp_path):
+    # Two systems write the same gold differently; equal once each query's type (set, open) normalises them.
+    ctx = [dict(system="rag", query_id="q1", rank=1, label="Atelectasis", prediction="atelectasis", answer_type="set"),
+           dict(system="rag", query_id="q2", rank=1, label="The left lung.", prediction="left lung",
+                answer_type="open")]
+    answers = [dict(system="rag", query_id="q1", prediction="atelectasis", label="Atelectasis"),
+               dict(system="joint", query_id="q1", prediction="Atelectasis, mass", label=",atelectasis, Atelectasis"),
+               dict(system="rag", query_id="q2", prediction="left lung", label="The left lung."),
+               dict(system="joint", query_id="q2", prediction="right lung", label="left lung")]
+    report = OracleReport.from_tables(write_table(pd.DataFrame(ctx), tmp_path / "ctx.jsonl"),
+                                      answers=write_table(pd.DataFrame(answers), tmp_path / "answers.csv"))
+    frame = report.answers.frame.set_index(["system", "query_id"])
+    assert frame["answer_type"].tolist() == ["set", "set", "open", "open"]
+    assert frame["correct"].tolist() == [True, False, True, False]
+    # a real disagreement is still refused, after normalisation
+    answers[1]["label"] = "atelectasis, mass"
+    with pytest.raises(TableError, match=r"answers.csv:3: field 'label': .*a query has one gold label"):
+        OracleReport.from_tables(tmp_path / "ctx.jsonl",
+                                 answers=write_table(pd.DataFrame(answers), tmp_path / "answers.csv"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_empty_gold_on_a_set_row_is_the_empty_set(tmp_path, suffix):
+    rows = [dict(system="rag", query_id="q1", rank=1, label="", prediction="none", answer_type="set"),
+            dict(system="rag", query_id="q1", rank=2, label="", prediction="a, b", answer_type="set"),
+            dict(system="rag", query_id="q2", rank=1, label="a", prediction="", answer_type="set"),
+            dict(system="rag", query_id="q2", rank=2, label="a", prediction="a", answer_type="set")]
+    path = write_table(pd.DataFrame(rows), tmp_path / f"ctx{suffix}")
+    pq = OracleReport.from_tables(path).per_query().set_index("query_id")
+    assert pq.loc["q1", "label"] == "none" and bool(pq.loc["q1", "top1_correct"])
+    assert not pq.loc["q2", "top1_correct"]
+    answers = write_table(pd.DataFrame([dict(system="cb", query_id="q1", prediction="None", label="")]),
+                          tmp_path / "answers.jsonl")  # untyped: the context table says set
+    assert OracleReport.from_tables(path, answers=answers).answers.frame["correct"].tolist() == [True]
+    # on a closed row an empty gold is still an error, naming the row
+    for row in rows[2:]:
+        row.update(answer_type="closed", label="")
+    with pytest.raises(TableError, match=r"field 'label': empty string.*valid only on a row whose answer_type is set"):
+        OracleReport.from_tables(write_table(pd.DataFrame(rows), tmp_path / f"bad{suffix}"))
+    closed = write_table(pd.DataFrame([dict(system="cb", query_id="q9", prediction="a", label="")]),
+                         tmp_path / "closed_answers.jsonl")
+    with pytest.raises(TableError, match=r"closed_answers.jsonl:1: field 'label': empty string"):
+        OracleReport.from_tables(path, answers=closed)
+
+
 def test_empty_set_token(tmp_path):
     rows = [dict(system="rag", query_id="q1", rank=1, label="No finding", prediction="no finding"),
             dict(system="rag", query_id="q1", rank=2, label="No finding", prediction="mass, no finding")]

@@ -79,8 +79,9 @@ def test_learned_beats_every_other_selector_when_the_head_predicts_correctness(t
     val = _write(tmp_path, "val", generate(300, 1, "v", signal="head"))
     test = _write(tmp_path, "test", generate(300, 2, "t", signal="head"))
     acc = _selectors(OracleReport.from_tables(test[0], selector_train=val[0]))
-    others = acc.drop(["learned", "oracle"])
+    others = acc.drop(["learned", "learned-raw", "oracle"])
     assert acc["learned"] > others.max() + 0.1, acc.to_dict()
+    assert acc["learned"] == acc["learned-raw"]  # the cross-validation chose the model
 
 
 def test_learned_learns_only_from_the_validation_table(tmp_path):
@@ -90,6 +91,57 @@ def test_learned_learns_only_from_the_validation_table(tmp_path):
     test = _write(tmp_path, "test", generate(400, 2, "t"))
     acc = _selectors(OracleReport.from_tables(test[0], selector_train=val[0]))
     assert acc["learned"] < acc["retriever"] - 0.1
+
+
+def test_learned_falls_back_to_rank1_when_validation_says_so(tmp_path, capsys):
+    """Rank 1 is right 90% of the time and no feature tells a wrong rank 1 from a right one: on held-out
+    validation queries the model does not beat rank 1, so `learned` is rank 1 (every query a fallback) and says so;
+    `learned-raw` still reports the model's own picks."""
+    frames = {}
+    for name, seed in (("val", 1), ("test", 2)):
+        frames[name] = generate(300, seed, name[0], probs=False, p_correct=(0.9, 0.15, 0.15, 0.15))
+    val, test = _write(tmp_path, "val", frames["val"]), _write(tmp_path, "test", frames["test"])
+    out = tmp_path / "report"
+    assert main(["--contexts", str(test[0]), "--train-selector", str(val[0]), "--out", str(out),
+                 "--no-figures"]) == 0
+    sel = pd.read_csv(out / "selectors.csv").set_index("selector")
+    assert sel.loc["learned", "acc"] == sel.loc["retriever", "acc"] and sel.loc["learned", "gap_closed"] == 0
+    assert sel.loc["learned", "n_fallback"] == 300 and sel.loc["learned-raw", "n_fallback"] == 0
+    summary = json.loads((out / "learned_selector.json").read_text())["systems"]["rag"]
+    assert summary["selects"] == "rank 1" and summary["cv"]["model_acc"] <= summary["cv"]["top1_acc"]
+    assert summary["cv"]["folds"] == 5 and summary["cv"]["n_queries"] == 300
+    assert "`rag`: rank 1 selects" in (out / "summary.md").read_text()
+
+
+def test_cross_validation_holds_each_query_out_once():
+    from dxrag.analysis.learned import _require_sklearn, context_features, cross_validate
+    from dxrag.analysis.consistency import query_metrics
+    from dxrag.analysis.tables import load_contexts, rank_matrices
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx, _ = _write(Path(tmp), "val", generate(50, 3, "v"))
+        table = load_contexts(ctx, columns=("retrieval_score", "probs", "head"))
+        qm = query_metrics(rank_matrices(table)[0])
+        feats = context_features(table, qm, None)
+        names = sorted(feats.values)
+        calls = []
+
+        class Spy:
+            def __init__(self):
+                self.model = _require_sklearn()
+
+            def fit(self, x, y):
+                calls.append(len(x))
+                return self.model.fit(x, y)
+
+            def predict_proba(self, x):
+                return self.model.predict_proba(x)
+
+        cv = cross_validate(Spy, feats, names, qm)
+    assert cv["folds"] == 5 and len(calls) == 5 and sum(calls) == 4 * 50 * 4  # each row trains 4 of the 5 folds
+    assert cv["top1_acc"] == qm.top1_correct.mean() and cv["model_acc"] > cv["top1_acc"]
 
 
 def test_training_on_test_queries_is_refused(tmp_path):

@@ -66,7 +66,12 @@ class Handler(BaseHTTPRequestHandler):
         if status == "sleep":
             time.sleep(1.5)  # longer than the client's --timeout
             status, content = 200, "[2, 1, 3]"  # never read: the client timed out and retried
-        if status != 200:
+        content_type = "application/json"
+        if status == "raw":  # a 200 whose body is `content` as it is: (raw, body, {"Content-Type": ...})
+            status, payload = 200, content.encode()
+            content_type = (extra[0] if extra else {}).get("Content-Type", content_type)
+            extra = []
+        elif status != 200:
             payload = json.dumps({"error": {"message": "fault", "type": "server_error"}}).encode()
         else:
             payload = json.dumps({
@@ -76,7 +81,7 @@ class Handler(BaseHTTPRequestHandler):
                 "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}}).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             for name, value in (extra[0] if extra else {}).items():
                 self.send_header(name, value)
@@ -84,6 +89,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch) -> Path:
+    """The default reply cache ($XDG_CACHE_HOME/dxrag/lvlm-rerank) inside the test's folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "dxrag" / "lvlm-rerank"
 
 
 @pytest.fixture
@@ -126,7 +138,7 @@ def test_parse_ranking_is_robust():
     assert parse_ranking("", 3) is None
 
 
-def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys):
+def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys, user_cache):
     dataset, contexts = make_dataset(tmp_path)
     monkeypatch.setenv("TEST_KEY", KEY)
     out = tmp_path / "rerank.jsonl"
@@ -148,17 +160,18 @@ def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys):
     assert raw.loc["q1", "prompt_tokens"] == 100 and raw["completion_tokens"].sum() == 4 * 7
     assert "tokens: 400 prompt, 28 completion" in first_log.out
 
-    # Rerun: every answered request comes from the cache; only the failed one goes out again.
+    # Rerun: every request that gave a ranking comes from the cache; the failed one and the reply without a ranking
+    # go out again.
     calls = dict(server.calls)
     assert lvlm_rerank(args) == 0
     second_log = capsys.readouterr()
-    assert {c: server.calls[c] - calls[c] for c in calls} == {"case-1": 0, "case-2": 3, "case-3": 0, "case-4": 0,
+    assert {c: server.calls[c] - calls[c] for c in calls} == {"case-1": 0, "case-2": 3, "case-3": 0, "case-4": 1,
                                                               "case-5": 0}
-    assert "4 from cache" in second_log.out and "tokens: 0 prompt, 0 completion" in second_log.out
+    assert "3 from cache" in second_log.out and "tokens: 100 prompt, 7 completion" in second_log.out
     assert load_rerank(out).frame.set_index("query_id").loc["q1", "ranking"] == [2, 1, 3]
 
     # The key appears nowhere: not in output, logs, or cache.
-    cache_text = "".join(p.read_text() for p in (tmp_path / "rerank.jsonl.cache").glob("*.json"))
+    cache_text = "".join(p.read_text() for p in user_cache.glob("*.json"))
     assert cache_text and KEY not in cache_text
     for text in (out.read_text(), first_log.out, first_log.err, second_log.out, second_log.err):
         assert KEY not in text
@@ -200,3 +213,98 @@ def test_missing_key_and_unknown_item(tmp_path, monkeypatch, capsys):
     assert lvlm_rerank(base + ["--api-key-env", "TEST_KEY"]) == 2
     err = capsys.readouterr().err
     assert f"{contexts}:6:" in err and "'item_id'" in err and not (tmp_path / "r.jsonl").exists()
+
+
+def _args(server, dataset, contexts, out, *extra):
+    return ["--contexts", str(contexts), "--dataset", str(dataset), "--model", "mock-vlm",
+            "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-key-env", "TEST_KEY", "--out", str(out),
+            "--max-retries", "0", "--timeout", "5", *extra]
+
+
+def test_malformed_replies_fail_their_query_only(server, tmp_path, monkeypatch, capsys):
+    # 200 replies that are no chat completion: text/plain, a JSON type that does not decode, no choices, empty choices
+    monkeypatch.setitem(SCRIPT, "case-1", [("raw", "internal proxy page", {"Content-Type": "text/plain"})])
+    monkeypatch.setitem(SCRIPT, "case-2", [("raw", "{not json", {"Content-Type": "application/json"})])
+    monkeypatch.setitem(SCRIPT, "case-3", [("raw", json.dumps({"id": "x", "object": "chat.completion"}))])
+    monkeypatch.setitem(SCRIPT, "case-4", [("raw", json.dumps({"id": "x", "object": "chat.completion",
+                                                                "choices": []}))])
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    out = tmp_path / "rerank.jsonl"
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--concurrency", "2")) == 0
+    df = load_rerank(out).frame.set_index("query_id")
+    for q in ("q1", "q2", "q3", "q4"):
+        assert df.loc[q, "ranking"] == [] and "malformed reply" in df.loc[q, "error"], df.loc[q, "error"]
+    assert df.loc["q5", "ranking"] == [3, 1, 2]
+    # nothing unusable was cached: a rerun asks for the four again, and not for q5
+    calls = dict(server.calls)
+    assert lvlm_rerank(_args(server, dataset, contexts, out)) == 0
+    assert {c: server.calls[c] - calls[c] for c in calls} == {"case-1": 1, "case-2": 1, "case-3": 1, "case-4": 1,
+                                                              "case-5": 0}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_key_stops_after_one_request(server, tmp_path, monkeypatch, capsys, status):
+    for case in SCRIPT:
+        monkeypatch.setitem(SCRIPT, case, [(status, None)])
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    out = tmp_path / "rerank.jsonl"
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--concurrency", "4", "--max-retries", "3")) == 2
+    err = capsys.readouterr().err
+    assert sum(server.calls.values()) == 1
+    assert f"HTTP {status}" in err and "API key" in err and len(err.strip().splitlines()) == 1 and KEY not in err
+    assert not out.exists()
+
+
+def test_every_query_failed_exits_nonzero(server, tmp_path, monkeypatch, capsys):
+    for case in SCRIPT:
+        monkeypatch.setitem(SCRIPT, case, [(500, None)])
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    out = tmp_path / "rerank.jsonl"
+    assert lvlm_rerank(_args(server, dataset, contexts, out)) == 1
+    assert "every query failed" in capsys.readouterr().err
+    assert (load_rerank(out).frame["error"] != "").all()  # the errors are still recorded
+
+
+@pytest.mark.parametrize("bad", ["rerank.txt", "afile/rerank.jsonl", "adir"])
+def test_out_is_checked_before_any_request(server, tmp_path, monkeypatch, capsys, bad):
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    assert lvlm_rerank(_args(server, dataset, contexts, tmp_path / bad)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lvlm-rerank: error: --out") and len(err.strip().splitlines()) == 1
+    assert server.calls == {}
+
+
+def test_cache_is_keyed_by_request_not_by_out(server, tmp_path, monkeypatch, capsys):
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    monkeypatch.setitem(SCRIPT, "case-1", [(200, "[1, 3, 2]")])
+    monkeypatch.setitem(SCRIPT, "case-2", [(200, "[2, 3, 1]")])
+    monkeypatch.setitem(SCRIPT, "case-3", [(200, "[3, 2, 1]")])
+    assert lvlm_rerank(_args(server, dataset, contexts, tmp_path / "a.jsonl")) == 0
+    calls = sum(server.calls.values())
+    assert lvlm_rerank(_args(server, dataset, contexts, tmp_path / "b" / "b.parquet")) == 0
+    assert sum(server.calls.values()) - calls == 1  # only case-4 (no ranking) asks again
+    a, b = (load_rerank(p).frame.set_index("query_id") for p in (tmp_path / "a.jsonl", tmp_path / "b" / "b.parquet"))
+    assert a.loc["q2", "ranking"] == b.loc["q2", "ranking"] == [2, 3, 1]
+
+
+def test_a_cached_reply_without_ranking_is_asked_again(server, tmp_path, monkeypatch, user_cache):
+    """A cache written before unusable replies stopped being stored: such an entry is a miss, not an answer."""
+    from dxrag.analysis.lvlm import ResponseCache
+
+    dataset, contexts = make_dataset(tmp_path)
+    monkeypatch.setenv("TEST_KEY", KEY)
+    monkeypatch.setitem(SCRIPT, "case-1", [(200, "[2, 1, 3]")])
+    out = tmp_path / "r.jsonl"
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--limit", "1")) == 0
+    (entry,) = user_cache.glob("*.json")
+    ResponseCache(user_cache).put(entry.stem, {"content": "no idea", "prompt_tokens": 1, "completion_tokens": 1})
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--limit", "1")) == 0
+    assert server.calls["case-1"] == 2
+    assert load_rerank(out).frame.set_index("query_id").loc["q1", "ranking"] == [2, 1, 3]

@@ -1,4 +1,4 @@
-"""Property tests: the vectorised path equals a plain-Python reference implementation of DESIGN.md's definitions
+"""Property tests: the vectorised path equals a plain-Python reference implementation of docs/design.md's definitions
 on random tables (any row order, missing ranks, case/space variants, several systems, probs and scores)."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from dxrag_test_support import SHARED_DATA
 def shared_npz(flag: str) -> Path:
     path = SHARED_DATA / flag / f"{flag}.npz"
     if not path.is_file():
-        pytest.skip(f"../shared/data/{flag}/{flag}.npz not present (set DXRAG_SHARED_DATA to its data folder)")
+        pytest.skip(f"{path} not present (set DXRAG_SHARED_DATA to the folder of the offline datasets)")
     return path
 
 
