@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .answers import DEFAULT_EMPTY_SET, OPEN_CORRECT, TASKS, AnswerSettings
+from ..core.base.answers import DEFAULT_EMPTY_SET, OPEN_CORRECT, TASKS, AnswerSettings
 from .learned import DEFAULT_CLOSED_BOOK
 from .stats import INTERVALS
 from .tables import SHORT_POLICIES, TableError

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .answers import OPEN
+from ..core.base.answers import OPEN
 from .consistency import QueryMetrics
 from .learned import RAW, LearnedSelector
 from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core.fsutil import atomic_path
-from ..core.jsonl import iter_jsonl
-from .answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows
-from .answers import token_scores as _token_scores
+from ..core.base.fsutil import atomic_path
+from ..core.base.jsonl import iter_jsonl
+from ..core.base.answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows
+from ..core.base.answers import token_scores as _token_scores
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from . import cpu_kernels, distributed, stages
 from .config import ConfigError, RunConfig
-from .dataset import Dataset
-from .fsutil import atomic_write_json
+from .base.dataset import Dataset
+from .base.fsutil import atomic_write_json
 from .predictions import write_tables
-from .provenance import provenance
+from .base.provenance import provenance
 from .stages import SYSTEMS, RunContext
 from .training.runs import RunDir
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Iterable
 
 from . import distributed
-from .jsonl import iter_jsonl
-from .records import Answer, ContextPrediction
+from .base.jsonl import iter_jsonl
+from .base.records import Answer, ContextPrediction
 
 CONTEXTS_FILE = "contexts.jsonl"
 ANSWERS_FILE = "answers.jsonl"

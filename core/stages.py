@@ -16,10 +16,10 @@ import numpy as np
 from . import distributed
 from .config import RunConfig
 from ..analysis.selectors import fuse, fused_answer, fusion_weights
-from .dataset import Dataset, load_dataset
+from .base.dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
-from .records import Answer, ContextPrediction, Query
-from ..analysis.answers import CLOSED, OPEN, SET
+from .base.records import Answer, ContextPrediction, Query
+from .base.answers import CLOSED, OPEN, SET
 from .tasks import TaskPrompts, open_answer
 from .training.runs import RunDir
 

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import load_config
-from .fsutil import atomic_dir
+from .base.fsutil import atomic_dir
 from .pipeline import run_pipeline
-from .records import normalize_answer
+from .base.answers import normalize_closed
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
         "seed": record["seed"] if seed is None else seed,
         "closed_book_acc": metrics.get("closed-book", {}).get("accuracy", nan),
         "closed_book_macro_f1": metrics.get("closed-book", {}).get("macro_f1", nan),
-        "closed_book_distinct": int(closed.map(normalize_answer).nunique()),
+        "closed_book_distinct": int(closed.map(normalize_closed).nunique()),
         "rag_acc": metrics["rag"]["accuracy"],
         "joint_acc": metrics["joint"]["accuracy"],
         "rag_inconsistent_rate": float(summary.loc["rag", "inconsistent_rate"]),
@@ -144,7 +144,7 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
     import pandas as pd
 
     from ..analysis.stats import mcnemar_p
-    from .provenance import provenance
+    from .base.provenance import provenance
 
     cfg = load_config(config, overrides)
     name = cfg.run

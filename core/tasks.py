@@ -20,9 +20,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..analysis.answers import SET, normalize_open
-from .dataset import DatasetMeta
-from .records import Query, format_label_set
+from .base.answers import SET, normalize_open
+from .base.dataset import DatasetMeta
+from .base.records import Query, format_label_set
 from .reader.prompts import with_legend
 YES, NO = "yes", "no"
 LABEL_QUESTION = "Is {label} present?"

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dxrag.analysis.answers import normalize_open
+from dxrag.core.base.answers import normalize_open
 from dxrag.core.cli import main
-from dxrag.core.dataset import DatasetError, load_dataset
-from dxrag.core.records import format_label_set, parse_label_set
+from dxrag.core.base.dataset import DatasetError, load_dataset
+from dxrag.core.base.records import format_label_set, parse_label_set
 
 from dxrag_test_support import _sets
 from task_fixtures import FINDINGS, OPEN_ANSWERS, multilabel_dataset, open_vqa_dataset

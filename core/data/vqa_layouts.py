@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from ..dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
-from ..records import CorpusItem, Query
+from ..base.dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
+from ..base.records import CorpusItem, Query
 from .vqarad import YES_NO, corpus_text, json_entries, split_val_images
 
 log = logging.getLogger(__name__)

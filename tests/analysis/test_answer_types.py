@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from dxrag.analysis import OracleReport, TableError
-from dxrag.analysis.answers import (AnswerSettings, judge, normalize_open, normalize_set, parse_set, score_rows,
+from dxrag.core.base.answers import (AnswerSettings, judge, normalize_open, normalize_set, parse_set, score_rows,
                                     set_members, token_scores)
 from dxrag.analysis.cli import main
 from dxrag.analysis.stats import membership, set_f1, set_f1_interval, system_metrics

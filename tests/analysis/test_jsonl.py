@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from dxrag.analysis import tables
-from dxrag.core.jsonl import JsonlError, iter_jsonl, parse_line
+from dxrag.core.base.jsonl import JsonlError, iter_jsonl, parse_line
 
 
 def test_lines_blank_and_errors(tmp_path):
