@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ..core.base.answers import CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows, set_members
+from ..core.base.answers import (CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows,
+                                 set_members)
 from .tables import ANSWER_TYPE, LABEL, PREDICTION, QUERY_ID, SYSTEM
 
 Z95 = 1.959963984540054

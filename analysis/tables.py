@@ -1,6 +1,7 @@
 """Prediction tables on disk: the context-prediction, answer and rerank tables (JSONL, CSV or Parquet by suffix).
 
-Owns the column names, validating loaders whose errors name file, line/row and field, and the atomic `write_table`.
+Owns the validating loaders whose errors name file, line/row and field; the column names and the atomic
+`write_table` are the contract of core/base/tables.py (re-exported here).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,25 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core.base.fsutil import atomic_path
 from ..core.base.jsonl import iter_jsonl
-from ..core.base.answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows
+from ..core.base.tables import (ANSWER_COLUMNS, ANSWER_REQUIRED, ANSWER_TYPE, CONTEXT_COLUMNS, CONTEXT_REQUIRED, ERROR,
+                                HEAD, ITEM_ID, LABEL, PREDICTION, PROBS, QUERY_ID, RANK, RANKING, RERANK_COLUMNS,
+                                RERANK_REQUIRED, RETRIEVAL_SCORE, SELECTOR, SUFFIXES, SYSTEM, TableError, probs_type,
+                                write_table)
+from ..core.base.answers import (ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer,
+                                 score_rows)
 from ..core.base.answers import token_scores as _token_scores
 
 log = logging.getLogger(__name__)
 
-# Column names are part of the public interface (docs/design.md, "The analysis, defined exactly").
-SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION = "system", "query_id", "rank", "label", "prediction"
-ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS = "item_id", "head", "retrieval_score", "probs"
-SELECTOR, RANKING, ERROR = "selector", "ranking", "error"
-ANSWER_TYPE = "answer_type"
-CONTEXT_REQUIRED = (SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION)
-CONTEXT_COLUMNS = CONTEXT_REQUIRED + (ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS, ANSWER_TYPE)
-ANSWER_REQUIRED = (SYSTEM, QUERY_ID, PREDICTION, LABEL)
-ANSWER_COLUMNS = ANSWER_REQUIRED + (PROBS, ANSWER_TYPE)
-RERANK_REQUIRED = (SYSTEM, QUERY_ID, SELECTOR, RANKING)
-RERANK_COLUMNS = RERANK_REQUIRED + (ERROR,)
-SUFFIXES = (".jsonl", ".csv", ".parquet")
 SHORT_POLICIES = ("error", "drop", "keep")
 PROB_TOLERANCE = 1e-3
 
@@ -62,11 +54,7 @@ _SPECS: dict[str, dict[str, str]] = {
 _REQUIRED = {"contexts": CONTEXT_REQUIRED, "answers": ANSWER_REQUIRED, "rerank": RERANK_REQUIRED}
 # "id" columns whose empty string is valid on set rows (the empty label set): checked once the row types are known
 _BLANK_ON_SET = (LABEL,)
-_PROBS_TYPE = pa.map_(pa.string(), pa.float64())
-
-
-class TableError(ValueError):
-    """Invalid prediction table; the message names the file, the line (or Parquet row) and the field at fault."""
+_PROBS_TYPE = probs_type()
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -1062,70 +1050,3 @@ def load_rerank(path: str | os.PathLike) -> RerankTable:
         raise raw.fail(row, RANKING, f"empty ranking without an error; expected {_KIND_WANT['ranking']}, or a "
                                      f"non-empty '{ERROR}' for a failed query")
     return RerankTable(raw=raw, frame=df)
-
-
-# ------------------------------------------------------------------------------------------------- writing
-
-
-def _probs_cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return {str(k): float(v) for k, v in dict(value).items()}
-
-
-def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Writes a prediction table atomically, the format chosen by suffix (.jsonl, .csv, .parquet).
-
-    `probs` cells are dicts (answer -> probability) or None: a JSON object in JSONL and CSV, a map in Parquet.
-    `ranking` cells are lists of ranks (a JSON list in CSV).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise TableError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    df = df.reset_index(drop=True)
-    with atomic_path(path) as tmp:
-        if suffix == ".parquet":
-            arrays = {}
-            for name in df.columns:
-                if name == PROBS:
-                    cells = [_probs_cell(v) for v in df[name]]
-                    arrays[name] = pa.array([list(c.items()) if c is not None else None for c in cells],
-                                            type=_PROBS_TYPE)
-                elif name == RANKING:
-                    arrays[name] = pa.array([list(map(int, r)) if r is not None else None for r in df[name]],
-                                            type=pa.list_(pa.int64()))
-                else:
-                    arrays[name] = pa.array(df[name].to_numpy(dtype=object) if df[name].dtype == object
-                                            else df[name])
-            pq.write_table(pa.table(arrays), tmp)
-        elif suffix == ".csv":
-            out = df.copy()
-            for name in (PROBS, RANKING):
-                if name in out.columns:
-                    out[name] = [json.dumps(_probs_cell(v) if name == PROBS else list(map(int, v)))
-                                 if v is not None and not (isinstance(v, float) and math.isnan(v)) else ""
-                                 for v in out[name]]
-            out.to_csv(tmp, index=False)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in df.to_dict(orient="records"):
-                    clean = {k: _json_cell(k, v) for k, v in rec.items()}
-                    f.write(json.dumps(clean, ensure_ascii=False) + "\n")
-    return path
-
-
-def _json_cell(name: str, value: Any) -> Any:
-    if name == PROBS:
-        return _probs_cell(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if value is pd.NA:
-        return None
-    return value
-
-

@@ -57,10 +57,10 @@ def read_logs(directory: Path) -> list[dict]:
 
 def write_tables(rows: list[dict], out: Path, prefix: str = "") -> tuple[Path, Path]:
     """The context and answer tables (`<prefix>contexts.jsonl`, `<prefix>answers.jsonl` in `out`), sorted by system,
-    query and rank, through the analysis' table writer."""
+    query and rank, through the tables' writer (base/tables.py)."""
     import pandas as pd
 
-    from ..analysis.tables import write_table
+    from .base.tables import write_table
 
     ctx = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "context"]
     ans = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "answer"]
