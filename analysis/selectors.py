@@ -13,7 +13,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.base.answers import OPEN
+from ..core.base.answers import OPEN, SET
+# the one fusion rule (re-exported here: fuse, fused_answer and fusion_weights were first defined in this module)
+from ..core.base.fusion import FUSION_TIE_TOL, fuse, fused_answer, fused_labels, fusion_weights, open_answer
 from .consistency import QueryMetrics
 from .learned import RAW, LearnedSelector
 from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
@@ -75,32 +77,6 @@ def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
     if exempt is not None:
         col[exempt] = qm.top1_col[exempt]
     return _pick(qm, "confidence", col, 0 if exempt is None else int(exempt.sum()))
-
-
-FUSION_TIE_TOL = 1e-12  # fused probabilities this close to the maximum count as tied
-
-
-def fusion_weights(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax(retrieval score / temperature) along the last axis; -inf scores (absent contexts) get weight 0."""
-    scores = np.asarray(scores, dtype=np.float64)
-    w = np.exp((scores - scores.max(axis=-1, keepdims=True)) / temperature)
-    return w / w.sum(axis=-1, keepdims=True)
-
-
-def fuse(probs: np.ndarray, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """One query's fused distribution: per-context distributions `probs` (n contexts × C candidates) weighted by
-    softmax(retrieval `scores` (n,) / temperature) over its n contexts (docs/design.md, inference). Returns (C,)."""
-    return (fusion_weights(scores, temperature)[:, None] * np.asarray(probs, dtype=np.float64)).sum(axis=0)
-
-
-def fused_answer(fused: np.ndarray, candidates: Sequence[str]) -> int:
-    """Index of the answer a fused distribution picks. The tie rule (the vectorised `fusion` selector applies the
-    same): every candidate within FUSION_TIE_TOL of the maximum is tied, and the one whose normalised answer
-    (strip + casefold) sorts first wins, so the choice depends neither on the candidates' order nor on the last
-    bits of the floating-point sums."""
-    fused = np.asarray(fused, dtype=np.float64)
-    tied = np.flatnonzero(fused >= fused.max() - FUSION_TIE_TOL)
-    return int(min(tied, key=lambda i: (normalize_answer(candidates[i]), i)))
 
 
 def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> SelectorResult | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .base.fusion import FusionSettings
 from .data.synth import SynthConfig
 from .reader.settings import ReaderSettings
 
@@ -128,6 +129,7 @@ class InferenceSettings:
     top_n: int = 2  # per head: 2 heads x 2 = 4 contexts per query
     split: str = "test"
     rank_order: list[str] = field(default_factory=lambda: ["image", "text"])  # interleaving of the heads' lists
+    fusion: FusionSettings = field(default_factory=FusionSettings)  # how the contexts' answers become one answer
 
 
 @dataclass
@@ -145,6 +147,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as a run recorded it (run.json, a sweep's ranges.json), in today's keys: runs recorded before
+    `inference.fusion` existed fused their contexts with `distill.tau_retriever`, which is what it then means."""
+    inference = config.get("inference", {})
+    if "fusion" in inference or "tau_retriever" not in config.get("distill", {}):
+        return config
+    fusion = {"temperature": config["distill"]["tau_retriever"]}
+    return {**config, "inference": {**inference, "fusion": fusion}}
 
 
 def _key(where: str, key: str) -> str:

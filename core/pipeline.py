@@ -13,7 +13,7 @@ from typing import Any
 
 
 from . import cpu_kernels, distributed, stages
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, recorded_config
 from .base.dataset import Dataset
 from .base.fsutil import atomic_write_json
 from .predictions import write_tables
@@ -162,7 +162,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
         return run_stages(cfg, run_dir, report_dir)
     if saved.exists():
         record = json.loads(saved.read_text(encoding="utf-8"))
-        diffs = _config_diff(record["config"], cfg.to_dict())
+        diffs = _config_diff(recorded_config(record["config"]), cfg.to_dict())
         level, was = cpu_kernels.record()["level"], record.get("cpu_kernels", {}).get("level")
         if was is not None and was != level:  # kernels that round differently would mix within one run
             diffs.append(f"CPU kernels ({was} then, {level} now; {cpu_kernels.ENV})")

@@ -15,12 +15,12 @@ import numpy as np
 
 from . import distributed
 from .config import RunConfig
-from ..analysis.selectors import fuse, fused_answer, fusion_weights
 from .base.dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
 from .base.records import Answer, ContextPrediction, Query
 from .base.answers import CLOSED, OPEN, SET
-from .tasks import TaskPrompts, open_answer
+from .base.fusion import fuse, fused_answer, fusion_weights, open_answer
+from .tasks import TaskPrompts
 from .training.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
                                       q.exclude[split])}
     todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
                               if (s, queries[qi].id) not in plog.done])
-    tau = ctx.cfg.distill.tau_retriever
+    tau = ctx.cfg.inference.fusion.temperature
     # prompt passes per context: a multi-label context's L questions share one prefix pass (ScoreRequest.share_prefix)
     per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" and not ctx.cfg.reader.share_prefix else 1
     chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n * per_context))
@@ -330,7 +330,7 @@ def _log_set(plog: PredictionLog, prompts: TaskPrompts, system: str, query: Quer
 
 def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: list[str], tau: float) -> None:
     """One open question: per context the generated answer; the final answer is the generated answer with the
-    largest total fusion weight (`tasks.open_answer`). No probs."""
+    largest total fusion weight (`fusion.open_answer`). No probs."""
     if system == "closed-book":
         plog.write([], Answer(system, query.id, texts[0], query.label, answer_type=OPEN))
         return
@@ -357,7 +357,7 @@ def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | 
             train = {"selector_train": val_contexts, "selector_train_answers": val_answers}
     from ..analysis.tables import TableError
 
-    tau = ctx.cfg.distill.tau_retriever
+    tau = ctx.cfg.inference.fusion.temperature
     try:
         rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau, **train)
     except TableError as e:

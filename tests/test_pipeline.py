@@ -192,7 +192,7 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
     from PIL import Image
 
     from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.analysis.selectors import fuse
+    from dxrag.core.base.fusion import fuse
     from dxrag.core.stages import answerable, interleave, same_image_exclusions
     from dxrag.core.base.records import CorpusItem, Query
 

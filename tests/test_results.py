@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dxrag.core.config import load_config
+from dxrag.core.config import load_config, recorded_config
 from dxrag.core.data.synth import GRADES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def sweep():
 def test_committed_sweep_is_of_the_current_embedded_config(sweep):
     ranges, table = sweep
     current = load_config(ROOT / "configs" / "embedded.yaml").to_dict()
-    assert ranges["config"] == current, ("configs/embedded.yaml (or a default it relies on) changed after the sweep "
+    assert recorded_config(ranges["config"]) == current, ("configs/embedded.yaml (or a default it relies on) changed after the sweep "
                                          "in docs/results was run: rerun `dxrag sweep --config configs/embedded.yaml "
                                          "--seeds 0 1 2 3 4` and copy its ranges.json and seeds.csv there")
     assert sorted(table["seed"]) == sorted(ranges["seeds"]) and len(table) >= 5
