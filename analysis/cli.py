@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "column, closed without it")
     p.add_argument("--empty-set", default=DEFAULT_EMPTY_SET, metavar="TOKEN",
                    help=f"how the empty label set is written in set answers (default {DEFAULT_EMPTY_SET!r})")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="the dataset allows the empty label set (dataset.yaml allow_empty): the fusion selector then "
+                        "answers it when no label's fused p(yes) exceeds 0.5, instead of the most probable label")
     p.add_argument("--open-correct", choices=OPEN_CORRECT, default="em",
                    help="what makes an open answer correct: em (normalised exact match, default), recall or f1 "
                         "(token score >= --open-threshold)")
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                           selector_train_answers=args.train_answers, closed_book=args.closed_book,
                                           answer_settings=AnswerSettings(task=args.task, empty_set=args.empty_set,
                                                                          open_correct=args.open_correct,
-                                                                         open_threshold=args.open_threshold))
+                                                                         open_threshold=args.open_threshold,
+                                                                         allow_empty=args.allow_empty))
     except TableError as e:
         print(f"analyze-oracle: error: {e}", file=sys.stderr)
         return 2

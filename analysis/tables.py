@@ -473,7 +473,7 @@ def _check_values(raw: RawTable, spec: dict[str, str], required: Sequence[str]) 
                 raise raw.fail(row, name, f"{values[row]} is not {_KIND_WANT[kind]}")
         elif kind == "probs":
             raw.probs = ProbsColumn.from_arrow(col)
-            check_distributions(raw.probs, raw)
+            check_distributions(raw.probs, raw, _set_rows(raw))
         elif kind == "ranking":
             flat = pc.list_flatten(col).to_numpy()
             if (flat < 1).any():
@@ -562,6 +562,13 @@ class ProbsColumn:
                    .astype(np.float64, copy=False),
                    arr.is_valid().to_numpy(zero_copy_only=False))
 
+    def subset(self, rows: np.ndarray) -> "ProbsColumn":
+        """The column with only `rows` (bool, per row) kept; the other rows become null."""
+        lengths = np.diff(self.offsets)
+        keep = np.repeat(rows, lengths)
+        offsets = np.concatenate([[0], np.cumsum(np.where(rows, lengths, 0))]).astype(np.int64)
+        return ProbsColumn(offsets, self.keys.filter(pa.array(keep)), self.values[keep], self.valid & rows)
+
     def row_sums(self) -> np.ndarray:
         cs = np.concatenate([[0.0], np.cumsum(self.values)])
         return cs[self.offsets[1:]] - cs[self.offsets[:-1]]
@@ -575,16 +582,32 @@ class ProbsColumn:
         return out
 
 
-def check_distributions(probs: ProbsColumn, raw: RawTable) -> None:
+def _set_rows(raw: RawTable) -> np.ndarray | None:
+    """Rows whose answer_type cell says set (their probs are per-label p(yes), not a distribution); None without
+    the column."""
+    col = raw.columns.get(ANSWER_TYPE)
+    if col is None:
+        return None
+    kind = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
+    return pc.fill_null(pc.equal(kind, SET), False).to_numpy(zero_copy_only=False)
+
+
+def check_distributions(probs: ProbsColumn, raw: RawTable, set_rows: np.ndarray | None = None) -> None:
+    """Every probs cell a distribution over answers, except on set rows (`set_rows`), where each value is one
+    label's p(yes) in [0, 1]."""
     if len(probs.values):
         bad_entry = ~np.isfinite(probs.values) | (probs.values < 0)
+        if set_rows is not None:
+            bad_entry |= np.repeat(set_rows, np.diff(probs.offsets)) & (probs.values > 1)
         if bad_entry.any():
             row = int(np.searchsorted(probs.offsets, np.argmax(bad_entry), side="right") - 1)
             raise raw.fail(row, PROBS, f"holds a negative or non-finite probability "
                                        f"{probs.values[np.argmax(bad_entry)]}; expected non-negative values "
-                                       f"summing to 1 (within {PROB_TOLERANCE})")
+                                       f"summing to 1 (within {PROB_TOLERANCE}; on set rows each in [0, 1])")
     sums = probs.row_sums()
     bad = probs.valid & ~(np.abs(sums - 1.0) <= PROB_TOLERANCE)
+    if set_rows is not None:
+        bad &= ~set_rows
     row = _first(bad)
     if row is not None:
         raise raw.fail(row, PROBS, f"values sum to {sums[row]:.6g}; expected a probability distribution "
@@ -618,6 +641,8 @@ class ContextTable:
     probs_answer: np.ndarray | None  # answer code of every probs entry
     run_type: np.ndarray | None = None  # answer-type code per run (index into ANSWER_TYPES); None: all closed
     settings: AnswerSettings = DEFAULT_SETTINGS
+    # set rows' probs (per-label p(yes), keys the raw labels) in file-row order; `probs` holds the other rows'
+    label_probs: ProbsColumn | None = None
     _token_cache: dict[int, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     @property
@@ -630,6 +655,17 @@ class ContextTable:
 
     def locate(self, sorted_row: int) -> str:
         return self.raw.locate(int(self.row[sorted_row]))
+
+    def code_of(self, normalised: str) -> int:
+        """The answer code of a normalised answer, appended to `answers` when no row holds it (a fused label set no
+        context predicted): appended codes break the sorted order, which only closed answers' ties rely on."""
+        if not hasattr(self, "_code"):
+            self._code = {a: i for i, a in enumerate(self.answers)}
+        if normalised not in self._code:
+            self._code[normalised] = len(self.answers)
+            self.answers.append(normalised)
+            self._token_cache.clear()  # keyed by pred * len(answers) + label
+        return self._code[normalised]
 
     def token_scores(self, pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token recall and F1 (answers.token_scores) of answer codes against label codes, element-wise; each
@@ -736,6 +772,10 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None,
     probs = raw.probs
     row_type = _row_types(raw, settings)
     check_blank_labels(raw, row_type)
+    label_probs = None
+    if probs is not None and row_type is not None and (row_type == ANSWER_TYPES.index(SET)).any():
+        is_set = row_type == ANSWER_TYPES.index(SET)  # their probs are per-label p(yes), not answers
+        label_probs, probs = probs.subset(is_set), probs.subset(~is_set)
     if probs is not None:
         key_codes, key_uniques = encode_strings(pa.chunked_array([probs.keys]))
     if row_type is None:
@@ -821,7 +861,7 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None,
     return ContextTable(raw=raw, systems=systems, query_ids=q_uniques.to_numpy(zero_copy_only=False),
                         answers=answers, row=row, run_start=starts, run_system=run_sys, run_query=q_codes,
                         run_label=run_label, rank=rank, prediction=pred, score=score, probs=probs,
-                        probs_answer=probs_answer, run_type=run_type, settings=settings)
+                        probs_answer=probs_answer, run_type=run_type, settings=settings, label_probs=label_probs)
 
 
 def _check_one_per_query(raw: RawTable, row: np.ndarray, starts: np.ndarray, run_start_mask: np.ndarray,

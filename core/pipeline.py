@@ -73,7 +73,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     summary.update({"metrics": evaluate(rows, ds), "timings": timings, "reused_stages": reused})
     if cfg.report:
         summary["report"], summary["compact"] = _timed(timings, "report", stages.report, ctx, contexts, answers,
-                                                           *val_tables)
+                                                           *(val_tables or (None, None)), ds.meta.allow_empty)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(ctx.run / "metrics.json", summary)
     return summary

@@ -314,18 +314,20 @@ def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np
 
 def _log_set(plog: PredictionLog, prompts: TaskPrompts, system: str, query: Query, ranked, p_yes: np.ndarray,
              tau: float) -> None:
-    """One multi-label query: per context the predicted set's canonical string; the final answer thresholds the
-    per-label p(yes) averaged over the contexts with the fusion weights (softmax of retrieval score / tau). Rows
-    carry no probs: the reader's per-label p(yes) is no distribution over set answers."""
+    """One multi-label query: per context the predicted set's canonical string, with each offered label's p(yes) in
+    `probs` (what the analysis fuses); the final answer thresholds the per-label p(yes) averaged over the contexts
+    with the fusion weights (softmax of retrieval score / tau), its probs those averages."""
+    offered = prompts.offered(query)
     if system == "closed-book":
         plog.write([], Answer(system, query.id, prompts.set_answer(query, p_yes[0]), query.label,
-                              answer_type=SET))
+                              dict(zip(offered, map(float, p_yes[0]))), answer_type=SET))
         return
     rows = [ContextPrediction(system, query.id, rank, query.label, prompts.set_answer(query, p), item_id, head,
-                              float(score), answer_type=SET)
+                              float(score), dict(zip(offered, map(float, p))), answer_type=SET)
             for rank, ((head, item_id, score), p) in enumerate(zip(ranked, p_yes), 1)]
     fused = fuse(p_yes, np.array([s for _, _, s in ranked]), tau)
-    plog.write(rows, Answer(system, query.id, prompts.set_answer(query, fused), query.label, answer_type=SET))
+    plog.write(rows, Answer(system, query.id, prompts.set_answer(query, fused), query.label,
+                            dict(zip(offered, map(float, fused))), answer_type=SET))
 
 
 def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: list[str], tau: float) -> None:
@@ -342,12 +344,13 @@ def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: lis
 
 
 def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | None = None,
-           val_answers: Path | None = None) -> tuple[str, str]:
+           val_answers: Path | None = None, allow_empty: bool = False) -> tuple[str, str]:
     """The oracle report in the report directory (with the `learned` selector trained on the validation predictions
     when they exist and scikit-learn is installed); returns its path and the compact terminal table."""
     from importlib.util import find_spec
 
     from ..analysis.report import OracleReport
+    from .base.answers import AnswerSettings
 
     train = {}
     if val_contexts is not None:
@@ -355,9 +358,11 @@ def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | 
             log.warning("learned selector left out: scikit-learn is not installed (pip install 'dxrag[learn]')")
         else:
             train = {"selector_train": val_contexts, "selector_train_answers": val_answers}
-    from ..analysis.tables import TableError
+    from .base.tables import TableError
 
+    # the fusion selector reproduces the pipeline's fused answers: same temperature, same empty-set rule
     tau = ctx.cfg.inference.fusion.temperature
+    train["answer_settings"] = AnswerSettings(allow_empty=allow_empty)
     try:
         rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau, **train)
     except TableError as e:
@@ -365,6 +370,7 @@ def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | 
             raise
         # e.g. every validation context right (or wrong): nothing to learn from; the other selectors still report
         log.warning("learned selector left out: %s", e)
-        rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau)
+        rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau,
+                                       answer_settings=train["answer_settings"])
     rep.write(ctx.report_dir, figures=ctx.cfg.figures)
     return str(ctx.report_dir), rep.compact_table()

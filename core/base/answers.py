@@ -26,16 +26,20 @@ _TOLERANCE = 1e-12  # a token score this close below the threshold still reaches
 
 @dataclass(frozen=True)
 class AnswerSettings:
-    """How answers are read and judged (analyze-oracle --task, --empty-set, --open-correct, --open-threshold).
+    """How answers are read and judged (analyze-oracle --task, --empty-set, --open-correct, --open-threshold,
+    --allow-empty).
 
     `task`: auto (the `answer_type` column when present, else closed) or one type for every row. `empty_set`: the
     token that writes the empty label set. `open_correct`: what makes an open answer correct — em (normalised exact
-    match), recall or f1 (token score >= `open_threshold`)."""
+    match), recall or f1 (token score >= `open_threshold`). `allow_empty`: the dataset allows the empty label set
+    (dataset.yaml `allow_empty`, --allow-empty), which decides the fused set when no label's fused p(yes) exceeds
+    0.5 (fusion.fused_labels)."""
 
     task: str = "auto"
     empty_set: str = DEFAULT_EMPTY_SET
     open_correct: str = "em"
     open_threshold: float = 1.0
+    allow_empty: bool = False
 
     def problems(self) -> list[str]:
         """What is invalid about these settings (empty when they are valid)."""
