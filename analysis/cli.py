@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "always counted in summary.csv (n_short)")
     p.add_argument("--interval", choices=INTERVALS, default="wilson", help="95%% intervals (default wilson)")
     p.add_argument("--fusion-temperature", type=float, default=1.0,
-                   help="fusion selector weights = softmax(retrieval_score / T) (default 1)")
+                   help="fusion selector weights = softmax(retrieval_score / T) (default 1; a dxrag run's "
+                        "inference.fusion.temperature reproduces its fused answers)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of queries (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--task", choices=TASKS, default="auto",
