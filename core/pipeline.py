@@ -122,12 +122,13 @@ def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
     import pandas as pd
 
     from ..analysis.stats import paired, system_metrics
+    from .base.answers import CLOSED, OPEN
 
     answers = pd.DataFrame([r for r in rows if r["kind"] == "answer"])
     out: dict[str, Any] = system_metrics(answers, ds.meta.labels)
-    types = answers["answer_type"].fillna("closed") if "answer_type" in answers else pd.Series("closed", answers.index)
-    if (types == "open").any():
-        for kind in ("closed", "open"):
+    types = answers["answer_type"].fillna(CLOSED) if "answer_type" in answers else pd.Series(CLOSED, answers.index)
+    if (types == OPEN).any():
+        for kind in (CLOSED, OPEN):
             for system, m in system_metrics(answers[types == kind], ds.meta.labels).items():
                 out[system].setdefault("by_answer_type", {})[kind] = {"n": m["n"], "accuracy": m["accuracy"]}
     if {"joint", "rag"} <= set(out):
