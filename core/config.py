@@ -5,6 +5,7 @@ file, the key and the valid keys. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import yaml
 from .base.fusion import FusionSettings
 from .data.synth import SynthConfig
 from .reader.settings import ReaderSettings
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -245,6 +248,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: expected a mapping at top level")
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
+    if isinstance(data.get("distill"), dict) and "tau_retriever" in data["distill"] and not (
+            isinstance(data.get("inference"), dict) and "fusion" in data["inference"]):
+        log.warning("%s: distill.tau_retriever no longer sets the fusion temperature; inference.fusion.temperature "
+                    "does (default %s): set it to keep fusing as before", where, FusionSettings().temperature)
     cfg = build(RunConfig, data, f"{where}:")
     _check(cfg, where)
     return cfg
