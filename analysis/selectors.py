@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ from ..core.base.answers import OPEN, SET, SET_SEPARATOR, normalize_set
 from ..core.base.fusion import FUSION_TIE_TOL, fuse, fused_answer, fused_labels, fusion_weights, open_answer
 from .consistency import QueryMetrics
 from .learned import RAW, LearnedSelector
-from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
+from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +47,10 @@ def _pick(qm: QueryMetrics, name: str, col: np.ndarray, n_fallback: int = 0,
 
 
 def _probs_exempt(qm: QueryMetrics) -> np.ndarray | None:
-    """Open queries: free-text answers have no reader distribution, so selectors that need probs fall back to rank
-    1 on them (counted in n_fallback). None when the system has none."""
-    is_open = qm.matrix.type_mask(OPEN)
-    return is_open if is_open.any() else None
+    """Open and set queries: free-text answers and per-label p(yes) are no reader distribution over answers, so
+    `confidence` falls back to rank 1 on them (counted in n_fallback). None when the system has none."""
+    exempt = qm.matrix.type_mask(OPEN) | qm.matrix.type_mask(SET)
+    return exempt if exempt.any() else None
 
 
 def gap_closed(acc: float, top1: float, oracle: float) -> float:
@@ -60,15 +59,15 @@ def gap_closed(acc: float, top1: float, oracle: float) -> float:
 
 
 def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
-    """The context whose reader distribution has the highest maximum (ties -> best rank); open queries fall back to
-    rank 1. None without probs on every context of the other queries (or without any other query)."""
+    """The context whose reader distribution has the highest maximum (ties -> best rank); open and set queries fall
+    back to rank 1. None without probs on every context of the other queries (or without any other query)."""
     m = qm.matrix
     if table.probs is None:
         return None
     exempt = _probs_exempt(qm)
     present = m.present if exempt is None else m.present & ~exempt[:, None]
     if exempt is not None and exempt.all():
-        log.info("system %s: confidence selector left out: every query is open (no reader distribution)", m.system)
+        log.info("system %s: confidence selector left out: every query is open or set (no distribution)", m.system)
         return None
     maxp = table.probs.row_max()[np.maximum(m.row, 0)]
     if np.isnan(maxp[present]).any():
