@@ -116,7 +116,7 @@ def check_inputs(run_dir: Path, ds: Dataset) -> None:
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
     """Accuracy (Wilson 95% interval) and macro-F1 of every system's final answer, and joint vs rag with an exact
     McNemar test on the same queries: analysis.stats computes all of them, with answers judged per `answer_type` as
-    analyze-oracle does (analysis.answers). Multi-label: accuracy is subset accuracy, macro_f1 / micro_f1 over the
+    analyze-oracle does (core/base/answers.py). Multi-label: accuracy is subset accuracy, macro_f1 / micro_f1 over the
     labels' membership. VQA with open questions: `by_answer_type` adds n and accuracy of the closed and of the open
     questions (normalised exact match), and token_f1 / token_recall of the open ones."""
     import pandas as pd
