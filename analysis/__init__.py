@@ -1,6 +1,6 @@
 """dxrag.analysis: oracle analysis of retrieval-augmented predictions, on prediction tables alone (no torch)."""
 
-from .answers import ANSWER_TYPES, AnswerSettings
+from ..core.base.answers import ANSWER_TYPES, AnswerSettings
 from .report import OracleReport
 from .tables import (ANSWER_COLUMNS, ANSWER_REQUIRED, CONTEXT_COLUMNS, CONTEXT_REQUIRED, RERANK_COLUMNS,
                      RERANK_REQUIRED, TableError, load_answers, load_contexts, load_rerank, normalize_answer,

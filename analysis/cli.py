@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .answers import DEFAULT_EMPTY_SET, OPEN_CORRECT, TASKS, AnswerSettings
+from ..core.base.answers import DEFAULT_EMPTY_SET, OPEN_CORRECT, TASKS, AnswerSettings
 from .learned import DEFAULT_CLOSED_BOOK
 from .stats import INTERVALS
 from .tables import SHORT_POLICIES, TableError
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "always counted in summary.csv (n_short)")
     p.add_argument("--interval", choices=INTERVALS, default="wilson", help="95%% intervals (default wilson)")
     p.add_argument("--fusion-temperature", type=float, default=1.0,
-                   help="fusion selector weights = softmax(retrieval_score / T) (default 1)")
+                   help="fusion selector weights = softmax(retrieval_score / T) (default 1; a dxrag run's "
+                        "inference.fusion.temperature reproduces its fused answers)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of queries (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--task", choices=TASKS, default="auto",
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "column, closed without it")
     p.add_argument("--empty-set", default=DEFAULT_EMPTY_SET, metavar="TOKEN",
                    help=f"how the empty label set is written in set answers (default {DEFAULT_EMPTY_SET!r})")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="the dataset allows the empty label set (dataset.yaml allow_empty): the fusion selector then "
+                        "answers it when no label's fused p(yes) exceeds 0.5, instead of the most probable label")
     p.add_argument("--open-correct", choices=OPEN_CORRECT, default="em",
                    help="what makes an open answer correct: em (normalised exact match, default), recall or f1 "
                         "(token score >= --open-threshold)")
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                           selector_train_answers=args.train_answers, closed_book=args.closed_book,
                                           answer_settings=AnswerSettings(task=args.task, empty_set=args.empty_set,
                                                                          open_correct=args.open_correct,
-                                                                         open_threshold=args.open_threshold))
+                                                                         open_threshold=args.open_threshold,
+                                                                         allow_empty=args.allow_empty))
     except TableError as e:
         print(f"analyze-oracle: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.fsutil import atomic_write_text
+from ..core.base.fsutil import atomic_write_text
 from .tables import (ERROR, ITEM_ID, QUERY_ID, RANKING, SELECTOR, SUFFIXES, SYSTEM, TableError, load_contexts,
                      rank_matrices, write_table)
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     openai = _openai()
     from tqdm import tqdm
 
-    from dxrag.core.dataset import DatasetError, load_dataset
+    from dxrag.core.base.dataset import DatasetError, load_dataset
 
     key = os.environ.get(args.api_key_env)
     if not key:

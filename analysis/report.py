@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from . import stats
-from ..core.dataset import sha256_file
-from ..core.fsutil import dir_lock, make_temp_dir
-from ..core.provenance import git_hash, versions
-from .answers import ANSWER_TYPES, OPEN, SET, AnswerSettings, set_members
+from ..core.base.dataset import sha256_file
+from ..core.base.fsutil import dir_lock, make_temp_dir
+from ..core.base.provenance import git_hash, versions
+from ..core.base.answers import ANSWER_TYPES, OPEN, SET, AnswerSettings, set_members
 from .consistency import QueryMetrics, query_metrics
 from .learned import CV_FOLDS, DEFAULT_CLOSED_BOOK, RAW, LearnedSelector, closed_book_answers, train_learned
 from .oracle import oracle_at_k

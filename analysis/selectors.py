@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from .answers import OPEN
+from ..core.base.answers import OPEN, SET, SET_SEPARATOR, normalize_set
+# the one fusion rule (re-exported here: fuse, fused_answer and fusion_weights were first defined in this module)
+from ..core.base.fusion import FUSION_TIE_TOL, fuse, fused_answer, fused_labels, fusion_weights, open_answer
 from .consistency import QueryMetrics
 from .learned import RAW, LearnedSelector
-from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable, normalize_answer
+from .tables import ERROR, QUERY_ID, RANKING, SELECTOR, SYSTEM, ContextTable, RerankTable
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,10 @@ def _pick(qm: QueryMetrics, name: str, col: np.ndarray, n_fallback: int = 0,
 
 
 def _probs_exempt(qm: QueryMetrics) -> np.ndarray | None:
-    """Open queries: free-text answers have no reader distribution, so selectors that need probs fall back to rank
-    1 on them (counted in n_fallback). None when the system has none."""
-    is_open = qm.matrix.type_mask(OPEN)
-    return is_open if is_open.any() else None
+    """Open and set queries: free-text answers and per-label p(yes) are no reader distribution over answers, so
+    `confidence` falls back to rank 1 on them (counted in n_fallback). None when the system has none."""
+    exempt = qm.matrix.type_mask(OPEN) | qm.matrix.type_mask(SET)
+    return exempt if exempt.any() else None
 
 
 def gap_closed(acc: float, top1: float, oracle: float) -> float:
@@ -58,15 +59,15 @@ def gap_closed(acc: float, top1: float, oracle: float) -> float:
 
 
 def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
-    """The context whose reader distribution has the highest maximum (ties -> best rank); open queries fall back to
-    rank 1. None without probs on every context of the other queries (or without any other query)."""
+    """The context whose reader distribution has the highest maximum (ties -> best rank); open and set queries fall
+    back to rank 1. None without probs on every context of the other queries (or without any other query)."""
     m = qm.matrix
     if table.probs is None:
         return None
     exempt = _probs_exempt(qm)
     present = m.present if exempt is None else m.present & ~exempt[:, None]
     if exempt is not None and exempt.all():
-        log.info("system %s: confidence selector left out: every query is open (no reader distribution)", m.system)
+        log.info("system %s: confidence selector left out: every query is open or set (no distribution)", m.system)
         return None
     maxp = table.probs.row_max()[np.maximum(m.row, 0)]
     if np.isnan(maxp[present]).any():
@@ -77,69 +78,61 @@ def confidence(table: ContextTable, qm: QueryMetrics) -> SelectorResult | None:
     return _pick(qm, "confidence", col, 0 if exempt is None else int(exempt.sum()))
 
 
-FUSION_TIE_TOL = 1e-12  # fused probabilities this close to the maximum count as tied
-
-
-def fusion_weights(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax(retrieval score / temperature) along the last axis; -inf scores (absent contexts) get weight 0."""
-    scores = np.asarray(scores, dtype=np.float64)
-    w = np.exp((scores - scores.max(axis=-1, keepdims=True)) / temperature)
-    return w / w.sum(axis=-1, keepdims=True)
-
-
-def fuse(probs: np.ndarray, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """One query's fused distribution: per-context distributions `probs` (n contexts × C candidates) weighted by
-    softmax(retrieval `scores` (n,) / temperature) over its n contexts (docs/design.md, inference). Returns (C,)."""
-    return (fusion_weights(scores, temperature)[:, None] * np.asarray(probs, dtype=np.float64)).sum(axis=0)
-
-
-def fused_answer(fused: np.ndarray, candidates: Sequence[str]) -> int:
-    """Index of the answer a fused distribution picks. The tie rule (the vectorised `fusion` selector applies the
-    same): every candidate within FUSION_TIE_TOL of the maximum is tied, and the one whose normalised answer
-    (strip + casefold) sorts first wins, so the choice depends neither on the candidates' order nor on the last
-    bits of the floating-point sums."""
-    fused = np.asarray(fused, dtype=np.float64)
-    tied = np.flatnonzero(fused >= fused.max() - FUSION_TIE_TOL)
-    return int(min(tied, key=lambda i: (normalize_answer(candidates[i]), i)))
-
-
 def fusion(table: ContextTable, qm: QueryMetrics, temperature: float = 1.0) -> SelectorResult | None:
-    """Per query, the answer `fused_answer(fuse(...))` picks, vectorised over queries (`table.answers` is sorted, so
-    the first tied code is the alphabetically first normalised answer). None without probs or scores."""
+    """Per query, the pipeline's fused answer (core/base/fusion.py) from the logged context rows: closed queries
+    `fused_answer(fuse(...))` of their probs, vectorised over queries (`table.answers` is sorted, so the first tied
+    code is the alphabetically first normalised answer); set queries `fused_labels` of their per-label p(yes)
+    (`table.label_probs`; the empty set only under --allow-empty); open queries the `open_answer` vote over their
+    contexts' answers. None without retrieval scores, or without the probs a closed or set query needs."""
     m = qm.matrix
+    if m.score is None:
+        return None
+    is_open, is_set = m.type_mask(OPEN), m.type_mask(SET)
+    closed = ~(is_open | is_set)
+    present = m.present & closed[:, None]
     probs = table.probs
-    if probs is None or m.score is None or table.probs_answer is None:
+    if closed.any() and (probs is None or table.probs_answer is None or not probs.valid[m.row[present]].all()):
         return None
-    exempt = _probs_exempt(qm)
-    present = m.present if exempt is None else m.present & ~exempt[:, None]
-    if exempt is not None and exempt.all():
-        log.info("system %s: fusion selector left out: every query is open (no reader distribution)", m.system)
+    if is_set.any() and (table.label_probs is None
+                         or not table.label_probs.valid[m.row[m.present & is_set[:, None]]].all()):
         return None
-    if np.isnan(m.score[present]).any() or not probs.valid[m.row[present]].all():
+    if np.isnan(m.score[m.present]).any():
         return None
-    scores = np.where(present, m.score, -np.inf)
-    if exempt is not None:
-        scores[exempt] = 0.0  # no context to weigh (their answer is rank 1's); keeps the softmax finite
-    w = fusion_weights(scores, temperature)
-    n_answers = len(table.answers)
     n = len(qm.n_ranks)
     choice = np.empty(n, dtype=np.int64)
-    per_block = max(1, _BLOCK // max(n_answers, m.k))
-    for q0 in range(0, n, per_block):  # blocks of queries bound the memory of the entry-level arrays
-        q1 = min(n, q0 + per_block)
-        qi, col = np.nonzero(present[q0:q1])
-        rows = m.row[q0:q1][qi, col]
-        start, lengths = probs.offsets[rows], probs.offsets[rows + 1] - probs.offsets[rows]
-        entry = np.repeat(start - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-        weight = np.repeat(w[q0:q1][qi, col], lengths) * probs.values[entry]
-        key = np.repeat(qi, lengths) * n_answers + table.probs_answer[entry]
-        fused = np.bincount(key, weights=weight, minlength=(q1 - q0) * n_answers).reshape(q1 - q0, n_answers)
-        choice[q0:q1] = (fused >= fused.max(axis=1, keepdims=True) - FUSION_TIE_TOL).argmax(axis=1)
-    n_fallback = 0
-    if exempt is not None:
-        choice[exempt] = qm.prediction_at(qm.top1_col)[exempt]
-        n_fallback = int(exempt.sum())
-    return SelectorResult("fusion", table.judge(choice, m.label, m.answer_type), n_fallback, choice)
+    if closed.any():
+        scores = np.where(present, m.score, -np.inf)
+        scores[~closed] = 0.0  # fused below, one by one; keeps the softmax finite
+        w = fusion_weights(scores, temperature)
+        n_answers = len(table.answers)
+        per_block = max(1, _BLOCK // max(n_answers, m.k))
+        for q0 in range(0, n, per_block):  # blocks of queries bound the memory of the entry-level arrays
+            q1 = min(n, q0 + per_block)
+            qi, col = np.nonzero(present[q0:q1])
+            rows = m.row[q0:q1][qi, col]
+            start, lengths = probs.offsets[rows], probs.offsets[rows + 1] - probs.offsets[rows]
+            entry = np.repeat(start - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+            weight = np.repeat(w[q0:q1][qi, col], lengths) * probs.values[entry]
+            key = np.repeat(qi, lengths) * n_answers + table.probs_answer[entry]
+            fused = np.bincount(key, weights=weight, minlength=(q1 - q0) * n_answers).reshape(q1 - q0, n_answers)
+            choice[q0:q1] = (fused >= fused.max(axis=1, keepdims=True) - FUSION_TIE_TOL).argmax(axis=1)
+    for q in np.flatnonzero(is_open):
+        cols = np.flatnonzero(m.present[q])
+        texts = [table.answers[c] for c in m.prediction[q, cols]]  # normalize_open forms: the vote's keys
+        choice[q] = m.prediction[q, cols[texts.index(open_answer(texts, fusion_weights(m.score[q, cols],
+                                                                                          temperature)))]]
+    if is_set.any():
+        lp, empty = table.label_probs, table.settings.empty_set
+        for q in np.flatnonzero(is_set):
+            cols = np.flatnonzero(m.present[q])
+            cells = [(lp.keys[lp.offsets[r]:lp.offsets[r + 1]].to_pylist(), lp.values[lp.offsets[r]:lp.offsets[r + 1]])
+                     for r in m.row[q, cols]]
+            labels = cells[0][0]
+            p_yes = np.array([dict(zip(keys, values))[label] for keys, values in cells for label in labels])
+            fused = fuse(p_yes.reshape(len(cells), len(labels)), m.score[q, cols], temperature)
+            members = fused_labels(labels, fused, table.settings.allow_empty)
+            choice[q] = table.code_of(normalize_set(SET_SEPARATOR.join(members), empty))
+    return SelectorResult("fusion", table.judge(choice, m.label, m.answer_type), 0, choice)
 
 
 def learned(table: ContextTable, qm: QueryMetrics, model: LearnedSelector, raw: bool = False

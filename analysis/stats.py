@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .answers import CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows, set_members
+from ..core.base.answers import (CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows,
+                                 set_members)
 from .tables import ANSWER_TYPE, LABEL, PREDICTION, QUERY_ID, SYSTEM
 
 Z95 = 1.959963984540054
@@ -213,7 +214,7 @@ def system_metrics(answers: pd.DataFrame, labels: Sequence[str] | None = None,
                    settings: AnswerSettings = DEFAULT_SETTINGS) -> dict[str, dict[str, Any]]:
     """Per system of an answer frame (columns system, prediction, label, optional answer_type: closed when absent),
     in order of first appearance: n, accuracy with its Wilson 95% interval (accuracy_lo, accuracy_hi; correctness
-    as analysis.answers.judge defines it per type) and macro_f1. macro_f1 is over the closed rows: the mean F1 over
+    as core/base/answers.judge defines it per type) and macro_f1. macro_f1 is over the closed rows: the mean F1 over
     the `labels` (default: the gold labels seen) that occur as gold labels of that system's closed queries; for a
     system with set rows it is the label-set macro-F1 of those rows (set_f1; labels = the members of `labels`, by
     default the gold members seen), with micro_f1 added. Systems with open rows add token_f1 and token_recall

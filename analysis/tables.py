@@ -1,6 +1,7 @@
 """Prediction tables on disk: the context-prediction, answer and rerank tables (JSONL, CSV or Parquet by suffix).
 
-Owns the column names, validating loaders whose errors name file, line/row and field, and the atomic `write_table`.
+Owns the validating loaders whose errors name file, line/row and field; the column names and the atomic
+`write_table` are the contract of core/base/tables.py (re-exported here).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,25 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core.fsutil import atomic_path
-from ..core.jsonl import iter_jsonl
-from .answers import ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer, score_rows
-from .answers import token_scores as _token_scores
+from ..core.base.jsonl import iter_jsonl
+from ..core.base.tables import (ANSWER_COLUMNS, ANSWER_REQUIRED, ANSWER_TYPE, CONTEXT_COLUMNS, CONTEXT_REQUIRED, ERROR,
+                                HEAD, ITEM_ID, LABEL, PREDICTION, PROBS, QUERY_ID, RANK, RANKING, RERANK_COLUMNS,
+                                RERANK_REQUIRED, RETRIEVAL_SCORE, SELECTOR, SUFFIXES, SYSTEM, TableError, probs_type,
+                                write_table)
+from ..core.base.answers import (ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings, normalize_answer,
+                                 score_rows)
+from ..core.base.answers import token_scores as _token_scores
 
 log = logging.getLogger(__name__)
 
-# Column names are part of the public interface (docs/design.md, "The analysis, defined exactly").
-SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION = "system", "query_id", "rank", "label", "prediction"
-ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS = "item_id", "head", "retrieval_score", "probs"
-SELECTOR, RANKING, ERROR = "selector", "ranking", "error"
-ANSWER_TYPE = "answer_type"
-CONTEXT_REQUIRED = (SYSTEM, QUERY_ID, RANK, LABEL, PREDICTION)
-CONTEXT_COLUMNS = CONTEXT_REQUIRED + (ITEM_ID, HEAD, RETRIEVAL_SCORE, PROBS, ANSWER_TYPE)
-ANSWER_REQUIRED = (SYSTEM, QUERY_ID, PREDICTION, LABEL)
-ANSWER_COLUMNS = ANSWER_REQUIRED + (PROBS, ANSWER_TYPE)
-RERANK_REQUIRED = (SYSTEM, QUERY_ID, SELECTOR, RANKING)
-RERANK_COLUMNS = RERANK_REQUIRED + (ERROR,)
-SUFFIXES = (".jsonl", ".csv", ".parquet")
 SHORT_POLICIES = ("error", "drop", "keep")
 PROB_TOLERANCE = 1e-3
 
@@ -62,11 +54,7 @@ _SPECS: dict[str, dict[str, str]] = {
 _REQUIRED = {"contexts": CONTEXT_REQUIRED, "answers": ANSWER_REQUIRED, "rerank": RERANK_REQUIRED}
 # "id" columns whose empty string is valid on set rows (the empty label set): checked once the row types are known
 _BLANK_ON_SET = (LABEL,)
-_PROBS_TYPE = pa.map_(pa.string(), pa.float64())
-
-
-class TableError(ValueError):
-    """Invalid prediction table; the message names the file, the line (or Parquet row) and the field at fault."""
+_PROBS_TYPE = probs_type()
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -485,7 +473,7 @@ def _check_values(raw: RawTable, spec: dict[str, str], required: Sequence[str]) 
                 raise raw.fail(row, name, f"{values[row]} is not {_KIND_WANT[kind]}")
         elif kind == "probs":
             raw.probs = ProbsColumn.from_arrow(col)
-            check_distributions(raw.probs, raw)
+            check_distributions(raw.probs, raw, _set_rows(raw))
         elif kind == "ranking":
             flat = pc.list_flatten(col).to_numpy()
             if (flat < 1).any():
@@ -574,6 +562,13 @@ class ProbsColumn:
                    .astype(np.float64, copy=False),
                    arr.is_valid().to_numpy(zero_copy_only=False))
 
+    def subset(self, rows: np.ndarray) -> "ProbsColumn":
+        """The column with only `rows` (bool, per row) kept; the other rows become null."""
+        lengths = np.diff(self.offsets)
+        keep = np.repeat(rows, lengths)
+        offsets = np.concatenate([[0], np.cumsum(np.where(rows, lengths, 0))]).astype(np.int64)
+        return ProbsColumn(offsets, self.keys.filter(pa.array(keep)), self.values[keep], self.valid & rows)
+
     def row_sums(self) -> np.ndarray:
         cs = np.concatenate([[0.0], np.cumsum(self.values)])
         return cs[self.offsets[1:]] - cs[self.offsets[:-1]]
@@ -587,16 +582,32 @@ class ProbsColumn:
         return out
 
 
-def check_distributions(probs: ProbsColumn, raw: RawTable) -> None:
+def _set_rows(raw: RawTable) -> np.ndarray | None:
+    """Rows whose answer_type cell says set (their probs are per-label p(yes), not a distribution); None without
+    the column."""
+    col = raw.columns.get(ANSWER_TYPE)
+    if col is None:
+        return None
+    kind = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
+    return pc.fill_null(pc.equal(kind, SET), False).to_numpy(zero_copy_only=False)
+
+
+def check_distributions(probs: ProbsColumn, raw: RawTable, set_rows: np.ndarray | None = None) -> None:
+    """Every probs cell a distribution over answers, except on set rows (`set_rows`), where each value is one
+    label's p(yes) in [0, 1]."""
     if len(probs.values):
         bad_entry = ~np.isfinite(probs.values) | (probs.values < 0)
+        if set_rows is not None:
+            bad_entry |= np.repeat(set_rows, np.diff(probs.offsets)) & (probs.values > 1)
         if bad_entry.any():
             row = int(np.searchsorted(probs.offsets, np.argmax(bad_entry), side="right") - 1)
             raise raw.fail(row, PROBS, f"holds a negative or non-finite probability "
                                        f"{probs.values[np.argmax(bad_entry)]}; expected non-negative values "
-                                       f"summing to 1 (within {PROB_TOLERANCE})")
+                                       f"summing to 1 (within {PROB_TOLERANCE}; on set rows each in [0, 1])")
     sums = probs.row_sums()
     bad = probs.valid & ~(np.abs(sums - 1.0) <= PROB_TOLERANCE)
+    if set_rows is not None:
+        bad &= ~set_rows
     row = _first(bad)
     if row is not None:
         raise raw.fail(row, PROBS, f"values sum to {sums[row]:.6g}; expected a probability distribution "
@@ -630,6 +641,8 @@ class ContextTable:
     probs_answer: np.ndarray | None  # answer code of every probs entry
     run_type: np.ndarray | None = None  # answer-type code per run (index into ANSWER_TYPES); None: all closed
     settings: AnswerSettings = DEFAULT_SETTINGS
+    # set rows' probs (per-label p(yes), keys the raw labels) in file-row order; `probs` holds the other rows'
+    label_probs: ProbsColumn | None = None
     _token_cache: dict[int, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     @property
@@ -642,6 +655,17 @@ class ContextTable:
 
     def locate(self, sorted_row: int) -> str:
         return self.raw.locate(int(self.row[sorted_row]))
+
+    def code_of(self, normalised: str) -> int:
+        """The answer code of a normalised answer, appended to `answers` when no row holds it (a fused label set no
+        context predicted): appended codes break the sorted order, which only closed answers' ties rely on."""
+        if not hasattr(self, "_code"):
+            self._code = {a: i for i, a in enumerate(self.answers)}
+        if normalised not in self._code:
+            self._code[normalised] = len(self.answers)
+            self.answers.append(normalised)
+            self._token_cache.clear()  # keyed by pred * len(answers) + label
+        return self._code[normalised]
 
     def token_scores(self, pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token recall and F1 (answers.token_scores) of answer codes against label codes, element-wise; each
@@ -748,6 +772,10 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None,
     probs = raw.probs
     row_type = _row_types(raw, settings)
     check_blank_labels(raw, row_type)
+    label_probs = None
+    if probs is not None and row_type is not None and (row_type == ANSWER_TYPES.index(SET)).any():
+        is_set = row_type == ANSWER_TYPES.index(SET)  # their probs are per-label p(yes), not answers
+        label_probs, probs = probs.subset(is_set), probs.subset(~is_set)
     if probs is not None:
         key_codes, key_uniques = encode_strings(pa.chunked_array([probs.keys]))
     if row_type is None:
@@ -833,7 +861,7 @@ def load_contexts(path: str | os.PathLike, columns: Sequence[str] | None = None,
     return ContextTable(raw=raw, systems=systems, query_ids=q_uniques.to_numpy(zero_copy_only=False),
                         answers=answers, row=row, run_start=starts, run_system=run_sys, run_query=q_codes,
                         run_label=run_label, rank=rank, prediction=pred, score=score, probs=probs,
-                        probs_answer=probs_answer, run_type=run_type, settings=settings)
+                        probs_answer=probs_answer, run_type=run_type, settings=settings, label_probs=label_probs)
 
 
 def _check_one_per_query(raw: RawTable, row: np.ndarray, starts: np.ndarray, run_start_mask: np.ndarray,
@@ -1062,70 +1090,3 @@ def load_rerank(path: str | os.PathLike) -> RerankTable:
         raise raw.fail(row, RANKING, f"empty ranking without an error; expected {_KIND_WANT['ranking']}, or a "
                                      f"non-empty '{ERROR}' for a failed query")
     return RerankTable(raw=raw, frame=df)
-
-
-# ------------------------------------------------------------------------------------------------- writing
-
-
-def _probs_cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return {str(k): float(v) for k, v in dict(value).items()}
-
-
-def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Writes a prediction table atomically, the format chosen by suffix (.jsonl, .csv, .parquet).
-
-    `probs` cells are dicts (answer -> probability) or None: a JSON object in JSONL and CSV, a map in Parquet.
-    `ranking` cells are lists of ranks (a JSON list in CSV).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise TableError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    df = df.reset_index(drop=True)
-    with atomic_path(path) as tmp:
-        if suffix == ".parquet":
-            arrays = {}
-            for name in df.columns:
-                if name == PROBS:
-                    cells = [_probs_cell(v) for v in df[name]]
-                    arrays[name] = pa.array([list(c.items()) if c is not None else None for c in cells],
-                                            type=_PROBS_TYPE)
-                elif name == RANKING:
-                    arrays[name] = pa.array([list(map(int, r)) if r is not None else None for r in df[name]],
-                                            type=pa.list_(pa.int64()))
-                else:
-                    arrays[name] = pa.array(df[name].to_numpy(dtype=object) if df[name].dtype == object
-                                            else df[name])
-            pq.write_table(pa.table(arrays), tmp)
-        elif suffix == ".csv":
-            out = df.copy()
-            for name in (PROBS, RANKING):
-                if name in out.columns:
-                    out[name] = [json.dumps(_probs_cell(v) if name == PROBS else list(map(int, v)))
-                                 if v is not None and not (isinstance(v, float) and math.isnan(v)) else ""
-                                 for v in out[name]]
-            out.to_csv(tmp, index=False)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in df.to_dict(orient="records"):
-                    clean = {k: _json_cell(k, v) for k, v in rec.items()}
-                    f.write(json.dumps(clean, ensure_ascii=False) + "\n")
-    return path
-
-
-def _json_cell(name: str, value: Any) -> Any:
-    if name == PROBS:
-        return _probs_cell(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if value is pd.NA:
-        return None
-    return value
-
-

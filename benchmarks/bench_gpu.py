@@ -161,8 +161,8 @@ def make_dataset(out: Path, n: int, image_px: int):
     import numpy as np
     from PIL import Image
 
-    from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.core.records import CorpusItem, Query
+    from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+    from dxrag.core.base.records import CorpusItem, Query
 
     rng = np.random.default_rng(0)
     with DatasetWriter(out) as w:

@@ -30,8 +30,8 @@ def build(tmp: Path, n_labels: int, n: int):
     import numpy as np
     from PIL import Image
 
-    from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.core.records import CorpusItem, Query
+    from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+    from dxrag.core.base.records import CorpusItem, Query
 
     labels = [f"finding{k}" for k in range(n_labels)]
     rng = np.random.default_rng(0)

@@ -36,7 +36,7 @@ def main() -> None:
     args = p.parse_args()
 
     from dxrag.core.data.medmnist import convert_medmnist
-    from dxrag.core.dataset import load_dataset
+    from dxrag.core.base.dataset import load_dataset
     from dxrag.core.reader.build import RECIPES, build_reader
     from dxrag.core.reader.model import Reader, ScoreRequest
     from dxrag.core.reader.settings import ReaderSettings

@@ -43,8 +43,8 @@ def make_dataset(out: Path, n_corpus: int, n_queries: int, seed: int):
     """A small dataset of 32x32 noise images with a faint per-grade cue; corpus texts name their grade."""
     from PIL import Image
 
-    from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.core.records import CorpusItem, Query
+    from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+    from dxrag.core.base.records import CorpusItem, Query
 
     rng = np.random.default_rng(seed)
 
@@ -72,7 +72,7 @@ def naive_scores(reader, requests, root: Path) -> list[np.ndarray]:
     """One generate() per candidate answer, as the reference code does (see the module docstring)."""
     import torch
 
-    from dxrag.core.dataset import open_image
+    from dxrag.core.base.dataset import open_image
     from dxrag.core.reader.prompts import prompt_images, render_prompt
 
     model, processor = reader.hf_model, reader.processor
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _emit(result: dict, path: Path | None) -> None:
     print(json.dumps(result, indent=2))
     if path:
-        from dxrag.core.fsutil import atomic_write_json
+        from dxrag.core.base.fsutil import atomic_write_json
 
         atomic_write_json(path, result)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, cpu_kernels
-from .dataset import DatasetError, load_dataset
+from .base.dataset import DatasetError, load_dataset
 from .logs import quiet_weight_bars, setup_logging
 
 EXAMPLES = """\

@@ -5,6 +5,7 @@ file, the key and the valid keys. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,9 +14,12 @@ from typing import Any
 
 import yaml
 
+from .base.fusion import FusionSettings
 from .data.synth import SynthConfig
 from .probe import ProbeSettings
 from .reader.settings import ReaderSettings
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -137,6 +141,7 @@ class InferenceSettings:
     top_n: int = 2  # per head: 2 heads x 2 = 4 contexts per query
     split: str = "test"
     rank_order: list[str] = field(default_factory=lambda: ["image", "text"])  # interleaving of the heads' lists
+    fusion: FusionSettings = field(default_factory=FusionSettings)  # how the contexts' answers become one answer
 
 
 @dataclass
@@ -155,6 +160,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as a run recorded it (run.json, a sweep's ranges.json), in today's keys: runs recorded before
+    `inference.fusion` existed fused their contexts with `distill.tau_retriever`, which is what it then means."""
+    inference = config.get("inference", {})
+    if "fusion" in inference or "tau_retriever" not in config.get("distill", {}):
+        return config
+    fusion = {"temperature": config["distill"]["tau_retriever"]}
+    return {**config, "inference": {**inference, "fusion": fusion}}
 
 
 def _key(where: str, key: str) -> str:
@@ -243,6 +258,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: expected a mapping at top level")
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
+    if isinstance(data.get("distill"), dict) and "tau_retriever" in data["distill"] and not (
+            isinstance(data.get("inference"), dict) and "fusion" in data["inference"]):
+        log.warning("%s: distill.tau_retriever no longer sets the fusion temperature; inference.fusion.temperature "
+                    "does (default %s): set it to keep fusing as before", where, FusionSettings().temperature)
     cfg = build(RunConfig, data, f"{where}:")
     _check(cfg, where)
     return cfg

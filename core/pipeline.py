@@ -13,11 +13,11 @@ from typing import Any
 
 
 from . import cpu_kernels, distributed, stages
-from .config import ConfigError, RunConfig
-from .dataset import Dataset
-from .fsutil import atomic_write_json
+from .config import ConfigError, RunConfig, recorded_config
+from .base.dataset import Dataset
+from .base.fsutil import atomic_write_json
 from .predictions import write_tables
-from .provenance import provenance
+from .base.provenance import provenance
 from .stages import SYSTEMS, RunContext
 from .training.runs import RunDir
 
@@ -74,7 +74,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     summary.update({"metrics": evaluate(rows, ds), "timings": timings, "reused_stages": reused})
     if cfg.report:
         summary["report"], summary["compact"] = _timed(timings, "report", stages.report, ctx, contexts, answers,
-                                                           *val_tables)
+                                                           *(val_tables or (None, None)), ds.meta.allow_empty)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(ctx.run / "metrics.json", summary)
     return summary
@@ -117,18 +117,19 @@ def check_inputs(run_dir: Path, ds: Dataset) -> None:
 def evaluate(rows: list[dict], ds: Dataset) -> dict[str, Any]:
     """Accuracy (Wilson 95% interval) and macro-F1 of every system's final answer, and joint vs rag with an exact
     McNemar test on the same queries: analysis.stats computes all of them, with answers judged per `answer_type` as
-    analyze-oracle does (analysis.answers). Multi-label: accuracy is subset accuracy, macro_f1 / micro_f1 over the
+    analyze-oracle does (core/base/answers.py). Multi-label: accuracy is subset accuracy, macro_f1 / micro_f1 over the
     labels' membership. VQA with open questions: `by_answer_type` adds n and accuracy of the closed and of the open
     questions (normalised exact match), and token_f1 / token_recall of the open ones."""
     import pandas as pd
 
     from ..analysis.stats import paired, system_metrics
+    from .base.answers import CLOSED, OPEN
 
     answers = pd.DataFrame([r for r in rows if r["kind"] == "answer"])
     out: dict[str, Any] = system_metrics(answers, ds.meta.labels)
-    types = answers["answer_type"].fillna("closed") if "answer_type" in answers else pd.Series("closed", answers.index)
-    if (types == "open").any():
-        for kind in ("closed", "open"):
+    types = answers["answer_type"].fillna(CLOSED) if "answer_type" in answers else pd.Series(CLOSED, answers.index)
+    if (types == OPEN).any():
+        for kind in (CLOSED, OPEN):
             for system, m in system_metrics(answers[types == kind], ds.meta.labels).items():
                 out[system].setdefault("by_answer_type", {})[kind] = {"n": m["n"], "accuracy": m["accuracy"]}
     if {"joint", "rag"} <= set(out):
@@ -163,7 +164,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
         return run_stages(cfg, run_dir, report_dir)
     if saved.exists():
         record = json.loads(saved.read_text(encoding="utf-8"))
-        diffs = _config_diff(record["config"], cfg.to_dict())
+        diffs = _config_diff(recorded_config(record["config"]), cfg.to_dict())
         level, was = cpu_kernels.record()["level"], record.get("cpu_kernels", {}).get("level")
         if was is not None and was != level:  # kernels that round differently would mix within one run
             diffs.append(f"CPU kernels ({was} then, {level} now; {cpu_kernels.ENV})")

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Iterable
 
 from . import distributed
-from .jsonl import iter_jsonl
-from .records import Answer, ContextPrediction
+from .base.jsonl import iter_jsonl
+from .base.records import Answer, ContextPrediction
 
 CONTEXTS_FILE = "contexts.jsonl"
 ANSWERS_FILE = "answers.jsonl"
@@ -57,10 +57,10 @@ def read_logs(directory: Path) -> list[dict]:
 
 def write_tables(rows: list[dict], out: Path, prefix: str = "") -> tuple[Path, Path]:
     """The context and answer tables (`<prefix>contexts.jsonl`, `<prefix>answers.jsonl` in `out`), sorted by system,
-    query and rank, through the analysis' table writer."""
+    query and rank, through the tables' writer (base/tables.py)."""
     import pandas as pd
 
-    from ..analysis.tables import write_table
+    from .base.tables import write_table
 
     ctx = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "context"]
     ans = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "answer"]

@@ -93,7 +93,7 @@ def image_features(model, paths: Sequence[Path], image_size: int, batch_size: in
     import torch
     from PIL import Image
 
-    from .dataset import open_image
+    from .base.dataset import open_image
 
     out = []
     with torch.inference_mode():

@@ -16,12 +16,12 @@ import numpy as np
 from . import distributed
 from .config import RunConfig
 from .reader.settings import ReaderSettings
-from ..analysis.selectors import fuse, fused_answer, fusion_weights
-from .dataset import Dataset, load_dataset
+from .base.dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
-from .records import Answer, ContextPrediction, Query
-from ..analysis.answers import CLOSED, OPEN, SET
-from .tasks import TaskPrompts, open_answer
+from .base.records import Answer, ContextPrediction, Query
+from .base.answers import CLOSED, OPEN, SET
+from .base.fusion import fuse, fused_answer, fusion_weights, open_answer
+from .tasks import TaskPrompts
 from .training.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
                                       q.exclude[split])}
     todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
                               if (s, queries[qi].id) not in plog.done])
-    tau = ctx.cfg.distill.tau_retriever
+    tau = ctx.cfg.inference.fusion.temperature
     # prompt passes per context: a multi-label context's L questions share one prefix pass (ScoreRequest.share_prefix)
     per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" and not ctx.cfg.reader.share_prefix else 1
     chunk = max(1, ctx.cfg.reader.batch_size // (2 * cfg.top_n * per_context))
@@ -386,23 +386,25 @@ def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np
 
 def _log_set(plog: PredictionLog, prompts: TaskPrompts, system: str, query: Query, ranked, p_yes: np.ndarray,
              tau: float) -> None:
-    """One multi-label query: per context the predicted set's canonical string; the final answer thresholds the
-    per-label p(yes) averaged over the contexts with the fusion weights (softmax of retrieval score / tau). Rows
-    carry no probs: the reader's per-label p(yes) is no distribution over set answers."""
+    """One multi-label query: per context the predicted set's canonical string, with each offered label's p(yes) in
+    `probs` (what the analysis fuses); the final answer thresholds the per-label p(yes) averaged over the contexts
+    with the fusion weights (softmax of retrieval score / tau), its probs those averages."""
+    offered = prompts.offered(query)
     if system == "closed-book":
         plog.write([], Answer(system, query.id, prompts.set_answer(query, p_yes[0]), query.label,
-                              answer_type=SET))
+                              dict(zip(offered, map(float, p_yes[0]))), answer_type=SET))
         return
     rows = [ContextPrediction(system, query.id, rank, query.label, prompts.set_answer(query, p), item_id, head,
-                              float(score), answer_type=SET)
+                              float(score), dict(zip(offered, map(float, p))), answer_type=SET)
             for rank, ((head, item_id, score), p) in enumerate(zip(ranked, p_yes), 1)]
     fused = fuse(p_yes, np.array([s for _, _, s in ranked]), tau)
-    plog.write(rows, Answer(system, query.id, prompts.set_answer(query, fused), query.label, answer_type=SET))
+    plog.write(rows, Answer(system, query.id, prompts.set_answer(query, fused), query.label,
+                            dict(zip(offered, map(float, fused))), answer_type=SET))
 
 
 def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: list[str], tau: float) -> None:
     """One open question: per context the generated answer; the final answer is the generated answer with the
-    largest total fusion weight (`tasks.open_answer`). No probs."""
+    largest total fusion weight (`fusion.open_answer`). No probs."""
     if system == "closed-book":
         plog.write([], Answer(system, query.id, texts[0], query.label, answer_type=OPEN))
         return
@@ -459,12 +461,13 @@ def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]
 
 
 def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | None = None,
-           val_answers: Path | None = None) -> tuple[str, str]:
+           val_answers: Path | None = None, allow_empty: bool = False) -> tuple[str, str]:
     """The oracle report in the report directory (with the `learned` selector trained on the validation predictions
     when they exist and scikit-learn is installed); returns its path and the compact terminal table."""
     from importlib.util import find_spec
 
     from ..analysis.report import OracleReport
+    from .base.answers import AnswerSettings
 
     train = {}
     if val_contexts is not None:
@@ -472,9 +475,11 @@ def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | 
             log.warning("learned selector left out: scikit-learn is not installed (pip install 'dxrag[learn]')")
         else:
             train = {"selector_train": val_contexts, "selector_train_answers": val_answers}
-    from ..analysis.tables import TableError
+    from .base.tables import TableError
 
-    tau = ctx.cfg.distill.tau_retriever
+    # the fusion selector reproduces the pipeline's fused answers: same temperature, same empty-set rule
+    tau = ctx.cfg.inference.fusion.temperature
+    train["answer_settings"] = AnswerSettings(allow_empty=allow_empty)
     try:
         rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau, **train)
     except TableError as e:
@@ -482,6 +487,7 @@ def report(ctx: RunContext, contexts: Path, answers: Path, val_contexts: Path | 
             raise
         # e.g. every validation context right (or wrong): nothing to learn from; the other selectors still report
         log.warning("learned selector left out: %s", e)
-        rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau)
+        rep = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=tau,
+                                       answer_settings=train["answer_settings"])
     rep.write(ctx.report_dir, figures=ctx.cfg.figures)
     return str(ctx.report_dir), rep.compact_table()

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import load_config
-from .fsutil import atomic_dir
+from .config import load_config, recorded_config
+from .base.fsutil import atomic_dir
 from .pipeline import run_pipeline
-from .records import normalize_answer
+from .base.answers import normalize_closed
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     contexts, answers = run_dir / "predictions" / "contexts.jsonl", run_dir / "predictions" / "answers.jsonl"
     record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["metrics"]
-    report = OracleReport.from_tables(contexts, answers=answers, reference="rag",
-                                      fusion_temperature=record["config"]["distill"]["tau_retriever"])
+    fusion = recorded_config(record["config"])["inference"]["fusion"]
+    report = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=fusion["temperature"])
     acc = report.subsets().set_index(["system", "method", "subset"])["acc"]
     summary = report.summary().set_index("system")
     answered = report.answers.frame
@@ -46,7 +46,7 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
         "seed": record["seed"] if seed is None else seed,
         "closed_book_acc": metrics.get("closed-book", {}).get("accuracy", nan),
         "closed_book_macro_f1": metrics.get("closed-book", {}).get("macro_f1", nan),
-        "closed_book_distinct": int(closed.map(normalize_answer).nunique()),
+        "closed_book_distinct": int(closed.map(normalize_closed).nunique()),
         "rag_acc": metrics["rag"]["accuracy"],
         "joint_acc": metrics["joint"]["accuracy"],
         "rag_inconsistent_rate": float(summary.loc["rag", "inconsistent_rate"]),
@@ -125,7 +125,7 @@ def check_equal(row: dict[str, Any], config: dict[str, Any], expected: dict[str,
         seeded = {**swept, "seed": seed}
         if expected.get("vary_data", True):
             seeded["data"] = {**swept["data"], "seed": seed}
-        if seeded != config:
+        if recorded_config(seeded) != recorded_config(config):
             return [f"  this run's config is not the sweep's (beyond the seed): equality with seed {seed}'s row not "
                     f"checked"], None
     lines, differ = [], 0
@@ -144,7 +144,7 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
     import pandas as pd
 
     from ..analysis.stats import mcnemar_p
-    from .provenance import provenance
+    from .base.provenance import provenance
 
     cfg = load_config(config, overrides)
     name = cfg.run

@@ -20,13 +20,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..analysis.answers import SET, normalize_open
-from .dataset import DatasetMeta
-from .records import Query, format_label_set
+from .base.answers import SET
+from .base.fusion import fused_labels
+from .base.dataset import DatasetMeta
+from .base.records import Query, format_label_set
 from .reader.prompts import with_legend
 YES, NO = "yes", "no"
 LABEL_QUESTION = "Is {label} present?"
-PRESENT = 0.5  # a label is predicted present when p(yes) exceeds this
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,7 @@ class TaskPrompts:
     def predicted_set(self, query: Query, p_yes: Sequence[float]) -> list[str]:
         """The predicted set from p(yes) of each offered label: the labels with p(yes) > 0.5; when none is and the
         dataset forbids the empty set, the most probable label alone."""
-        offered = self.offered(query)
-        p = np.asarray(p_yes, dtype=np.float64)
-        members = [label for label, v in zip(offered, p) if v > PRESENT]
-        if not members and not self.allow_empty:
-            members = [offered[int(np.argmax(p))]]
-        return members
+        return fused_labels(self.offered(query), p_yes, self.allow_empty)
 
     def set_answer(self, query: Query, p_yes: Sequence[float]) -> str:
         """The predicted set's canonical string (`records.format_label_set`; "none" for the empty set)."""
@@ -119,18 +114,3 @@ class TrainingExamples(SequenceABC):
         asked = self.prompts.prompt_query(query) if label is None else self.prompts.label_query(query, label)
         return asked, context
 
-
-def open_answer(texts: Sequence[str], weights: Sequence[float]) -> str:
-    """The fused answer of an open question over its contexts: the generated answer whose normalised form
-    (analysis.answers.normalize_open, as analyze-oracle compares open answers) has the largest total fusion weight;
-    ties go to the best-ranked context's answer."""
-
-    totals: dict[str, float] = {}
-    first: dict[str, int] = {}
-    for i, (text, w) in enumerate(zip(texts, weights)):
-        key = normalize_open(text)
-        totals[key] = totals.get(key, 0.0) + float(w)
-        first.setdefault(key, i)
-    best = max(totals.values())
-    tied = [k for k, v in totals.items() if v >= best - 1e-12]
-    return texts[min(first[k] for k in tied)]

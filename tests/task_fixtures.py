@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dxrag.core.data.synth import GRADES, generate
-from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-from dxrag.core.records import CorpusItem, Query
+from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+from dxrag.core.base.records import CorpusItem, Query
 
 FINDINGS = ("opacity", "effusion", "nodule")
 # grade index -> the findings present (grade 0: the empty set)

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from dxrag.core.dataset import DatasetError, DatasetWriter, DatasetMeta, load_dataset
-from dxrag.core.records import CorpusItem, Query
+from dxrag.core.base.dataset import DatasetError, DatasetWriter, DatasetMeta, load_dataset
+from dxrag.core.base.records import CorpusItem, Query
 
 
 def _write_small(out, n=3, **overrides):
@@ -239,7 +239,7 @@ def test_list_label_outside_multilabel_task(tiny):
 
 
 def test_label_set_helpers():
-    from dxrag.core.records import format_label_set, parse_label_set
+    from dxrag.core.base.records import format_label_set, parse_label_set
 
     assert format_label_set({"nodule", "effusion"}, FINDINGS) == "effusion, nodule"
     assert format_label_set([], FINDINGS) == "none"

@@ -101,7 +101,7 @@ def test_changed_queries_or_corpus_are_refused(tmp_path):
     import dataclasses
 
     from dxrag.core.data.synth import generate
-    from dxrag.core.dataset import load_dataset
+    from dxrag.core.base.dataset import load_dataset
     from dxrag.core.pipeline import check_inputs
 
     ds = load_dataset(generate(tmp_path / "data", seed=0, **SMALL["data.synth"]))
@@ -122,7 +122,7 @@ def test_changed_queries_or_corpus_are_refused(tmp_path):
 
 
 def test_a_start_that_finished_no_stage_does_not_lock_the_run_dir(tmp_path):
-    from dxrag.core.dataset import DatasetError
+    from dxrag.core.base.dataset import DatasetError
 
     run_dir = tmp_path / "trained"
     for name in ("missing-a", "missing-b"):  # a wrong path, then the corrected config (wrong again, differently)
@@ -191,10 +191,10 @@ def test_helpers_exclusions_interleave_fuse(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.analysis.selectors import fuse
+    from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+    from dxrag.core.base.fusion import fuse
     from dxrag.core.stages import answerable, interleave, same_image_exclusions
-    from dxrag.core.records import CorpusItem, Query
+    from dxrag.core.base.records import CorpusItem, Query
 
     with DatasetWriter(tmp_path / "d") as w:
         for i in range(3):

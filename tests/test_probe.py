@@ -73,7 +73,7 @@ def test_settings_are_checked_with_the_key_named():
 
 def test_auto_leaves_the_probe_out_when_it_cannot_run_and_on_refuses(tmp_path, monkeypatch, synth_dir):
     from dxrag.core import weights
-    from dxrag.core.dataset import load_dataset
+    from dxrag.core.base.dataset import load_dataset
     from dxrag.core.probe import ProbeError, unavailable
     from dxrag.core.stages import probe
 
@@ -105,7 +105,7 @@ def test_probe_on_breastmnist_reaches_the_frozen_feature_floor_and_resumes(tmp_p
 
     from dxrag.core import probe as probe_module
     from dxrag.core.data.medmnist import convert_medmnist
-    from dxrag.core.dataset import load_dataset
+    from dxrag.core.base.dataset import load_dataset
     from dxrag.core.stages import probe
 
     torch.set_num_threads(1)

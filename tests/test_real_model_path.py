@@ -12,7 +12,7 @@ import pytest
 
 from dxrag.core.cli import main
 from dxrag.core.data.corpus import build_corpus_dataset
-from dxrag.core.dataset import DatasetError, load_dataset
+from dxrag.core.base.dataset import DatasetError, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "qwen2vl-7b.yaml"
@@ -58,7 +58,7 @@ def test_corpus_builder_references_images_and_keeps_queries(roco, tmp_path):
         {s: [q.id for q in rows] for s, rows in source.queries.items()}
     assert all(Path(q.image).is_absolute() for rows in ds.queries.values() for q in rows)
     assert ds.meta.labels == source.meta.labels and ds.meta.task == source.meta.task
-    from dxrag.core.dataset import sha256_file
+    from dxrag.core.base.dataset import sha256_file
 
     assert ds.meta.extra["corpus_jsonl_sha256"] == sha256_file(roco["jsonl"])
     assert "same_image_keys" not in ds.meta.extra and "same_image_keys" not in ds.meta.extra["queries_extra"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dxrag.core.config import load_config
+from dxrag.core.config import load_config, recorded_config
 from dxrag.core.data.synth import GRADES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_committed_sweep_is_of_the_current_embedded_config(sweep):
     # the probe baseline runs after the swept systems and adds none of the swept columns (their prediction tables are
     # identical with and without it: issue 20's report), so its settings are not part of the sweep's config
     current.pop("probe", None)
-    swept = {k: v for k, v in ranges["config"].items() if k != "probe"}
+    swept = {k: v for k, v in recorded_config(ranges["config"]).items() if k != "probe"}
     assert swept == current, ("configs/embedded.yaml (or a default it relies on) changed after the sweep in "
                               "docs/results was run: rerun `dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 "
                               "4` and copy its ranges.json and seeds.csv there")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dxrag.core.data.synth import GRADES, generate
-from dxrag.core.dataset import load_dataset, sha256_file
+from dxrag.core.base.dataset import load_dataset, sha256_file
 
 EMBEDDED = str(Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml")
 

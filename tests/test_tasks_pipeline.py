@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dxrag.analysis.answers import normalize_open
+from dxrag.core.base.answers import normalize_open
 from dxrag.core.cli import main
-from dxrag.core.dataset import DatasetError, load_dataset
-from dxrag.core.records import format_label_set, parse_label_set
+from dxrag.core.base.dataset import DatasetError, load_dataset
+from dxrag.core.base.records import format_label_set, parse_label_set
 
 from dxrag_test_support import _sets
 from task_fixtures import FINDINGS, OPEN_ANSWERS, multilabel_dataset, open_vqa_dataset
@@ -65,7 +65,8 @@ def test_multilabel_run_writes_set_predictions_and_set_metrics(multilabel_run):
     for r in contexts + answers:
         members = parse_label_set(r["prediction"], FINDINGS)
         assert members is not None and format_label_set(members, FINDINGS) == r["prediction"]  # canonical
-        assert r["answer_type"] == "set" and r["probs"] is None
+        assert r["answer_type"] == "set" and list(r["probs"]) == list(FINDINGS)  # p(yes) of each offered label
+        assert all(0.0 <= v <= 1.0 for v in r["probs"].values())
     assert {r["label"] for r in answers} >= {"none", "opacity, effusion, nodule"}
     # the reader learnt something from 60 steps: not one set for every context
     assert len({r["prediction"] for r in contexts}) > 1
@@ -98,6 +99,36 @@ def test_open_vqa_run_generates_answers_for_open_questions(vqa_run):
             right = [normalize_open(r["prediction"]) == normalize_open(r["label"]) for r in rows]
             assert m["by_answer_type"][kind] == {"n": 10, "accuracy": pytest.approx(np.mean(right))}
         assert m["n"] == 20
+
+
+def _fusion_matches_the_pipeline(summary: dict, answer_type: str) -> None:
+    """The report's `fusion` selector, recomputed from the logged context rows with the run's temperature and
+    empty-set rule, picks the pipeline's fused answer on every query of `answer_type` (one fusion rule, one home)."""
+    from dxrag.analysis import OracleReport
+    from dxrag.core.base.answers import AnswerSettings, normalize_answer
+
+    answers = [r for r in _rows(summary["answers"]) if r["answer_type"] == answer_type]
+    report = OracleReport.from_tables(summary["contexts"], answers=summary["answers"], reference="rag",
+                                      fusion_temperature=0.2, answer_settings=AnswerSettings(allow_empty=True))
+    table, compared = report.contexts, 0
+    for qm in report.metrics:
+        fused = next(s for s in report.selectors[qm.system] if s.name == "fusion")
+        assert fused.n_fallback == 0
+        chosen = {table.query_ids[q]: table.answers[c] for q, c in zip(qm.matrix.query, fused.answers(qm))}
+        for r in answers:
+            if r["system"] == qm.system:
+                assert chosen[r["query_id"]] == normalize_answer(r["prediction"], answer_type), r
+                compared += 1
+    assert compared == 2 * 10  # rag and joint, every query of the type
+
+
+def test_report_fusion_is_the_pipelines_fused_set(multilabel_run):
+    _fusion_matches_the_pipeline(multilabel_run, "set")
+
+
+def test_report_fusion_is_the_pipelines_fused_open_answer(vqa_run):
+    _fusion_matches_the_pipeline(vqa_run, "open")
+    _fusion_matches_the_pipeline(vqa_run, "closed")
 
 
 def test_bad_multilabel_and_open_rows_are_errors(tmp_path):

@@ -13,9 +13,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..dataset import SPLITS, DatasetError, DatasetMeta, DatasetWriter, load_dataset
-from ..jsonl import parse_line
-from ..records import CorpusItem
+from ..base.dataset import SPLITS, DatasetError, DatasetMeta, DatasetWriter, load_dataset
+from ..base.jsonl import parse_line
+from ..base.records import CorpusItem
 
 log = logging.getLogger(__name__)
 

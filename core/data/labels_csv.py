@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..dataset import (SPLITS, DatasetError, DatasetMeta, DatasetWriter, check_multilabel_labels, open_image,
+from ..base.dataset import (SPLITS, DatasetError, DatasetMeta, DatasetWriter, check_multilabel_labels, open_image,
                        sha256_file)
-from ..records import CorpusItem, Query
+from ..base.records import CorpusItem, Query
 
 log = logging.getLogger(__name__)
 

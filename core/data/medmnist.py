@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..dataset import SPLITS, DatasetError, DatasetMeta, DatasetWriter, sha256_file
-from ..records import CorpusItem, Query
+from ..base.dataset import SPLITS, DatasetError, DatasetMeta, DatasetWriter, sha256_file
+from ..base.records import CorpusItem, Query
 
 log = logging.getLogger(__name__)
 

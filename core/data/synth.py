@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import DatasetError, DatasetMeta, DatasetWriter
-from ..records import CorpusItem, Query
+from ..base.dataset import DatasetError, DatasetMeta, DatasetWriter
+from ..base.records import CorpusItem, Query
 
 log = logging.getLogger(__name__)
 

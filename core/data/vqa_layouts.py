@@ -15,8 +15,9 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from ..dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
-from ..records import CorpusItem, Query
+from ..base.answers import CLOSED, OPEN
+from ..base.dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
+from ..base.records import CorpusItem, Query
 from .vqarad import YES_NO, corpus_text, json_entries, split_val_images
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,10 @@ def write_vqa(w: DatasetWriter, rows: dict[str, list[VQARow]], image_of: dict[st
             w.queries[split].append(Query(
                 id=f"q{r.qid}" if r.qid.isdigit() else f"q-{r.qid}", image=image_of[r.image_key], question=r.question,
                 candidates=YES_NO if r.yes_no else (), label=r.answer,
-                metadata={"answer_type": "closed" if r.yes_no else "open",
+                metadata={"answer_type": CLOSED if r.yes_no else OPEN,
                           "source_answer_type": r.source_answer_type, "qid": r.qid, "source_image": r.image_key,
                           "image_in_test": r.image_key in test_images, **r.metadata}))
-    counts = {s: sum(q.metadata["answer_type"] == "closed" for q in w.queries[s]) for s in w.queries}
+    counts = {s: sum(q.metadata["answer_type"] == CLOSED for q in w.queries[s]) for s in w.queries}
     w.meta = DatasetMeta(
         name=name, task="vqa", labels=list(YES_NO), source=source, license=license,
         description=f"{name} medical VQA converted by dxrag: closed yes/no questions are a two-class task, other "

@@ -16,8 +16,9 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from ..dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
-from ..records import CorpusItem, Query
+from ..base.answers import CLOSED, OPEN
+from ..base.dataset import DatasetError, DatasetMeta, DatasetWriter, open_image, sha256_file
+from ..base.records import CorpusItem, Query
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _query(qa: QA, image: str, image_in_test: bool) -> Query:
     return Query(
         id=f"q{qa.qid}", image=image, question=qa.question,
         candidates=YES_NO if qa.yes_no else (), label=qa.answer,
-        metadata={"answer_type": "closed" if qa.yes_no else "open", "source_answer_type": qa.source_answer_type,
+        metadata={"answer_type": CLOSED if qa.yes_no else OPEN, "source_answer_type": qa.source_answer_type,
                   "qid": qa.qid, "source_image": qa.image_name, "image_in_test": image_in_test,
                   "image_organ": qa.organ, "question_type": qa.question_type, "phrase_type": qa.phrase_type})
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_dir
+from ..base.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..fsutil import atomic_dir
-from ..records import CorpusItem, Query, normalize_answer
+from ..base.fsutil import atomic_dir
+from ..base.answers import normalize_closed
+from ..base.records import CorpusItem, Query
 from .model import Reader, ReaderError, ScoreRequest, predictions
 from .settings import AlignSettings, FinetuneSettings
 
@@ -44,7 +45,7 @@ class FinetuneHistory:
 def accuracy(reader: Reader, requests: Sequence[ScoreRequest], image_root: str | os.PathLike) -> float:
     """Fraction of requests whose best-scoring candidate is the query's label."""
     preds = predictions(requests, reader.score(requests, image_root, progress=False))
-    return float(np.mean([normalize_answer(p) == normalize_answer(r.query.label) for p, r in zip(preds, requests)]))
+    return float(np.mean([normalize_closed(p) == normalize_closed(r.query.label) for p, r in zip(preds, requests)]))
 
 
 def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike,

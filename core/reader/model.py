@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..dataset import Dataset, DatasetError, open_image
+from ..base.answers import OPEN
+from ..base.dataset import Dataset, DatasetError, open_image
 from .. import distributed
-from ..fsutil import atomic_dir
-from ..records import CorpusItem, Query
+from ..base.fsutil import atomic_dir
+from ..base.records import CorpusItem, Query
 from .families import FAMILIES, Family, build_tiny, family_of, mrope_continuation
 from .prompts import LABEL_QUESTION_WORDS, LEGEND_WORDS, PromptRenderer, prompt_images
 from .settings import LoraSettings, ReaderSettings
@@ -102,7 +103,6 @@ def vocabulary_from_dataset(dataset: Dataset) -> tuple[list[str], list[str]]:
     """Texts (questions, corpus texts, open answers, the legend) and answers (labels, candidates; yes/no of the
     per-label questions of a multi-label task) to build the tiny tokenizer from. Open answers are texts, so their
     words are separate tokens and generating one takes several steps."""
-    from ...analysis.answers import OPEN
     from ..tasks import NO, YES
 
     queries = [q for split in dataset.queries.values() for q in split]
@@ -942,7 +942,7 @@ class Reader:
         """The tokens of a query's gold answer as the assistant turn: the answer's tokens, and for an open question
         the tokenizer's end token after them (what makes generation stop after the answer)."""
         ids = self.answer_ids(query.label)
-        if query.answer_type == "open" and self.tokenizer.eos_token_id is not None:
+        if query.answer_type == OPEN and self.tokenizer.eos_token_id is not None:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids
 

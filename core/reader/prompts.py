@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from ..records import CorpusItem, Query
+from ..base.records import CorpusItem, Query
 
 BACKGROUND_PREFIX = "Background: "
 OPTIONS_PREFIX = "Options: "

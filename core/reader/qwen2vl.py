@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_dir
+from ..base.fsutil import atomic_dir
 
 # M-RoPE split of the rotary half-dimension (temporal, height, width): Qwen2-VL's [16, 24, 24] scaled to the
 # 0.5B's head_dim 64 (sums to 32)

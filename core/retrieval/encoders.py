@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import PretrainSettings
-from ..dataset import open_image
-from ..fsutil import atomic_dir
+from ..base.dataset import open_image
+from ..base.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..fsutil import atomic_path
+from ..base.fsutil import atomic_path
 from .encoders import Encoder, ImageLike
 
 HEADS = ("image", "text")  # image head: query image -> image index; text head: query image -> text index

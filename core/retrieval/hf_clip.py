@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..fsutil import atomic_dir
+from ..base.fsutil import atomic_dir
 from .encoders import HF_PREFIX, Encoder, ImageLike, Tokens, _open_images
 
 MARKER_FILE = "dxrag_encoder.json"  # next to config.json: the name the encoder was loaded by and its weights hash

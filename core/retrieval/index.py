@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import INDEX_SHORTHANDS, IndexSettings
-from ..dataset import Dataset
-from ..fsutil import atomic_dir
+from ..base.dataset import Dataset
+from ..base.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Collection, Mapping, Sequence
 import numpy as np
 
 from ..config import IndexSettings
-from ..dataset import Dataset
+from ..base.dataset import Dataset
 from .encoders import Encoder, ImageLike
 from .heads import HEADS, QueryTower
 from .index import CorpusIndex, index_corpus, is_exact, load_index, resolve_factory

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ...analysis.answers import CLOSED, OPEN, SET
-from ..records import CorpusItem, Query
+from ..base.answers import CLOSED, OPEN, SET
+from ..base.records import CorpusItem, Query
 from .runs import load_arrays, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Run directories: stage markers for `--resume` and training checkpoints (safetensors for weights,
-torch.load(weights_only=True) for optimizer state). Provenance lives in `dxrag.core.provenance`.
+torch.load(weights_only=True) for optimizer state). Provenance lives in `dxrag.core.base.provenance`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import atomic_dir, atomic_write_json
+from ..base.fsutil import atomic_dir, atomic_write_json
 
 
 class RunDir:

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..fsutil import atomic_write_json, replace_dir
+from ..base.fsutil import atomic_write_json, replace_dir
 
 REGISTRY_FILE = Path(__file__).resolve().parent / "registry.json"
 MANIFEST = "dxrag-weights.json"

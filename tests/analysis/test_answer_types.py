@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from dxrag.analysis import OracleReport, TableError
-from dxrag.analysis.answers import (AnswerSettings, judge, normalize_open, normalize_set, parse_set, score_rows,
+from dxrag.core.base.answers import (AnswerSettings, judge, normalize_open, normalize_set, parse_set, score_rows,
                                     set_members, token_scores)
 from dxrag.analysis.cli import main
 from dxrag.analysis.stats import membership, set_f1, set_f1_interval, system_metrics
@@ -327,8 +327,9 @@ def test_mixed_closed_and_open_table(tmp_path, capsys):
     sel = report.selectors_frame().set_index("selector")
     # confidence: q1 -> rank 2 (0.9), right; q2 open -> falls back to rank 1, wrong.
     assert sel.loc["confidence", "acc"] == 0.5 and sel.loc["confidence", "n_fallback"] == 1
-    # fusion on q1: w = softmax(1, 0) = (0.731, 0.269); yes = 0.731*0.4 + 0.269*0.9 = 0.535 > no; q2 falls back.
-    assert sel.loc["fusion", "acc"] == 0.5 and sel.loc["fusion", "n_fallback"] == 1
+    # fusion on q1: w = softmax(1, 0) = (0.731, 0.269); yes = 0.731*0.4 + 0.269*0.9 = 0.535 > no; q2 votes with the
+    # same weights: "right lung" 0.731 > "left lung" 0.269, wrong (no fallback: open answers are fused too)
+    assert sel.loc["fusion", "acc"] == 0.5 and sel.loc["fusion", "n_fallback"] == 0
     sub = report.subsets().set_index(["system", "subset"])
     assert sub.loc[("closed-book", "all"), "acc"] == 1.0  # "Left lung." EM-equals "Left lung" as open answers
     out = tmp_path / "out"
@@ -460,4 +461,5 @@ def test_learned_selector_on_a_mixed_table(tmp_path):
     assert sel.loc["learned", "acc"] > sel.loc["retriever", "acc"] + 0.2  # it learns to pick the text contexts
     assert "max_prob" in report.learned.dropped["rag"]  # missing on the open queries' contexts
     assert report.summary().loc[0, "n_open"] == 150
-    assert sel.loc["confidence", "n_fallback"] == 150 and sel.loc["fusion", "n_fallback"] == 150
+    # confidence needs a distribution (rank 1 on open queries); fusion votes over the open answers
+    assert sel.loc["confidence", "n_fallback"] == 150 and sel.loc["fusion", "n_fallback"] == 0

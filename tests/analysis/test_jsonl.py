@@ -1,4 +1,4 @@
-"""core/jsonl.py: line numbers in every error, blank lines skipped, a torn last line dropped only when asked, the
+"""core/base/jsonl.py: line numbers in every error, blank lines skipped, a torn last line dropped only when asked, the
 caller's error class kept; and the JSONL table loader's pyarrow path agrees with its line-by-line pass."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from dxrag.analysis import tables
-from dxrag.core.jsonl import JsonlError, iter_jsonl, parse_line
+from dxrag.core.base.jsonl import JsonlError, iter_jsonl, parse_line
 
 
 def test_lines_blank_and_errors(tmp_path):

@@ -18,8 +18,8 @@ from dxrag.analysis.cli import main as analyze
 from dxrag.analysis.lvlm import main as lvlm_rerank
 from dxrag.analysis.lvlm import parse_ranking
 from dxrag.analysis.tables import load_rerank, write_table
-from dxrag.core.dataset import DatasetWriter
-from dxrag.core.records import CorpusItem, Query
+from dxrag.core.base.dataset import DatasetWriter
+from dxrag.core.base.records import CorpusItem, Query
 
 pytest.importorskip("openai")
 KEY = "sk-test-secret-0123456789"
@@ -109,7 +109,7 @@ def server():
 
 
 def make_dataset(root: Path) -> tuple[Path, Path]:
-    from dxrag.core.dataset import DatasetMeta
+    from dxrag.core.base.dataset import DatasetMeta
 
     out = root / "ds"
     rows = []

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from dxrag.analysis import OracleReport, write_table
-from dxrag.analysis.selectors import fuse, fused_answer
+from dxrag.core.base.fusion import fuse, fused_answer
 from dxrag.analysis.stats import mcnemar_p, paired, system_metrics, wilson
 
 ANSWERS = pd.DataFrame([

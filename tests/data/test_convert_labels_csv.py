@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dxrag.core.data import labels_csv as lc
-from dxrag.core.dataset import DatasetError, load_dataset
+from dxrag.core.base.dataset import DatasetError, load_dataset
 
 LABELS = ["No finding", "Bronchitis", "Pneumonia"]
 

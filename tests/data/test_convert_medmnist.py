@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dxrag.core.data import medmnist as mm
-from dxrag.core.dataset import DatasetError, load_dataset, sha256_file
+from dxrag.core.base.dataset import DatasetError, load_dataset, sha256_file
 from dxrag_test_support import SHARED_DATA
 
 

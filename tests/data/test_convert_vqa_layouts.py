@@ -16,7 +16,7 @@ from PIL import Image
 
 from dxrag.core.data import vqa_layouts as vl
 from dxrag.core.cli import main
-from dxrag.core.dataset import DatasetError, load_dataset
+from dxrag.core.base.dataset import DatasetError, load_dataset
 from dxrag_test_support import shared_vqarad
 from dxrag.core.stages import same_image_exclusions
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dxrag.core.data import vqarad
 from dxrag.core.cli import main
-from dxrag.core.dataset import DatasetError, load_dataset
+from dxrag.core.base.dataset import DatasetError, load_dataset
 from dxrag_test_support import shared_vqarad
 
 

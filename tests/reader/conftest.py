@@ -36,8 +36,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory):
     """60 corpus items whose text names their label, and 40 train / 20 val queries over the same labels."""
-    from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-    from dxrag.core.records import CorpusItem, Query
+    from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+    from dxrag.core.base.records import CorpusItem, Query
 
     rng = np.random.default_rng(0)
     out = tmp_path_factory.mktemp("reader") / "toy"

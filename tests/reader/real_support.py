@@ -67,7 +67,7 @@ def teacher_forced(reader, query, context, answers, root: Path, end: str = "") -
     """Reference candidate scores, independent of the reader's own answer tokenisation: for each answer, the processor
     tokenizes the whole text prompt + answer (+ `end`); log p of the tokens after the prompt's from one forward pass,
     summed; then normalised over the answers (float64)."""
-    from dxrag.core.dataset import open_image
+    from dxrag.core.base.dataset import open_image
     from dxrag.core.reader.prompts import prompt_images, render_prompt
 
     prompt = render_prompt(reader.processor, query, context, answers)

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from dxrag.core.reader.families import FAMILIES  # noqa: E402
 from dxrag.core.reader.model import Reader, ReaderError, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings, TinyReaderSettings  # noqa: E402
-from dxrag.core.records import CorpusItem  # noqa: E402
+from dxrag.core.base.records import CorpusItem  # noqa: E402
 
 from .conftest import LABELS  # noqa: E402
 

@@ -11,7 +11,7 @@ from dxrag.core.reader.finetune import accuracy, finetune  # noqa: E402
 from dxrag.core.reader.model import (Reader, ReaderError, ScoreRequest,  # noqa: E402
                                      predictions)
 from dxrag.core.reader.settings import FinetuneSettings, LoraSettings, ReaderSettings  # noqa: E402
-from dxrag.core.records import CorpusItem, Query  # noqa: E402
+from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
 
 from .conftest import LABELS, context_for  # noqa: E402
 
@@ -45,7 +45,7 @@ def teacher_forced(reader, request, candidates, root):
 def library_forward(reader, request, root):
     """Reference single-token scores from the plain transformers path: processor(text, images) -> model(**inputs),
     positions from the model's own get_rope_index."""
-    from dxrag.core.dataset import open_image
+    from dxrag.core.base.dataset import open_image
     from dxrag.core.reader.prompts import prompt_images, render_prompt
 
     text = render_prompt(reader.processor, request.query, request.context, request.answers)

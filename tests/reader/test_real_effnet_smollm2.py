@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings  # noqa: E402
-from dxrag.core.records import CorpusItem  # noqa: E402
+from dxrag.core.base.records import CorpusItem  # noqa: E402
 
 from ..dxrag_test_support import real_weights  # noqa: E402
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import ReaderSettings  # noqa: E402
-from dxrag.core.records import CorpusItem  # noqa: E402
+from dxrag.core.base.records import CorpusItem  # noqa: E402
 
 from dxrag_test_support import real_weights  # noqa: E402
 
@@ -101,9 +101,9 @@ def test_training_loss_is_the_same_on_both_paths(fast, toy_dataset):
 
 def test_generate_is_the_greedy_continuation(fast, toy_dataset):
     """Batched, left-padded generation (M-RoPE positions continue per row) equals a plain greedy loop per prompt."""
-    from dxrag.core.dataset import open_image
+    from dxrag.core.base.dataset import open_image
     from dxrag.core.reader.prompts import prompt_images, render_prompt
-    from dxrag.core.records import Query
+    from dxrag.core.base.records import Query
 
     reader = Reader(fast.model, fast.processor, dataclasses.replace(fast.config, generate_max_tokens=4))
     requests = []

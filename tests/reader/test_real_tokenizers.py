@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings  # noqa: E402
-from dxrag.core.records import CorpusItem, Query  # noqa: E402
+from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
 
 from dxrag_test_support import real_weights  # noqa: E402
 
@@ -129,7 +129,7 @@ def test_text_only_logits_equal_the_standalone_llm(smol):
 
 def test_generate_is_the_greedy_continuation(smol, toy_dataset):
     """Batched (left-padded) generation equals a plain greedy loop over the processor's inputs of each prompt."""
-    from dxrag.core.dataset import open_image
+    from dxrag.core.base.dataset import open_image
     from dxrag.core.reader.prompts import prompt_images, render_prompt
 
     questions = ["Describe the image.", "What is the colour of the image?", "Is there a lesion? Answer briefly."]

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset  # noqa: E402
+from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset  # noqa: E402
 from dxrag.core.reader.finetune import finetune  # noqa: E402
 from dxrag.core.reader.model import Reader, ReaderError, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings  # noqa: E402
-from dxrag.core.records import CorpusItem, Query  # noqa: E402
+from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
 from dxrag.core.tasks import NO, YES, TaskPrompts  # noqa: E402
 
 from .conftest import LABELS, _noise  # noqa: E402

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dxrag.core.dataset import DatasetMeta, DatasetWriter, load_dataset
-from dxrag.core.records import CorpusItem, Query
+from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
+from dxrag.core.base.records import CorpusItem, Query
 
 CLASSES = ("red", "green", "blue", "yellow")
 _COLOURS = np.array([[190, 60, 60], [60, 190, 60], [60, 60, 190], [190, 190, 60]], dtype=np.float64)

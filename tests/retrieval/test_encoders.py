@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dxrag.core.dataset import DatasetError
+from dxrag.core.base.dataset import DatasetError
 from dxrag.core.config import PretrainSettings
 from dxrag.core.retrieval.encoders import (CONFIG_FILE, MODEL_CONFIG_DIR, TINY_MODEL, WEIGHTS_FILE, Encoder,
                                            pretrain_contrastive)

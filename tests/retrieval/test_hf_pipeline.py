@@ -14,7 +14,7 @@ def test_pipeline_runs_with_an_hf_encoder_and_an_hnsw_index(tmp_path, tiny_hf_bu
 
     from dxrag.core.config import load_config
     from dxrag.core.data.synth import generate
-    from dxrag.core.dataset import load_dataset
+    from dxrag.core.base.dataset import load_dataset
     from dxrag.core.pipeline import SYSTEMS, run_pipeline
 
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dxrag.core.records import CorpusItem, Query
+from dxrag.core.base.records import CorpusItem, Query
 from dxrag.core.retrieval.heads import QueryTower
 from dxrag.core.retrieval.index import build_index
 from dxrag.core.training.distill import DistillTask, ReaderJudge, inconsistent, train_head

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dxrag.core.records import CorpusItem, Query
+from dxrag.core.base.records import CorpusItem, Query
 from dxrag.core.tasks import TaskPrompts
 from dxrag.core.training.distill import ReaderJudge, inconsistent
 

@@ -17,12 +17,13 @@ import yaml
 
 from .fsutil import make_temp_dir, replace_dir
 from .jsonl import iter_jsonl
-from .records import EMPTY_LABEL_SET, LABEL_SET_SEPARATOR, CorpusItem, Query, normalize_answer
+from .answers import CLOSED, EMPTY_SET, OPEN, SET_SEPARATOR, normalize_closed
+from .records import CorpusItem, Query
 
 
 SPLITS = ("train", "val", "test")
 TASKS = ("classification", "multilabel", "vqa")
-ANSWER_TYPES = ("closed", "open")
+QUERY_ANSWER_TYPES = (CLOSED, OPEN)  # a query's metadata answer_type (vqa datasets); sets are a dataset task
 CORPUS_FILE = "corpus.jsonl"
 META_FILE = "dataset.yaml"
 
@@ -243,20 +244,20 @@ def load_meta(root: Path) -> DatasetMeta:
 def check_multilabel_labels(labels: list[str], where: str) -> None:
     """Labels of a set-valued task must survive the canonical string form: no separator inside, distinct after
     normalisation, and not the empty set's own string."""
-    sep = LABEL_SET_SEPARATOR.strip()
+    sep = SET_SEPARATOR.strip()
     bad = [x for x in labels if sep in x or not x.strip()]
     if bad:
         raise DatasetError(f"{where}: field 'labels': {bad}: multilabel labels must be non-empty and contain no "
-                           f"{sep!r} (answers list labels separated by {LABEL_SET_SEPARATOR!r})")
+                           f"{sep!r} (answers list labels separated by {SET_SEPARATOR!r})")
     seen: dict[str, str] = {}
     for x in labels:
-        n = normalize_answer(x)
+        n = normalize_closed(x)
         if n in seen:
             raise DatasetError(f"{where}: field 'labels': {seen[n]!r} and {x!r} are the same answer after "
                                f"strip + casefold")
         seen[n] = x
-    if EMPTY_LABEL_SET in seen:
-        raise DatasetError(f"{where}: field 'labels': {seen[EMPTY_LABEL_SET]!r} is reserved in a multilabel task "
+    if EMPTY_SET in seen:
+        raise DatasetError(f"{where}: field 'labels': {seen[EMPTY_SET]!r} is reserved in a multilabel task "
                            f"(it is the answer for the empty set); rename that label")
 
 
@@ -337,7 +338,7 @@ def load_dataset(root: str | os.PathLike, decode_images: bool = False, verify_ch
                 if missing:
                     raise DatasetError(f"{where}: field 'label': {missing} not among the candidates "
                                        f"{list(q.candidates)}")
-            elif q.answer_type == "open":
+            elif q.answer_type == OPEN:
                 if not q.label.strip():
                     raise DatasetError(f"{where}: field 'label': empty; an open question needs its free-text answer")
             else:
@@ -362,7 +363,7 @@ def _check_answer_type(q: Query, meta: DatasetMeta, where: str) -> None:
     value = q.metadata.get("answer_type")
     if value is None:
         return
-    valid = ANSWER_TYPES if meta.task == "vqa" else ("closed",)
+    valid = QUERY_ANSWER_TYPES if meta.task == "vqa" else (CLOSED,)
     if value not in valid:
         raise DatasetError(f"{where}: field 'metadata.answer_type': {value!r} is not one of {list(valid)} "
                            f"(task {meta.task})")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
+from .answers import CLOSED, EMPTY_SET, OPEN, SET_SEPARATOR, normalize_closed
+
 
 @dataclass(frozen=True)
 class CorpusItem:
@@ -23,10 +25,8 @@ class CorpusItem:
         return asdict(self)
 
 
-# A multi-label answer (a set of labels) as one string: its members in label-set order joined by ", ", or "none" for
-# the empty set. Two sets are equal exactly when these strings are, so the analysis compares set answers as strings.
-LABEL_SET_SEPARATOR = ", "
-EMPTY_LABEL_SET = "none"
+# A multi-label answer (a set of labels) is one string (answers.SET_SEPARATOR, answers.EMPTY_SET): its members in
+# label-set order joined by ", ", or "none" for the empty set. Two sets are equal exactly when these strings are.
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Query:
     @property
     def answer_type(self) -> str:
         """"open" (free-text answer, answered by generation) or "closed" (answered from `candidates`)."""
-        return "open" if self.metadata.get("answer_type") == "open" else "closed"
+        return OPEN if self.metadata.get("answer_type") == OPEN else CLOSED
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -105,15 +105,10 @@ class Answer:
         return asdict(self)
 
 
-def normalize_answer(text: str) -> str:
-    """Answers are compared after strip() + casefold() (docs/design.md)."""
-    return str(text).strip().casefold()
-
-
 def join_label_set(members: Iterable[str]) -> str:
     """The canonical string of a label set whose members are already in label-set order."""
     members = list(members)
-    return LABEL_SET_SEPARATOR.join(members) if members else EMPTY_LABEL_SET
+    return SET_SEPARATOR.join(members) if members else EMPTY_SET
 
 
 def format_label_set(members: Iterable[str], labels: Sequence[str]) -> str:
@@ -129,13 +124,13 @@ def format_label_set(members: Iterable[str], labels: Sequence[str]) -> str:
 
 def parse_label_set(text: str, labels: Sequence[str]) -> tuple[str, ...] | None:
     """A label set from an answer such as "Effusion, mass" or "none": comma-separated labels compared after
-    `normalize_answer`, returned in label-set order; None when a part is not a label (an unparseable answer)."""
-    by_norm = {normalize_answer(label): label for label in labels}
-    parts = [normalize_answer(p) for p in str(text).split(",")]
+    `answers.normalize_closed`, returned in label-set order; None when a part is not a label (an unparseable answer)."""
+    by_norm = {normalize_closed(label): label for label in labels}
+    parts = [normalize_closed(p) for p in str(text).split(",")]
     parts = [p for p in parts if p]
     if not parts:
         return None
-    if parts == [EMPTY_LABEL_SET]:
+    if parts == [EMPTY_SET]:
         return ()
     if any(p not in by_norm for p in parts):
         return None

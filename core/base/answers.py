@@ -16,8 +16,9 @@ CLOSED, SET, OPEN = "closed", "set", "open"
 ANSWER_TYPES = (CLOSED, SET, OPEN)  # the code of a type is its index here
 TASKS = ("auto",) + ANSWER_TYPES
 OPEN_CORRECT = ("em", "recall", "f1")
-DEFAULT_EMPTY_SET = "none"
-SET_SEPARATOR = ", "
+EMPTY_SET = "none"  # how the pipeline writes the empty label set (records.join_label_set)
+DEFAULT_EMPTY_SET = EMPTY_SET  # the analysis' default --empty-set token
+SET_SEPARATOR = ", "  # between the members of a set answer
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = frozenset(("a", "an", "the"))
 _TOLERANCE = 1e-12  # a token score this close below the threshold still reaches it (floating-point sums)
@@ -25,16 +26,20 @@ _TOLERANCE = 1e-12  # a token score this close below the threshold still reaches
 
 @dataclass(frozen=True)
 class AnswerSettings:
-    """How answers are read and judged (analyze-oracle --task, --empty-set, --open-correct, --open-threshold).
+    """How answers are read and judged (analyze-oracle --task, --empty-set, --open-correct, --open-threshold,
+    --allow-empty).
 
     `task`: auto (the `answer_type` column when present, else closed) or one type for every row. `empty_set`: the
     token that writes the empty label set. `open_correct`: what makes an open answer correct — em (normalised exact
-    match), recall or f1 (token score >= `open_threshold`)."""
+    match), recall or f1 (token score >= `open_threshold`). `allow_empty`: the dataset allows the empty label set
+    (dataset.yaml `allow_empty`, --allow-empty), which decides the fused set when no label's fused p(yes) exceeds
+    0.5 (fusion.fused_labels)."""
 
     task: str = "auto"
     empty_set: str = DEFAULT_EMPTY_SET
     open_correct: str = "em"
     open_threshold: float = 1.0
+    allow_empty: bool = False
 
     def problems(self) -> list[str]:
         """What is invalid about these settings (empty when they are valid)."""
