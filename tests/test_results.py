@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dxrag.core.config import load_config, recorded_config
+from dxrag.core.config import load_config
+from dxrag.core.sweep import swept_config
 from dxrag.core.data.synth import GRADES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +28,7 @@ def sweep():
 def test_committed_sweep_is_of_the_current_embedded_config(sweep):
     ranges, table = sweep
     current = load_config(ROOT / "configs" / "embedded.yaml").to_dict()
-    # the probe baseline runs after the swept systems and adds none of the swept columns (their prediction tables are
-    # identical with and without it: issue 20's report), so its settings are not part of the sweep's config
-    current.pop("probe", None)
-    swept = {k: v for k, v in recorded_config(ranges["config"]).items() if k != "probe"}
+    swept, current = swept_config(ranges["config"]), swept_config(current)
     assert swept == current, ("configs/embedded.yaml (or a default it relies on) changed after the sweep in "
                               "docs/results was run: rerun `dxrag sweep --config configs/embedded.yaml --seeds 0 1 2 3 "
                               "4` and copy its ranges.json and seeds.csv there")
