@@ -89,7 +89,8 @@ def write_trec(table: ContextTable, metrics: list[QueryMetrics], out_dir: Path) 
     item = table.raw.columns.get(ITEM_ID)
     if item is None:
         try:
-            item = read_raw(table.path, "contexts", columns=(ITEM_ID,)).columns.get(ITEM_ID)
+            # Only that column: the others were validated at load, and reading them again doubled the peak memory.
+            item = read_raw(table.path, "contexts", columns=(ITEM_ID,), required=()).columns.get(ITEM_ID)
         except (OSError, ValueError):  # an in-memory or moved table: contexts are named by rank
             item = None
     if item is not None:

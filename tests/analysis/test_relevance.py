@@ -156,3 +156,18 @@ def test_export_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert peak < 16 * n * k, f"{peak / (n * k):.1f} bytes per line"
     assert sum(1 for _ in open(tmp_path / "trec" / "rag.run")) == n * k
+
+
+def test_export_reads_only_the_item_column_again(written, tmp_path, monkeypatch):
+    """The loader leaves item_id out; the export reads that one column back from Parquet, not the whole table (a
+    second copy of the validated columns was the analysis' memory peak)."""
+    from dxrag.analysis import tables
+
+    report = OracleReport.from_tables(tmp_path / "contexts.parquet", short="keep", k=5)
+    read = []
+    real = tables.pq.read_table
+    monkeypatch.setattr(tables.pq, "read_table", lambda *a, **kw: read.append(kw.get("columns")) or real(*a, **kw))
+    relevance.write_trec(report.contexts, report.metrics, tmp_path / "again")
+    assert read == [["item_id"]]
+    _, out = written
+    assert (tmp_path / "again" / "rag.run").read_bytes() == (out / "trec" / "rag.run").read_bytes()
