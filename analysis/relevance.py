@@ -23,6 +23,7 @@ from .tables import ITEM_ID, ContextTable, encode_strings, read_raw
 log = logging.getLogger(__name__)
 
 METRICS = ("mrr", "ndcg_at_k", "ndcg_at_1", "success_at_k", "success_at_1")
+_BLOCK = 1 << 18  # lines of a TREC file built at a time (bounds the memory of the export, not its output)
 
 
 def _positions(present: np.ndarray) -> np.ndarray:
@@ -66,11 +67,15 @@ def trec_scores(qm: QueryMetrics) -> tuple[np.ndarray, str]:
     rank by score, so the file then evaluates to the system's own ranking), else 1 / position."""
     m = qm.matrix
     present = m.present
-    if m.score is not None and not np.isnan(m.score[present]).any():
-        s = np.where(present, m.score, -np.inf)
-        best_after = np.concatenate([np.maximum.accumulate(s[:, :0:-1], axis=1)[:, ::-1],
-                                     np.full((len(s), 1), -np.inf)], axis=1)  # highest later score
-        if (s[present] > best_after[present]).all():
+    if m.score is not None and not (np.isnan(m.score) & present).any():
+        # Column by column from the last rank, holding the highest later score per query (one vector, not k).
+        best_after = np.full(len(present), -np.inf)
+        falls = True
+        for j in range(m.k - 1, -1, -1):
+            s = np.where(present[:, j], m.score[:, j], -np.inf)
+            falls = falls and bool((s > best_after)[present[:, j]].all())
+            np.maximum(best_after, s, out=best_after)
+        if falls:
             return m.score, "retrieval_score"
     return 1.0 / np.maximum(_positions(present), 1), "1/position"
 
@@ -84,7 +89,8 @@ def write_trec(table: ContextTable, metrics: list[QueryMetrics], out_dir: Path) 
     item = table.raw.columns.get(ITEM_ID)
     if item is None:
         try:
-            item = read_raw(table.path, "contexts", columns=(ITEM_ID,)).columns.get(ITEM_ID)
+            # Only that column: the others were validated at load, and reading them again doubled the peak memory.
+            item = read_raw(table.path, "contexts", columns=(ITEM_ID,), required=()).columns.get(ITEM_ID)
         except (OSError, ValueError):  # an in-memory or moved table: contexts are named by rank
             item = None
     if item is not None:
@@ -95,6 +101,9 @@ def write_trec(table: ContextTable, metrics: list[QueryMetrics], out_dir: Path) 
     query_ws = pc.match_substring_regex(query_ids, r"\s").to_numpy(zero_copy_only=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = pacsv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none")
+    run_schema = pa.schema([("q", pa.string()), ("q0", pa.string()), ("doc", pa.string()), ("rank", pa.int64()),
+                            ("score", pa.float64()), ("tag", pa.string())])
+    qrels_schema = pa.schema([("q", pa.string()), ("it", pa.int64()), ("doc", pa.string()), ("rel", pa.int64())])
     done: dict[str, dict[str, str]] = {}
     used: set[str] = set()
     for qm in metrics:
@@ -102,31 +111,45 @@ def write_trec(table: ContextTable, metrics: list[QueryMetrics], out_dir: Path) 
         name = _safe_name(qm.system)
         name = name if name not in used else f"{name}-{len(used)}"
         used.add(name)
-        qi, col = np.nonzero(m.present)
-        rows, qcode, ranks = m.row[qi, col], m.query[qi], col + 1
-        if query_ws[qcode].any() or (item is not None and item_ws[rows].any()):
+        per_block = max(1, _BLOCK // m.k)
+        rank_suffix = pa.array([f"#{j}" for j in range(1, m.k + 1)], pa.string())
+        blocks = [(q0, min(len(m.query), q0 + per_block)) for q0 in range(0, len(m.query), per_block)]
+        if query_ws[m.query].any() or (item is not None and any(
+                item_ws[m.row[q0:q1][m.present[q0:q1]]].any() for q0, q1 in blocks)):
             why = "a query_id or item_id holds whitespace, which the TREC format cannot carry"
             log.warning("TREC export of system %s skipped: %s", qm.system, why)
             done[qm.system] = {"skipped": why}
             continue
-        suffix = pc.binary_join_element_wise("", "#", pa.array(ranks.astype(str)), "")  # "#<rank>"
-        if item is not None:
-            codes = item_code[rows].astype(np.int64)
-            key = qcode.astype(np.int64) * (int(codes.max()) + 2) + codes + 1
-            _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-            ids = item.take(pa.array(rows)).fill_null("")
-            clash = (counts[inverse] > 1) | (codes < 0) | (pc.utf8_length(ids).to_numpy() == 0)
-            docs = pc.if_else(pa.array(clash), pc.binary_join_element_wise(ids, suffix, ""), ids) \
-                if clash.any() else ids
-        else:
-            docs = suffix
-        qids = query_ids.take(pa.array(qcode))
         score, kind = trec_scores(qm)
-        run = pa.table({"q": qids, "q0": pa.repeat("Q0", len(rows)), "doc": docs, "rank": ranks,
-                        "score": score[qi, col], "tag": pa.repeat(name, len(rows))})
-        qrels = pa.table({"q": qids, "it": pa.repeat(0, len(rows)), "doc": docs,
-                          "rel": m.correct[qi, col].astype(np.int64)})
-        pacsv.write_csv(run, out_dir / f"{name}.run", write_options=opts)
-        pacsv.write_csv(qrels, out_dir / f"{name}.qrels", write_options=opts)
+        correct = m.correct
+        with (pacsv.CSVWriter(out_dir / f"{name}.run", run_schema, write_options=opts) as run_file,
+              pacsv.CSVWriter(out_dir / f"{name}.qrels", qrels_schema, write_options=opts) as qrels_file):
+            for q0, q1 in blocks:  # blocks of queries bound the memory of the per-line arrays
+                qi, col = np.nonzero(m.present[q0:q1])
+                rows, ranks = m.row[q0:q1][qi, col], col + 1
+                suffix = rank_suffix.take(pa.array(col))  # "#<rank>"
+                if item is not None:
+                    # An id repeated within its query: column against column of the block's (query × rank) codes.
+                    cell = np.where(m.present[q0:q1], item_code[np.maximum(m.row[q0:q1], 0)], -1)
+                    repeated = np.zeros(cell.shape, dtype=bool)
+                    for j in range(1, m.k):
+                        for i in range(j):
+                            same = (cell[:, j] == cell[:, i]) & (cell[:, j] >= 0)
+                            repeated[:, j] |= same
+                            repeated[:, i] |= same
+                    ids = item.take(pa.array(rows)).fill_null("")
+                    clash = repeated[qi, col] | (cell[qi, col] < 0) | (pc.utf8_length(ids).to_numpy() == 0)
+                    docs = pc.if_else(pa.array(clash), pc.binary_join_element_wise(ids, suffix, ""), ids) \
+                        if clash.any() else ids
+                else:
+                    docs = suffix
+                qids = query_ids.take(pa.array(m.query[q0:q1][qi]))
+                n = len(rows)
+                run_file.write_table(pa.table({"q": qids, "q0": pa.repeat("Q0", n), "doc": docs, "rank": ranks,
+                                               "score": score[q0:q1][qi, col], "tag": pa.repeat(name, n)},
+                                              schema=run_schema))
+                qrels_file.write_table(pa.table({"q": qids, "it": pa.repeat(0, n), "doc": docs,
+                                                 "rel": correct[q0:q1][qi, col].astype(np.int64)},
+                                                schema=qrels_schema))
         done[qm.system] = {"run": f"{name}.run", "qrels": f"{name}.qrels", "score": kind}
     return done

@@ -423,14 +423,16 @@ def _probs_from_json_strings(col: pa.ChunkedArray, locate: _Locator, name: str) 
 
 
 def read_raw(path: str | os.PathLike, kind: str, columns: Sequence[str] | None = None,
-             dictionary: Sequence[str] = ()) -> RawTable:
+             dictionary: Sequence[str] = (), required: Sequence[str] | None = None) -> RawTable:
     """Reads a table file (format by suffix) with per-value type checks; `kind` is contexts, answers or rerank.
 
     `columns` limits the optional columns read (Parquet reads only those); `dictionary` names string columns to
-    read dictionary-encoded from Parquet (cheap integer codes for low-cardinality columns).
+    read dictionary-encoded from Parquet (cheap integer codes for low-cardinality columns). `required`: the columns
+    that must be there (default: the kind's); `()` reads one more column of a table already validated, and from
+    Parquet only that column.
     """
     path = Path(path)
-    spec, required = _SPECS[kind], _REQUIRED[kind]
+    spec, required = _SPECS[kind], (_REQUIRED[kind] if required is None else tuple(required))
     if not path.is_file():
         raise TableError(f"{path}: file not found")
     suffix = path.suffix.lower()

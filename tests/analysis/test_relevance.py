@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from dxrag.analysis import OracleReport, write_table
+from dxrag.analysis import OracleReport, relevance, write_table
 from dxrag.analysis.cli import main
 
 
@@ -117,3 +118,56 @@ def test_whitespace_ids_skip_the_export_with_a_warning(tmp_path, caplog):
     assert "TREC export of system rag skipped" in caplog.text
     assert not (tmp_path / "out" / "trec" / "rag.run").exists() and (tmp_path / "out" / "summary.csv").exists()
     assert not np.isnan(report.summary()["mrr"]).any()
+
+
+@pytest.mark.parametrize("block", [1, 7])
+def test_export_in_blocks_writes_the_same_files(written, tmp_path, monkeypatch, block):
+    """The TREC files are built a block of queries at a time; the blocks (one query each, or queries split across
+    ranks) change nothing in the files, repeated ids and short queries included."""
+    _, out = written
+    report = OracleReport.from_tables(tmp_path / "contexts.parquet", short="keep", k=5)
+    monkeypatch.setattr(relevance, "_BLOCK", block, raising=False)
+    done = relevance.write_trec(report.contexts, report.metrics, tmp_path / "blocks")
+    assert done == {"rag": {"run": "rag.run", "qrels": "rag.qrels", "score": "retrieval_score"},
+                    "mixed": {"run": "mixed.run", "qrels": "mixed.qrels", "score": "1/position"}}
+    for name in ("rag.run", "rag.qrels", "mixed.run", "mixed.qrels"):
+        assert (tmp_path / "blocks" / name).read_bytes() == (out / "trec" / name).read_bytes(), name
+
+
+def test_export_memory_is_bounded_by_the_block(tmp_path, monkeypatch):
+    """Memory of the export: numpy's allocations (traced) stay a few bytes per line when the blocks are small
+    (a whole-table pass formatting each rank as a numpy string took ~124 bytes a line)."""
+    n, k = 20_000, 10
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"system": "rag", "query_id": np.repeat([f"q{i}" for i in range(n)], k),
+                       "rank": np.tile(np.arange(1, k + 1), n),
+                       "label": np.repeat(rng.integers(0, 3, n), k).astype(str),
+                       "prediction": rng.integers(0, 3, n * k).astype(str),
+                       "item_id": [f"d{i}" for i in rng.integers(0, 1000, n * k)],
+                       "retrieval_score": np.tile(1.0 - 0.05 * np.arange(k), n)})
+    write_table(df, tmp_path / "c.parquet")
+    report = OracleReport.from_tables(tmp_path / "c.parquet")
+    monkeypatch.setattr(relevance, "_BLOCK", 1 << 12, raising=False)
+    tracemalloc.start()
+    try:
+        relevance.write_trec(report.contexts, report.metrics, tmp_path / "trec")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * n * k, f"{peak / (n * k):.1f} bytes per line"
+    assert sum(1 for _ in open(tmp_path / "trec" / "rag.run")) == n * k
+
+
+def test_export_reads_only_the_item_column_again(written, tmp_path, monkeypatch):
+    """The loader leaves item_id out; the export reads that one column back from Parquet, not the whole table (a
+    second copy of the validated columns was the analysis' memory peak)."""
+    from dxrag.analysis import tables
+
+    report = OracleReport.from_tables(tmp_path / "contexts.parquet", short="keep", k=5)
+    read = []
+    real = tables.pq.read_table
+    monkeypatch.setattr(tables.pq, "read_table", lambda *a, **kw: read.append(kw.get("columns")) or real(*a, **kw))
+    relevance.write_trec(report.contexts, report.metrics, tmp_path / "again")
+    assert read == [["item_id"]]
+    _, out = written
+    assert (tmp_path / "again" / "rag.run").read_bytes() == (out / "trec" / "rag.run").read_bytes()
