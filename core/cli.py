@@ -10,8 +10,13 @@ import sys
 from pathlib import Path
 
 from . import __version__, cpu_kernels
-from .base.dataset import DatasetError, load_dataset
-from .logs import quiet_weight_bars, setup_logging
+
+# pinned when the command's module loads, before the imports below bring in numpy (and later torch): `dxrag` and
+# `python -m dxrag.core.cli` (torchrun's workers too) run at the pinned CPU kernel level
+cpu_kernels.pin()
+
+from .base.dataset import DatasetError, load_dataset  # noqa: E402
+from .logs import quiet_weight_bars, setup_logging  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -367,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cpu_kernels.pin()  # before anything imports numpy or torch (build_parser imports the converters, which use numpy)
+    cpu_kernels.pin()  # again for a caller that changed DXRAG_CPU_KERNELS after importing this module
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -36,6 +36,9 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
+_PINNED: dict[str, str] = {}  # the level this process pinned (a second call at the same level is no news)
+
+
 def pin(environ: MutableMapping[str, str] | None = None) -> str:
     """Set the variables of the level `DXRAG_CPU_KERNELS` names (default avx2) where they are not set yet, and
     export the level so child processes pin the same; returns the level. Call it before torch is imported: after
@@ -49,11 +52,13 @@ def pin(environ: MutableMapping[str, str] | None = None) -> str:
         for name, value in LEVELS[level].items():
             env.setdefault(name, value)
     late = [m for m in ("torch", "numpy") if m in sys.modules]
-    if environ is None and LEVELS[level] and late:
+    if environ is None and LEVELS[level] and late and _PINNED.get("level") != level:
         import warnings
 
         warnings.warn(f"{ENV}={level}: {' and '.join(late)} imported before the CPU kernel level was pinned; this "
                       f"process may run their native kernels", RuntimeWarning, stacklevel=2)
+    if environ is None:
+        _PINNED["level"] = level
     return level
 
 
