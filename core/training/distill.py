@@ -117,7 +117,10 @@ class ReaderJudge:
         scored = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) != OPEN]
         opened = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) == OPEN]
         out: list[np.ndarray | None] = [None] * len(pairs)
-        requests = [self._request(a, self.items[i]) for _, q, i in scored for a in self.asked(q)]
+        # a multi-label query's per-label questions about one item share their prompt up to the question: one prefix
+        # pass per (query, item) (ScoreRequest.share_prefix), as at prediction time
+        requests = [self._request(a, self.items[i], share_prefix=self._type(q) == SET) for _, q, i in scored
+                    for a in self.asked(q)]
         scores = iter(self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
                       if requests else [])
         for k, q, i in scored:

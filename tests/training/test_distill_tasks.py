@@ -21,9 +21,11 @@ class FakeReader:
                       ("opacity", "c1"): 0.3, ("effusion", "c1"): 0.8, ("mass", "c1"): 0.1}
         self.open_gold = {"c0": -0.5, "c1": -2.0}
         self.requests = 0
+        self.shared = []
 
     def score(self, requests, image_root, batch_size=None, progress=None):
         self.requests += len(requests)
+        self.shared += [r.share_prefix for r in requests]
         out = []
         for r in requests:
             label = r.query.question.split()[1]
@@ -46,6 +48,7 @@ def test_set_gold_is_the_mean_over_labels_and_predictions_code_the_set(tmp_path)
     ids = np.array([["c0", "c1"], ["c0", "c1"]], dtype=object)
     gold = judge.gold_logprobs(np.array([0, 1]), ids)
     assert reader.requests == 2 * 3 + 2 * 2  # one request per (query, item, offered label)
+    assert all(reader.shared)  # the per-label questions of one (query, item) share their prompt's prefix pass
     p = reader.p_yes
     assert gold[0, 0] == pytest.approx(np.mean(np.log([p["opacity", "c0"], 1 - p["effusion", "c0"], p["mass", "c0"]])))
     assert gold[1, 1] == pytest.approx(np.mean(np.log([1 - p["opacity", "c1"], 1 - p["effusion", "c1"]])))
