@@ -74,16 +74,14 @@ def load_encoder(name: str = "efficientnet-lite0"):
     """timm's tf_efficientnet_lite0 without its classifier (global-average-pooled 1280-d features), in eval mode, with
     the weights cache's ImageNet weights (safetensors)."""
     import timm
-    from safetensors.torch import load_file
 
-    from .weights import path
+    from .weights import WeightsError, load_into
 
-    state = load_file(str(path(name) / "model.safetensors"))
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or any(not k.startswith("classifier.") for k in unexpected):
-        raise ProbeError(f"weights {name!r}: not a tf_efficientnet_lite0 state dict (missing {missing[:3]}, "
-                         f"unexpected {[k for k in unexpected if not k.startswith('classifier.')][:3]})")
+    try:
+        load_into(model, name)
+    except WeightsError as e:
+        raise ProbeError(f"probe weights {name!r}: {e}") from None
     return model.eval()
 
 

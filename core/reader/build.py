@@ -60,13 +60,13 @@ def build_reader(recipe: BuildRecipe, out: str | os.PathLike, seed: int = 0) -> 
     """Write the assembled reader (model with a randomly initialised projector, processor, chat template) to `out`
     atomically. Raises `WeightsError` (naming `make weights`) when a part is not installed."""
     import torch
-    from safetensors.torch import load_file
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, FastVlmConfig,
                               FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig)
 
-    from ..weights import path as weights_path
+    from ..weights import load_into, path as weights_path
 
-    lm_dir, vision_dir = weights_path(recipe.language_model), weights_path(recipe.vision)
+    lm_dir = weights_path(recipe.language_model)
+    weights_path(recipe.vision)  # both parts installed before anything is built
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     tokenizer.padding_side = "left"
@@ -82,11 +82,7 @@ def build_reader(recipe: BuildRecipe, out: str | os.PathLike, seed: int = 0) -> 
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     tower = model.model.vision_tower.timm_model
-    weights = load_file(str(vision_dir / "model.safetensors"))
-    result = tower.load_state_dict(weights, strict=False)  # the ImageNet classifier has no place in the tower
-    if result.missing_keys or any(not k.startswith("classifier.") for k in result.unexpected_keys):
-        raise ValueError(f"{vision_dir / 'model.safetensors'}: not a {recipe.timm_model} state dict (missing "
-                         f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    load_into(tower, recipe.vision)  # the ImageNet classifier has no place in the tower
     # the processor counts image tokens as (size // patch)^2: the patch is the size over the tower's (padded) grid
     with torch.no_grad():
         grid = tower.forward_features(torch.zeros(1, 3, recipe.image_size, recipe.image_size)).shape[-1]

@@ -407,13 +407,8 @@ def _build_managed(model_cfg: dict[str, Any], checkpoint: Path | None, preproces
         model = CustomTextCLIP(vision_cfg=cfg.pop("vision_cfg"), text_cfg=text_cfg, **cfg)
     if checkpoint is None:
         for module_path, weights_name in model_cfg.get(WEIGHTS_INIT_KEY, {}).items():
-            file = weights.path(weights_name) / "model.safetensors"
-            missing, unexpected = model.get_submodule(module_path).load_state_dict(load_file(str(file)), strict=False)
             # a classifier head of the source (timm's, with num_classes=0 in open_clip) falls off the end
-            unexpected = [k for k in unexpected if not k.startswith("classifier.")]
-            if missing or unexpected:
-                raise ValueError(f"{file}: does not fit {module_path} (missing {missing[:3]}, unexpected "
-                                 f"{unexpected[:3]})")
+            weights.load_into(model.get_submodule(module_path), weights_name)
     else:
         model.load_state_dict(load_file(str(checkpoint)), strict=True)
     pp = dict(dataclasses.asdict(PreprocessCfg()))

@@ -220,6 +220,21 @@ def path(name: str) -> Path:
     return directory
 
 
+def load_into(module, name: str, head: str = "classifier.") -> None:
+    """Load the installed state dict of `name` (its `model.safetensors`) into the torch `module` (safetensors only):
+    every tensor of the module must be filled; only tensors of the source's head (names starting with `head`, such as
+    an ImageNet classifier that a feature extractor leaves out) may be left over. WeightsError names the file and the
+    first keys that do not fit."""
+    from safetensors.torch import load_file
+
+    file = path(name) / "model.safetensors"
+    missing, unexpected = module.load_state_dict(load_file(str(file)), strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(head)]
+    if missing or unexpected:
+        raise WeightsError(f"{file}: does not fit {type(module).__name__} (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]})")
+
+
 def is_installed(name: str) -> bool:
     try:
         path(name)

@@ -13,17 +13,10 @@ from pathlib import Path
 import torch
 
 from dxrag_test_support import real_weights
+from dxrag.core.reader.build import SMOLLM2_SYSTEM, chatml_template
 
 # SmolLM2-Instruct's own template (its default system turn included) with list content and image parts
-SMOLLM2_IMAGE_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
+SMOLLM2_IMAGE_TEMPLATE = chatml_template(SMOLLM2_SYSTEM, "<image>")
 
 def smollm2_llava(out: Path) -> Path:
     """Build and save (bf16) the SmolLM2 LLaVA reader; the language model's weights are SmolLM2's unchanged, the new

@@ -16,6 +16,7 @@ from dxrag.core.reader.settings import LoraSettings, ReaderSettings, TinyReaderS
 from dxrag.core.base.records import CorpusItem  # noqa: E402
 
 from .conftest import LABELS  # noqa: E402
+from .support import requests_for  # noqa: E402
 
 MULTI = ("mild disease", "severe disease", "normal eye", "moderate")  # multi-token answers, mixed lengths
 TESTED = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "idefics3", "internvl", "llava_onevision",
@@ -39,17 +40,6 @@ def readers(toy_dataset):
             cache[key] = Reader.from_config(settings(family, **kw), dataset=toy_dataset)
         return cache[key]
     return get
-
-
-def requests_for(ds, n=5, candidates=None):
-    """Closed-book and context requests with different prompt lengths (left padding differs across the batch)."""
-    out = []
-    for i, q in enumerate(ds.queries["val"][:n]):
-        ctx = None if i % 3 == 0 else ds.corpus[i]
-        if i % 4 == 1:
-            ctx = CorpusItem(id=f"long{i}", image=ds.corpus[i].image, text=ds.corpus[i].text + " mild eye" * i)
-        out.append(ScoreRequest(q, ctx, candidates))
-    return out
 
 
 def teacher_forced(reader, request, root):

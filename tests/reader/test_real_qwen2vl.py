@@ -20,6 +20,7 @@ from dxrag.core.base.records import CorpusItem  # noqa: E402
 from dxrag_test_support import real_weights  # noqa: E402
 
 from .real_support import teacher_forced  # noqa: E402
+from .support import lora_losses  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -137,17 +138,7 @@ def test_lora_step_and_adapter_save_load_on_the_fast_path(qwen_dir, toy_dataset,
     reader = Reader.from_config(ReaderSettings(model=str(qwen_dir), device="cpu", dtype="float32", batch_size=2))
     reader.add_lora(LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     examples = [(toy_dataset.queries["train"][0], toy_dataset.corpus[0]), (toy_dataset.queries["train"][1], None)]
-    optimizer = torch.optim.AdamW([p for p in reader.model.parameters() if p.requires_grad], lr=2e-3)
-    reader.model.train()
-    losses = []
-    for _ in range(2):
-        loss = reader.answer_loss(examples, toy_dataset.root)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        losses.append(float(reader.answer_loss(examples, toy_dataset.root)))
+    losses = lora_losses(reader, examples, toy_dataset.root, steps=2, lr=2e-3)
     assert losses[-1] < losses[0], losses
     requests = [ScoreRequest(q, c) for q, c in examples]
     trained = reader.score(requests, toy_dataset.root)

@@ -13,11 +13,12 @@ torch = pytest.importorskip("torch")
 
 from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings  # noqa: E402
-from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
+from dxrag.core.base.records import Query  # noqa: E402
 
 from dxrag_test_support import real_weights  # noqa: E402
 
 from .real_support import smollm2_llava, teacher_forced  # noqa: E402
+from .support import lora_losses, requests_for  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -54,17 +55,6 @@ def smol(smol_dir):
     return _load(smol_dir)
 
 
-def _requests(ds, candidates=None, n=6):
-    """Closed-book and context requests of different prompt lengths."""
-    out = []
-    for i, q in enumerate(ds.queries["val"][:n]):
-        ctx = None if i % 3 == 0 else ds.corpus[i]
-        if i % 3 == 2:
-            ctx = CorpusItem(id=f"long{i}", image=ds.corpus[i].image, text=ds.corpus[i].text + " dilated vessels" * i)
-        out.append(ScoreRequest(q, ctx, candidates))
-    return out
-
-
 @pytest.mark.parametrize("candidates,end", CANDIDATE_SETS, ids=["leading-space", "multi-token", "prefixes"])
 def test_candidates_score_like_teacher_forcing(smol, toy_dataset, candidates, end):
     tokenizer = smol.tokenizer
@@ -78,7 +68,7 @@ def test_candidates_score_like_teacher_forcing(smol, toy_dataset, candidates, en
         assert tokenizer.convert_ids_to_tokens(ids[" yes"]) == ["Ġyes"]
     else:
         assert max(len(v) for v in ids.values()) >= (2 if end else 3)
-    for request in _requests(toy_dataset, candidates, n=3):
+    for request in requests_for(toy_dataset, 3, candidates):
         got = smol.score([request], toy_dataset.root)[0]
         assert np.ptp(got) > 0.1  # not uniform: a real output layer is in place
         want = teacher_forced(smol, request.query, request.context, candidates, toy_dataset.root, end).numpy()
@@ -86,7 +76,7 @@ def test_candidates_score_like_teacher_forcing(smol, toy_dataset, candidates, en
 
 
 def test_batched_scores_equal_one_at_a_time(smol, toy_dataset):
-    requests = [r for candidates, _ in CANDIDATE_SETS for r in _requests(toy_dataset, candidates)]
+    requests = [r for candidates, _ in CANDIDATE_SETS for r in requests_for(toy_dataset, 6, candidates)]
     batched = smol.score(requests, toy_dataset.root, batch_size=4)
     single = [smol.score([r], toy_dataset.root, batch_size=1)[0] for r in requests]
     assert max(np.abs(a - b).max() for a, b in zip(batched, single)) < FP32_TOL
@@ -97,7 +87,7 @@ def test_bf16_tolerance(smol_dir, smol, toy_dataset):
     bf16 = _load(smol_dir, dtype="bfloat16")
     stats = {}
     for candidates, end in CANDIDATE_SETS:
-        requests = _requests(toy_dataset, candidates, n=4)
+        requests = requests_for(toy_dataset, 4, candidates)
         fp32 = smol.score(requests, toy_dataset.root)
         batched = bf16.score(requests, toy_dataset.root, batch_size=4)
         single = [bf16.score([r], toy_dataset.root, batch_size=1)[0] for r in requests]
@@ -160,7 +150,7 @@ def test_generate_is_the_greedy_continuation(smol, toy_dataset):
 
 def test_lora_step_lowers_the_loss_and_save_load_keeps_the_scores(smol_dir, toy_dataset, tmp_path):
     reader = _load(smol_dir)
-    requests = _requests(toy_dataset, n=4)
+    requests = requests_for(toy_dataset, 4)
     before = reader.score(requests, toy_dataset.root)
     full = _load(reader.save(tmp_path / "full"))
     assert max(np.abs(a - b).max() for a, b in zip(before, full.score(requests, toy_dataset.root))) < 1e-6
@@ -169,17 +159,7 @@ def test_lora_step_lowers_the_loss_and_save_load_keeps_the_scores(smol_dir, toy_
     examples = [(q, toy_dataset.corpus[i]) for i, q in enumerate(toy_dataset.queries["train"][:4])]
     params = [p for p in reader.model.parameters() if p.requires_grad]
     assert 0 < sum(p.numel() for p in params) < 0.05 * sum(p.numel() for p in reader.model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    reader.model.train()
-    losses = []
-    for _ in range(3):
-        loss = reader.answer_loss(examples, toy_dataset.root)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        losses.append(float(reader.answer_loss(examples, toy_dataset.root)))
+    losses = lora_losses(reader, examples, toy_dataset.root, steps=3, lr=1e-3)
     assert losses[-1] < losses[0], losses
     trained = reader.score(requests, toy_dataset.root)
     assert max(np.abs(a - b).max() for a, b in zip(before, trained)) > 1e-3  # the adapters changed the scores
