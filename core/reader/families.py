@@ -72,7 +72,7 @@ class Family:
     named_tokens: dict[str, str] = field(default_factory=dict)  # tokenizer attributes the processor reads
     # A frozen vision tower whose output the trainable rest of the model reuses: `tower_features(model, pixels)` ->
     # (images, tokens, dim) before the projector and `project(model, features)` -> image-token embeddings. Families
-    # with both score and train on tower features computed once per image (model.VisionFeatureCache), which a parity
+    # with both score and train on tower features computed once per image (tower_cache.VisionFeatureCache), which a parity
     # test shows equals the generic path; `tower` / `projector` name the modules (kept frozen / trained in alignment).
     tower_features: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     project: Callable[[Any, torch.Tensor], torch.Tensor] | None = None

@@ -1,0 +1,184 @@
+"""Scoring with the KV cache: candidate continuations after a prompt and `share_prefix` requests continued from one
+encoding of their common prefix."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .families import mrope_continuation
+from .prompts import prompt_images
+from .requests import ReaderError, ScoreRequest, _Forward, _PrefixOnly
+
+
+class SharedPrefixMixin:
+    """`Reader`'s scoring modes, candidate continuations and shared-prefix scoring."""
+
+    def _split(self, requests: Sequence[ScoreRequest]) -> tuple[dict[int, tuple], dict[int, list[int]]]:
+        """Of each `share_prefix` request, by request index: the key of its prefix (prefix text and images: equal
+        keys, one encoding) and its suffix tokens (question, options, assistant header). A request whose chat
+        template does not insert the question verbatim, or whose suffix has no tokens, is scored whole (left
+        out). The prompt around the question depends on the candidates and the context only, so it is cut once per
+        (candidates, context) and each distinct suffix is tokenized once."""
+        cuts: dict[tuple, tuple[str, str] | None] = {}
+        keys, texts = {}, {}
+        for i, r in enumerate(requests):
+            if not r.share_prefix:
+                continue
+            around = (r.answers, None if r.context is None else r.context.text)
+            if around not in cuts:
+                pieces = self._render.split(r.query, r.context, r.answers)
+                cuts[around] = None if pieces is None else (pieces[0], pieces[1][len(r.query.question.strip()):])
+            if cuts[around] is not None:
+                prefix, rest = cuts[around]
+                keys[i] = (prefix, tuple(prompt_images(r.query, r.context)))
+                texts[i] = r.query.question.strip() + rest
+        distinct = list(dict.fromkeys(texts.values()))
+        ids = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+        suffixes = {i: ids[t] for i, t in texts.items() if ids[t]}
+        return {i: k for i, k in keys.items() if i in suffixes}, suffixes
+
+    def _prefix_batches(self, order: list[int], requests: Sequence[ScoreRequest], keys: dict[int, tuple],
+                        batch_size: int) -> list[list[int]]:
+        """Batches of whole prefix groups (requests with the same prefix, in `order` of their first member), up to
+        `batch_size` prefixes each: a batch's prefix pass is no wider than an unshared batch, and its continuation
+        rows run in chunks of `batch_size`."""
+        groups: dict[tuple, list[int]] = {}
+        for i in order:
+            groups.setdefault(keys[i], []).append(i)
+        members = list(groups.values())
+        out = []
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            if self.family.same_image_count:
+                out += [[i for g in chunk for i in g if (requests[g[0]].context is None) == closed]
+                        for closed in (False, True)]
+            else:
+                out.append([i for g in chunk for i in g])
+        return [b for b in out if b]
+
+    def _mode(self, request: ScoreRequest, cands: list[list[int]]) -> str:
+        mode = self.config.scoring
+        if mode == "auto":
+            mode = "first_token" if all(len(c) == 1 for c in cands) else "full"
+        if mode == "first_token":
+            seen: dict[int, str] = {}
+            for answer, c in zip(request.answers, cands):
+                if c[0] in seen:
+                    token = self.tokenizer.convert_ids_to_tokens(c[0])
+                    raise ReaderError(f"{request.describe()}: candidates {seen[c[0]]!r} and {answer!r} share their "
+                                      f"first token {token!r}; single-token scoring cannot tell them apart "
+                                      f"(use scoring: full)")
+                seen[c[0]] = answer
+        return mode
+
+    def _continuation_inputs(self, fwd: _Forward, rows: torch.Tensor, steps: int) -> dict:
+        if self.fast:
+            return mrope_continuation(fwd.state, rows, steps)
+        if self.family.continuation is None:
+            return {}
+        return self.family.continuation(fwd.state, rows, steps)
+
+    def _add_continuations(self, fwd: _Forward, cand_ids, modes, seq_lp) -> None:
+        """Add log p(tokens 2.. of each multi-token candidate) by running the candidates' continuations against the
+        prompt's KV cache (`_continuations`)."""
+        rows = [(b, k) for b, (cands, m) in enumerate(zip(cand_ids, modes)) if m == "full"
+                for k, c in enumerate(cands) if len(c) > 1]
+        conts = [cand_ids[b][k] for b, k in rows]
+        for part, logp, ends in self._continuations(fwd, [b for b, _ in rows], [c[:-1] for c in conts],
+                                                    [len(c) - 1 for c in conts]):
+            for i, r in enumerate(part):
+                (b, k), c = rows[r], conts[r]
+                positions = torch.arange(ends[i] - len(c) + 1, ends[i], device=self.device)
+                seq_lp[b][k] = seq_lp[b][k] + logp[i, positions, torch.tensor(c[1:], device=self.device)].sum()
+
+    def _continuations(self, fwd: _Forward, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                       keep: Sequence[int]):
+        """Continue prompts of `fwd` from its KV cache: continuation r feeds `tokens[r]` after prompt `rows[r]`; the
+        log-softmax over the vocabulary is kept at its last `keep[r]` positions. One batched pass per chunk of
+        `batch_size` right-padded continuations, never one generate() per candidate; the cache rows are copied per
+        continuation, so many continuations of one prompt (candidates, per-label questions) share its encoding.
+        Yields per chunk (part, logp, ends): the continuations' indices, their log-probabilities (len(part), P, V)
+        and per continuation the index in P one past its last token (its kept positions end there)."""
+        from transformers import DynamicCache
+
+        chunk = max(1, self.config.batch_size)
+        for start in range(0, len(rows), chunk):
+            part = range(start, min(start + chunk, len(rows)))
+            T = max(len(tokens[r]) for r in part)
+            inputs = torch.tensor([list(tokens[r]) + [self.pad_id] * (T - len(tokens[r])) for r in part],
+                                  dtype=torch.long, device=self.device)
+            lengths = torch.tensor([len(tokens[r]) for r in part], device=self.device)
+            cont_mask = (torch.arange(T, device=self.device)[None] < lengths[:, None]).long()
+            batch_rows = torch.tensor([rows[r] for r in part], device=self.device)
+            sub = DynamicCache(config=self.hf_model.config.get_text_config())
+            for layer_idx, layer in enumerate(fwd.cache.layers):  # index_select: faster than [rows] on CPU
+                sub.update(layer.keys.index_select(0, batch_rows), layer.values.index_select(0, batch_rows), layer_idx)
+            first = min(len(tokens[r]) - keep[r] for r in part)  # logits only from the first position kept
+            out = self.hf_model(input_ids=inputs, attention_mask=torch.cat([fwd.mask[batch_rows], cont_mask], dim=1),
+                                cache=sub, use_cache=True, logits_to_keep=T - first,
+                                **self._continuation_inputs(fwd, batch_rows, T))
+            yield list(part), torch.log_softmax(out.logits.float(), dim=-1), [len(tokens[r]) - first for r in part]
+
+    def _score_shared(self, requests: Sequence[ScoreRequest], cand_ids: Sequence[list[list[int]]],
+                      suffixes: Sequence[list[int]], keys: Sequence[tuple], root: Path, features: OrderedDict
+                      ) -> list[np.ndarray]:
+        """`share_prefix` requests, each distinct prefix encoded once: one forward pass over the prefixes (with KV
+        cache), then every request's suffix (and, for multi-token candidates, suffix + candidate per candidate)
+        continued from its prefix's cache. The suffixes' common leading tokens (a legend, "Is") join the prefix
+        pass, each request keeping at least its last suffix token to continue. Equals `_score_batch(...,
+        suffixes)` on the same requests (tested)."""
+        slot: dict[tuple, int] = {}
+        for j, key in enumerate(keys):
+            slot.setdefault(key, j)
+        heads = list(slot.values())
+        row_of = {key: b for b, key in enumerate(slot)}
+        longest: dict[tuple, int] = {}
+        common: dict[tuple, list[int]] = {}
+        for key, t, cands in zip(keys, suffixes, cand_ids):
+            longest[key] = max(longest.get(key, 0), len(t) + max(len(c) for c in cands))
+            shared = common.setdefault(key, list(t[:-1]))
+            n = 0
+            while n < min(len(shared), len(t) - 1) and shared[n] == t[n]:
+                n += 1
+            del shared[n:]
+        prefixes = [(requests[j].query, requests[j].context, _PrefixOnly(requests[j].answers)) for j in heads]
+        fwd = self._run(prefixes, root, tails=list(common.values()), use_cache=True, features=features,
+                        answer_lengths=list(longest.values()))
+        owners, rows, tokens, keep = [], [], [], []
+        for j, (r, cands, suffix) in enumerate(zip(requests, cand_ids, suffixes)):
+            tail = suffix[len(common[keys[j]]):]
+            if self._mode(r, cands) == "full" and max(len(c) for c in cands) > 1:
+                # one continuation per candidate, suffix + candidate: its every token is read after the suffix
+                conts = [(k, tail + c[:-1], len(c)) for k, c in enumerate(cands)]
+            else:  # first tokens only: one continuation per request, read at the suffix's last position
+                conts = [(None, tail, 1)]
+            for k, t, n in conts:
+                owners.append((j, k))
+                rows.append(row_of[keys[j]])
+                tokens.append(t)
+                keep.append(n)
+        seq_lp: list = [np.zeros(len(c)) for c in cand_ids]
+        for part, logp, ends in self._continuations(fwd, rows, tokens, keep):
+            # first tokens: one gather per chunk, (continuation, candidate) padded to the most candidates
+            firsts = [i for i, r in enumerate(part) if owners[r][1] is None]
+            if firsts:
+                width = max(len(cand_ids[owners[part[i]][0]]) for i in firsts)
+                ids = [[c[0] for c in cand_ids[owners[part[i]][0]]] for i in firsts]
+                ids = torch.tensor([x + [x[0]] * (width - len(x)) for x in ids], device=self.device)
+                at = torch.tensor([ends[i] - 1 for i in firsts], device=self.device)
+                picked = logp[torch.tensor(firsts, device=self.device), at].gather(1, ids).double().cpu().numpy()
+                for i, values in zip(firsts, picked):
+                    j = owners[part[i]][0]
+                    seq_lp[j] = values[:len(cand_ids[j])]
+            for i, r in enumerate(part):
+                j, k = owners[r]
+                if k is not None:  # every token of candidate k, read after the suffix
+                    c = cand_ids[j][k]
+                    positions = torch.arange(ends[i] - len(c), ends[i], device=self.device)
+                    seq_lp[j][k] = float(logp[i, positions, torch.tensor(c, device=self.device)].sum())
+        return [lp - np.logaddexp.reduce(lp) for lp in seq_lp]
