@@ -128,7 +128,8 @@ def dataset(ctx: RunContext) -> Dataset:
 
 def encoder(ctx: RunContext, ds: Dataset):
     """The retriever's encoder, after the optional contrastive stage on the corpus; saved in the run directory."""
-    from .retrieval.encoders import Encoder, pretrain_contrastive
+    from .retrieval.contrastive import pretrain_contrastive
+    from .retrieval.encoders import Encoder
 
     cfg = ctx.cfg.retriever
     device = distributed.resolve_device(cfg.device)
