@@ -121,15 +121,17 @@ def format_summary(summary: dict) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    # the config first: a typo or a value out of range is reported on any install, before the train extra is needed
+    cfg = load_config(args.config, _parse_sets(args.set))
     require_train_extra("run")
     if not args.verbose:
         quiet_weight_bars()
     from . import distributed
-    from .config import load_config
     from .pipeline import run_pipeline
 
     try:
-        cfg = load_config(args.config, _parse_sets(args.set))
         summary = run_pipeline(cfg, args.run_dir, args.report_dir, resume=args.resume, overwrite=args.overwrite)
     finally:
         distributed.close()
@@ -190,6 +192,9 @@ def _cmd_compare_sweeps(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    load_config(args.config, _parse_sets(args.set))  # config errors first, on any install (as `dxrag run`)
     require_train_extra("sweep")
     if not args.verbose:
         quiet_weight_bars()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -142,19 +145,46 @@ def test_difficulty_effects_off_give_the_plain_generator(tmp_path):
         assert sha256_file(a / "images" / name) == sha256_file(b / "images" / name)
 
 
-def test_synth_typo_fails_at_config_load_before_run_json(tmp_path, capsys):
-    from dxrag.core.cli import main
+# A base install (`pip install dxrag`, no `train` extra) simulated in a fresh interpreter: None in sys.modules makes
+# `import torch` fail and importlib.util.find_spec report it missing, as when the package is not installed.
+BLOCKED = ("torch", "torchvision", "transformers", "peft", "open_clip", "faiss", "safetensors", "timm")
 
+
+def _run_on_a_base_install(argv: list[str]) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        import sys
+        for name in {BLOCKED!r}:
+            sys.modules[name] = None
+        from dxrag.core.cli import TRAIN_MODULES, main
+        assert set(TRAIN_MODULES) <= set({BLOCKED!r}), sorted(set(TRAIN_MODULES) - set({BLOCKED!r}))
+        try:
+            rc = main({argv!r})
+        finally:
+            loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r} and sys.modules[m] is not None)
+            assert not loaded, loaded
+        sys.exit(rc)
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_config_typo_fails_at_config_load_on_a_base_install(tmp_path):
+    """A typo or an out-of-range value in the config is reported on an install without torch (the config is read
+    before the `train` extra is required): exit 2 naming the key, and no run.json; a valid config then stops at the
+    missing extra, naming it."""
     run_dir = tmp_path / "run"
-    rc = main(["run", "--config", EMBEDDED, "--run-dir", str(run_dir), "--report-dir",
-               str(tmp_path / "rep"), "--set", "data.synth.anatomy_jiter=0.4"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "data.synth: unknown key 'anatomy_jiter'; valid keys:" in err and "anatomy_jitter" in err
+    done = _run_on_a_base_install(["run", "--config", EMBEDDED, "--run-dir", str(run_dir), "--report-dir",
+                                   str(tmp_path / "rep"), "--set", "data.synth.anatomy_jiter=0.4"])
+    assert done.returncode == 2, done.stderr
+    assert "data.synth: unknown key 'anatomy_jiter'; valid keys:" in done.stderr and "anatomy_jitter" in done.stderr
     assert not (run_dir / "run.json").exists()
-    rc = main(["run", "--config", EMBEDDED, "--run-dir", str(run_dir), "--set",
-               "data.synth.lesion_fade=1.5"])
-    assert rc == 2 and "lesion_fade must be in [0, 1]" in capsys.readouterr().err
+    done = _run_on_a_base_install(["run", "--config", EMBEDDED, "--run-dir", str(run_dir), "--set",
+                                   "data.synth.lesion_fade=1.5"])
+    assert done.returncode == 2 and "lesion_fade must be in [0, 1]" in done.stderr, done.stderr
+    done = _run_on_a_base_install(["sweep", "--config", EMBEDDED, "--seeds", "0", "--set", "distill.stepz=3"])
+    assert done.returncode == 2 and "unknown key 'stepz'" in done.stderr, done.stderr
+    assert not run_dir.exists() or not (run_dir / "run.json").exists()
+    done = _run_on_a_base_install(["run", "--config", EMBEDDED, "--run-dir", str(run_dir)])
+    assert done.returncode == 1 and "needs the 'train' extra (torch" in done.stderr, done.stderr
     assert not run_dir.exists() or not (run_dir / "run.json").exists()
 
 
