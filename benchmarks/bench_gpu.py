@@ -22,7 +22,7 @@ memory, ...) gets an `error` and the others still run; memory is freed between m
 rewritten after every model (`--out X.md` writes X.md and X.json).
 
 `--smoke` runs the same code on CPU in float32 at toy shapes (hidden 64, 2 layers, 32 px images, batch 2) in seconds:
-CI's check that the script works (tests/test_bench_gpu.py). Designed to take under 10 minutes on one H100.
+CI's check that the script works (tests/benchmarks/test_bench_gpu.py). Designed to take under 10 minutes on one H100.
 Usage: python benchmarks/bench_gpu.py [--models qwen2-vl-2b ...] [--out docs/gpu-bench.md] [--smoke]
 """
 

@@ -31,7 +31,7 @@ SMALL = {
     "distill.refresh_every": 4,
     "distill.checkpoint_every": 4,
     "figures": False,
-    "probe.mode": "off",  # the probe baseline (real weights) has its own tests: tests/test_probe.py
+    "probe.mode": "off",  # the probe baseline (real weights) has its own tests: tests/core/test_probe.py
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from dxrag.core.data.synth import GRADES, generate
 from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset
 from dxrag.core.base.records import CorpusItem, Query
@@ -65,3 +67,15 @@ def open_vqa_dataset(out: Path, seed: int = 0) -> Path:
         w.meta = DatasetMeta(name="vqa-fixture", task="vqa", labels=list(GRADES),
                              description="test fixture: synthetic exams with closed and open questions")
     return out
+
+
+def rewrite_set(members: list[str], rng: np.random.Generator) -> str:
+    """The same set written differently: shuffled, random case and spacing, a duplicate, an empty part."""
+    if not members:
+        return (" None", "none ", "NONE")[int(rng.integers(3))]
+    parts = [m.upper() if rng.random() < 0.5 else m for m in rng.permutation(members)]
+    if parts and rng.random() < 0.5:
+        parts.append(parts[0])
+    if rng.random() < 0.5:
+        parts.insert(int(rng.integers(len(parts) + 1)), "")
+    return ",".join(" " * int(rng.integers(3)) + p + " " * int(rng.integers(3)) for p in parts)

@@ -13,7 +13,7 @@ The generative story (it is what makes retrieval matter):
   is *misleading* (the prior exam was one grade away: disease progressed or regressed since) and a fraction
   *mislabeled* (the report states a wrong grade). Queries are new exams of the same patients.
 
-Knobs that move the two retrieval-matters properties (see tests/test_synth.py for the reference methods):
+Knobs that move the two retrieval-matters properties (see tests/data/test_synth.py for the reference methods):
 - `anatomy_jitter` up / `anatomy_dims` down → patients blur together → more inconsistent top-k, weaker kNN.
 - `lesion_contrast` up / `lesion_rate` slope up → images alone become informative → the classifier catches up.
 - `misleading_fraction`, `mislabeled_fraction` up → more top-k disagreement, lower kNN accuracy.

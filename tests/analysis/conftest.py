@@ -1,5 +1,5 @@
 """Shared test data: a small context table, answer table and rerank file, every metric computed by hand in
-test_fixture.py; and a helper that writes them in any of the three formats.
+test_cli.py; and a helper that writes them in any of the three formats.
 
 Labels: q1=A, q2=B, q3=A, q4=C. Predictions per rank (rank 1, 2, 3):
   rag    q1 A A A | q2 A B B | q3 B C A | q4 A A B      (probs and retrieval scores on every row)

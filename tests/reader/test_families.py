@@ -284,5 +284,5 @@ def test_generate_batched_equals_unbatched(readers, toy_dataset, family):
     assert batched == [reader.generate([r], toy_dataset.root, batch_size=1)[0] for r in requests]
     assert all(isinstance(t, str) and len(t.split()) <= 4 for t in batched)
     # the random tiny fast_vlm's first greedy token is the end token for every prompt (seed 0): empty answers, still
-    # batched = unbatched; test_real_effnet_smollm2.py generates text with real weights
+    # batched = unbatched; test_build_effnet_smollm2.py generates text with real weights
     assert any(batched) or family == "fast_vlm"

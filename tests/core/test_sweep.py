@@ -9,7 +9,7 @@ import pytest
 
 from dxrag_test_support import SMALL
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

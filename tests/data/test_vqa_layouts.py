@@ -227,7 +227,7 @@ def test_shared_vqarad_as_hub_parquet(tmp_path):
     ds = load_dataset(vl.convert_hf(hub, tmp_path / "out"))
     assert len(ds.queries["train"]) + len(ds.queries["val"]) == 3064 and len(ds.queries["test"]) == 451
     # the HF layout has no answer_type: a yes/no answer makes a closed question; on VQA-RAD that gives exactly the
-    # MEVF json's closed yes/no questions (1713 train, 251 test; tests/data/test_convert_vqarad.py)
+    # MEVF json's closed yes/no questions (1713 train, 251 test; tests/data/test_vqarad.py)
     assert sum(q.answer_type == "closed" for q in ds.queries["test"]) == 251
     assert sum(q.answer_type == "closed" for s in ("train", "val") for q in ds.queries[s]) == 1713
     assert len(ds.corpus) == 100

@@ -14,7 +14,7 @@ from dxrag.core.config import load_config
 from dxrag.core.sweep import swept_config
 from dxrag.core.data.synth import GRADES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from dxrag.core.data.synth import GRADES, generate
 from dxrag.core.base.dataset import load_dataset, sha256_file
 
-EMBEDDED = str(Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml")
+EMBEDDED = str(Path(__file__).resolve().parents[2] / "configs" / "embedded.yaml")
 
 
 def _pixels(ds, items) -> np.ndarray:

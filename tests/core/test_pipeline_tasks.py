@@ -17,7 +17,7 @@ from dxrag.core.base.records import format_label_set, parse_label_set
 from dxrag_test_support import _sets
 from task_fixtures import FINDINGS, OPEN_ANSWERS, multilabel_dataset, open_vqa_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # a few seconds of each stage: the contrastive pre-training is left out (the index uses the untrained encoder)
 QUICK = {"retriever.pretrain": None, "reader.finetune.steps": 60, "reader.finetune.eval_every": 0,
          "reader.batch_size": 32, "distill.steps": 3, "distill.batch_size": 8, "distill.candidates": 4,

@@ -13,7 +13,7 @@ from dxrag.core.config import ConfigError, load_config
 
 from dxrag_test_support import SHARED_DATA, real_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _context(tmp_path: Path, **probe):

@@ -18,7 +18,7 @@ from dxrag.core.pipeline import SYSTEMS, run_pipeline
 
 from dxrag_test_support import SMALL, _sets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -14,7 +14,7 @@ from dxrag.core.cli import main
 from dxrag.core.data.corpus import build_corpus_dataset
 from dxrag.core.base.dataset import DatasetError, load_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "qwen2vl-7b.yaml"
 
 

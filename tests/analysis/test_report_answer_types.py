@@ -1,5 +1,6 @@
-"""Set-valued (multi-label) and free-text (open VQA) predictions: normalisation, judging and every output, with the
-expected numbers worked out by hand in the comments; bad answer types fail with file, line and field."""
+"""The report on set-valued (multi-label) and free-text (open VQA) predictions: judging and every output, with the
+expected numbers worked out by hand in the comments; bad answer types fail with file, line and field. The answer
+normalisation itself (core/base/answers.py) is tested in tests/base/test_answers.py."""
 
 from __future__ import annotations
 
@@ -11,65 +12,17 @@ import pandas as pd
 import pytest
 
 from dxrag.analysis import OracleReport, TableError
-from dxrag.core.base.answers import (AnswerSettings, judge, normalize_open, normalize_set, parse_set, score_rows,
-                                    set_members, token_scores)
+from dxrag.core.base.answers import AnswerSettings, score_rows
 from dxrag.analysis.cli import main
 from dxrag.analysis.stats import membership, set_f1, set_f1_interval, system_metrics
 from dxrag.analysis.tables import write_table
+from task_fixtures import rewrite_set
 
 ALL_FILES = ("per_query.csv", "summary.csv", "oracle_at_k.csv", "subsets.csv", "selectors.csv", "mcnemar.csv",
              "summary.md", "provenance.json")
 
 
-# ---------------------------------------------------------------------------------------------------- units
-
-
-def test_set_normalisation():
-    assert normalize_set("b, a") == normalize_set("a, b") == normalize_set(" A ,, B,a ") == "a, b"
-    assert parse_set("none") == parse_set(" None ") == parse_set("") == ()
-    assert normalize_set("NONE") == "none" and set_members("none") == ()
-    assert parse_set("none, effusion") == ("effusion",)  # the empty-set token is not a label
-    assert normalize_set("absent", empty_set="Absent") == "absent"
-    assert parse_set("none", empty_set="absent") == ("none",)
-    assert set_members(normalize_set("mass, effusion")) == ("effusion", "mass")
-
-
-def test_open_normalisation_and_token_scores():
-    assert normalize_open("The left lung.") == normalize_open("left lung") == "left lung"
-    assert normalize_open("  An X-ray,  of THE chest! ") == "xray of chest"
-    assert normalize_open("«yes»") == "yes"  # Unicode punctuation too
-    # pred {left, lower, lobe} vs gold {left, lobe}: overlap 2, P = 2/3, R = 1, F1 = 2PR/(P+R) = 0.8
-    assert token_scores("left lower lobe", "left lobe") == pytest.approx((1.0, 0.8))
-    # multiset overlap: "no no" vs "no" overlaps once: P = 1/2, R = 1, F1 = 2/3
-    assert token_scores("no no", "no") == pytest.approx((1.0, 2 / 3))
-    assert token_scores("effusion", "pleural effusion") == pytest.approx((0.5, 2 / 3))
-    assert token_scores("", "") == (1.0, 1.0) and token_scores("x", "") == (0.0, 0.0)
-    assert judge("effusion", "pleural effusion", "open") is False
-    assert judge("large pleural effusion", "pleural effusion", "open", AnswerSettings(open_correct="recall"))
-    assert not judge("effusion", "pleural effusion", "open", AnswerSettings(open_correct="f1", open_threshold=0.7))
-    assert judge("effusion", "pleural effusion", "open", AnswerSettings(open_correct="f1", open_threshold=0.6))
-    assert judge("a, b", "a, b", "set") and not judge("The left lung", "left lung", "closed")
-
-
-def _rewrite_set(members: list[str], rng: np.random.Generator) -> str:
-    """The same set written differently: shuffled, random case and spacing, a duplicate, an empty part."""
-    if not members:
-        return (" None", "none ", "NONE")[int(rng.integers(3))]
-    parts = [m.upper() if rng.random() < 0.5 else m for m in rng.permutation(members)]
-    if parts and rng.random() < 0.5:
-        parts.append(parts[0])
-    if rng.random() < 0.5:
-        parts.insert(int(rng.integers(len(parts) + 1)), "")
-    return ",".join(" " * int(rng.integers(3)) + p + " " * int(rng.integers(3)) for p in parts)
-
-
-def test_set_canonical_form_ignores_order_case_spacing_duplicates():
-    rng = np.random.default_rng(7)
-    labels = ["atelectasis", "effusion", "mass", "nodule"]
-    for _ in range(200):
-        members = [x for x in labels if rng.random() < 0.5]
-        want = ", ".join(sorted(members)) if members else "none"
-        assert normalize_set(_rewrite_set(members, rng)) == want
+# ------------------------------------------------------------------------------------------------ report units
 
 
 def test_set_report_is_invariant_to_how_sets_are_written(tmp_path):
@@ -83,17 +36,12 @@ def test_set_report_is_invariant_to_how_sets_are_written(tmp_path):
             row = dict(system="rag", query_id=f"q{q}", rank=r, answer_type="set")
             rows.append(dict(row, label=", ".join(sorted(gold)) or "none",
                              prediction=", ".join(sorted(pred)) or "none"))
-            rewritten.append(dict(row, label=_rewrite_set(gold, rng), prediction=_rewrite_set(pred, rng)))
+            rewritten.append(dict(row, label=rewrite_set(gold, rng), prediction=rewrite_set(pred, rng)))
     a = OracleReport.from_tables(write_table(pd.DataFrame(rows), tmp_path / "a.jsonl"))
     b = OracleReport.from_tables(write_table(pd.DataFrame(rewritten), tmp_path / "b.jsonl"))
     pd.testing.assert_frame_equal(a.summary(), b.summary())
     pd.testing.assert_frame_equal(a.per_query(), b.per_query())
     assert 0 < a.summary().loc[0, "top1_acc"] < 1 and 0 < a.summary().loc[0, "top1_macro_f1"] < 1
-
-
-def test_settings_are_checked():
-    assert AnswerSettings().problems() == []
-    assert len(AnswerSettings(task="multi", empty_set=" ", open_correct="bleu", open_threshold=0).problems()) == 4
 
 
 def test_set_f1_matches_sklearn():
