@@ -148,27 +148,12 @@ def check_equal(row: dict[str, Any], config: dict[str, Any], expected: dict[str,
     return lines, differ
 
 
-def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_data: bool = True,
-          trained: Path = Path("trained"), reports: Path = Path("reports")) -> tuple[Any, str, Path]:
-    """Run (or continue) one pipeline run per seed, then write `<reports>/<run>-seeds/seeds.csv`, `selectors.csv`
-    (every seed's selector rows with a `seed` column), `seeds.md` and `ranges.json`. Returns (the per-seed DataFrame, the Markdown summary, the output directory)."""
-    import pandas as pd
-
+def seeds_markdown(name: str, frame, selectors, vary_data: bool = True) -> str:
+    """`seeds.md`: the per-seed table (`frame`, one row per seed in COLUMNS), joint − rag as mean ± s.e. over the
+    seeds, the pooled McNemar test, and each (system, selector)'s mean ± s.e. over the seeds (`selectors`, the
+    seeds' selectors.csv rows)."""
     from ..analysis.stats import mcnemar_p
-    from .base.provenance import provenance
 
-    cfg = load_config(config, overrides)
-    name = cfg.run
-    rows, selector_tables = [], []
-    for seed in seeds:
-        seeded = {**overrides, "seed": seed, **({"data.seed": seed} if vary_data else {})}
-        run_dir = trained / f"{name}-seed{seed}"
-        log.info("seed %d: %s", seed, run_dir)
-        run_pipeline(load_config(config, seeded), run_dir, reports / f"{name}-seed{seed}")
-        rows.append(seed_row(run_dir, seed))
-        selector_tables.append(pd.read_csv(reports / f"{name}-seed{seed}" / "selectors.csv").assign(seed=seed))
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    selectors = pd.concat(selector_tables, ignore_index=True)
     only_joint, only_rag = int(frame["only_joint"].sum()), int(frame["only_rag"].sum())
     n = len(frame)
 
@@ -192,7 +177,31 @@ def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_da
              "| system | selector | accuracy | gap closed |", "|---|---|---|---|",
              *(f"| {system} | {selector} | {_format_mean_se(g['acc'])} | {_format_mean_se(g['gap_closed'])} |"
                for (system, selector), g in selectors.groupby(["system", "selector"], sort=False))]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def sweep(config: Path, seeds: Sequence[int], overrides: dict[str, Any], vary_data: bool = True,
+          trained: Path = Path("trained"), reports: Path = Path("reports")) -> tuple[Any, str, Path]:
+    """Run (or continue) one pipeline run per seed, then write `<reports>/<run>-seeds/seeds.csv`, `selectors.csv`
+    (every seed's selector rows with a `seed` column), `seeds.md` (`seeds_markdown`) and `ranges.json`. Returns (the
+    per-seed DataFrame, the Markdown summary, the output directory)."""
+    import pandas as pd
+
+    from .base.provenance import provenance
+
+    cfg = load_config(config, overrides)
+    name = cfg.run
+    rows, selector_tables = [], []
+    for seed in seeds:
+        seeded = {**overrides, "seed": seed, **({"data.seed": seed} if vary_data else {})}
+        run_dir = trained / f"{name}-seed{seed}"
+        log.info("seed %d: %s", seed, run_dir)
+        run_pipeline(load_config(config, seeded), run_dir, reports / f"{name}-seed{seed}")
+        rows.append(seed_row(run_dir, seed))
+        selector_tables.append(pd.read_csv(reports / f"{name}-seed{seed}" / "selectors.csv").assign(seed=seed))
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    selectors = pd.concat(selector_tables, ignore_index=True)
+    text = seeds_markdown(name, frame, selectors, vary_data)
     from . import cpu_kernels
 
     ranges = {**provenance(cfg.to_dict(), cfg.seed, {"cpu_kernels": cpu_kernels.record()}), "seeds": list(seeds),
