@@ -1,6 +1,6 @@
 """lvlm-rerank against a loopback chat-completions server with faults: 429 then success, persistent 500, a timeout
 then success, malformed and partial replies; then the cache makes a rerun free, and analyze-oracle reads the file.
-Retries are the openai client's own: a 429's Retry-After header sets the wait."""
+Retries are the openai client's own: a 429's Retry-After header sets the wait, and a fake clock measures the waits."""
 
 from __future__ import annotations
 
@@ -185,18 +185,49 @@ def test_rerank_against_loopback_server(server, tmp_path, monkeypatch, capsys, u
     assert sel.loc["lvlm:mock-vlm", "n_fallback"] == 2
 
 
-def test_retry_after_is_honoured(server, tmp_path, monkeypatch):
-    # Without the header the client would wait 0.5 s x (0.75..1) before its first retry; the server asks for 1.2 s.
+class FakeClock:
+    """Stands in for the `time` module inside the openai client: its retry waits are recorded, and no real time
+    passes (everything else is the real module's)."""
+
+    def __init__(self):
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch) -> FakeClock:
+    base_client = pytest.importorskip("openai._base_client")
+    assert hasattr(base_client, "time"), "the openai client no longer waits through its `time`: update FakeClock"
+    clock = FakeClock()
+    monkeypatch.setattr(base_client, "time", clock)
+    return clock
+
+
+def test_retries_give_up_within_the_documented_wait(server, tmp_path, monkeypatch, fake_clock):
+    """--max-retries N: a query the server keeps failing is tried N + 1 times and given up after waiting at most what
+    --help says (0.5 s doubling up to 8 s, less up to a quarter of jitter), then recorded as failed; a 429's
+    Retry-After sets the wait instead. Measured on a fake clock: nothing really sleeps."""
     monkeypatch.setitem(SCRIPT, "case-1", [(429, None, {"Retry-After": "1.2"}), (200, "[3, 2, 1]")])
     dataset, contexts = make_dataset(tmp_path)
     monkeypatch.setenv("TEST_KEY", KEY)
     out = tmp_path / "rerank.jsonl"
-    assert lvlm_rerank(["--contexts", str(contexts), "--dataset", str(dataset), "--model", "mock-vlm",
-                        "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--api-key-env", "TEST_KEY",
-                        "--out", str(out), "--limit", "1", "--max-retries", "1", "--timeout", "5"]) == 0
-    first, second = server.times["case-1"]
-    assert 1.15 <= second - first < 5
-    assert load_rerank(out).frame.set_index("query_id").loc["q1", "ranking"] == [3, 2, 1]
+    assert lvlm_rerank(_args(server, dataset, contexts, out, "--limit", "2", "--concurrency", "1",
+                             "--max-retries", "6")) == 0
+    assert server.calls == {"case-1": 2, "case-2": 7}
+    df = load_rerank(out).frame.set_index("query_id")
+    assert df.loc["q1", "ranking"] == [3, 2, 1] and df.loc["q1", "error"] == ""
+    assert df.loc["q2", "ranking"] == [] and "HTTP 500" in df.loc["q2", "error"]
+    retry_after, *backoff = fake_clock.sleeps  # q1's one wait, then q2's six
+    assert retry_after == 1.2
+    documented = [min(0.5 * 2 ** i, 8.0) for i in range(6)]  # 0.5, 1, 2, 4, 8, 8
+    assert len(backoff) == len(documented)
+    assert all(0.75 * d <= got <= d for got, d in zip(backoff, documented)), backoff
+    assert sum(backoff) <= 23.5
 
 
 def test_missing_key_and_unknown_item(tmp_path, monkeypatch, capsys):
