@@ -1,6 +1,7 @@
-"""The shipped configs keep their fusion: since the fusion temperature has its own setting
-(`inference.fusion.temperature`), a config that sets `distill.tau_retriever` (which used to be the fusion
-temperature too) must set the fusion temperature as well, or it would silently fuse at the default."""
+"""core/config.py on the shipped configs: each loads without a warning, as written, and round-trips through its YAML
+form; and the fusion temperature's own setting (`inference.fusion.temperature`): a config that sets
+`distill.tau_retriever` (which used to be the fusion temperature too) without it is warned about, since it would fuse
+at the default."""
 
 from __future__ import annotations
 
@@ -15,11 +16,35 @@ from dxrag.core.config import load_config
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
+def _leaves(data: dict, prefix: tuple = ()):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_a_config_that_sets_tau_retriever_sets_the_fusion_temperature(path):
+def test_every_shipped_config_loads_as_written(path, tmp_path, caplog):
+    """A shipped config loads without a warning (nothing in it falls back to a default silently: e.g. a config that
+    sets `distill.tau_retriever` without `inference.fusion.temperature` is warned about, see below), every value it
+    sets is the loaded config's at the same key (`retriever.index: NAME` is the shorthand for `index.factory`), and
+    the loaded config written back as YAML loads to the same config."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if "tau_retriever" in (data.get("distill") or {}):
-        assert "temperature" in ((data.get("inference") or {}).get("fusion") or {}), path
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(path)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    loaded = cfg.to_dict()
+    for keys, value in _leaves(data):
+        got = loaded
+        for key in keys:
+            got = got[key]
+        if keys == ("retriever", "index") and isinstance(value, str):
+            got = got["factory"]
+        assert got == value, (path.name, ".".join(keys), value, got)
+    again = tmp_path / path.name
+    again.write_text(yaml.safe_dump(loaded), encoding="utf-8")
+    assert load_config(again).to_dict() == loaded
 
 
 def test_a_config_without_it_is_warned_about(tmp_path, caplog):
