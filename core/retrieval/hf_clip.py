@@ -1,5 +1,6 @@
-"""transformers CLIPModel / SiglipModel as an `Encoder` (`hf:org/name` or `hf:/dir`): per-family data, the image tower
-that query heads copy, and the save_pretrained directory format with dxrag's weights-hash marker.
+"""transformers CLIPModel / SiglipModel as an `Encoder` (`hf:org/name` or `hf:/dir`): per-model-type data
+(`HF_CLIP_TYPES`; the reader's model types are `core/reader/families.py` FAMILIES), the image tower that query heads
+copy, and the save_pretrained directory format with dxrag's weights-hash marker.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ MARKER_FILE = "dxrag_encoder.json"  # next to config.json: the name the encoder 
 
 
 @dataclass(frozen=True)
-class HFFamily:
+class HFClipType:
     """What differs between dual-encoder model types; the rest is the shared `get_*_features` API."""
 
     image_projection: str | None  # model attribute applied to the vision tower's pooled output (None: none)
@@ -27,16 +28,16 @@ class HFFamily:
     dim: Callable[[Any], int]  # embedding size from the model config
 
 
-FAMILIES: dict[str, HFFamily] = {
-    "clip": HFFamily(image_projection="visual_projection", text_padding="longest",
+HF_CLIP_TYPES: dict[str, HFClipType] = {
+    "clip": HFClipType(image_projection="visual_projection", text_padding="longest",
                      dim=lambda config: config.projection_dim),
-    "siglip": HFFamily(image_projection=None, text_padding="max_length",
+    "siglip": HFClipType(image_projection=None, text_padding="max_length",
                        dim=lambda config: config.vision_config.hidden_size),
 }
 
 
 class HFImageTower(torch.nn.Module):
-    """Preprocessed pixels -> unnormalised image embeddings: the vision model's pooled output, then the family's
+    """Preprocessed pixels -> unnormalised image embeddings: the vision model's pooled output, then the model type's
     projection; it holds the model's own submodules, so a deep copy is an independent trainable tower."""
 
     def __init__(self, vision_model: torch.nn.Module, projection: torch.nn.Module | None):
@@ -53,11 +54,11 @@ class HFEncoder(Encoder):
 
     def __init__(self, model: torch.nn.Module, image_processor, tokenizer, name: str):
         model_type = model.config.model_type
-        if model_type not in FAMILIES:
+        if model_type not in HF_CLIP_TYPES:
             raise ValueError(f"encoder {name!r}: model type {model_type!r} is not supported; valid: "
-                             f"{sorted(FAMILIES)} (transformers CLIPModel / SiglipModel)")
-        self.family = FAMILIES[model_type]
-        projection = getattr(model, self.family.image_projection) if self.family.image_projection else None
+                             f"{sorted(HF_CLIP_TYPES)} (transformers CLIPModel / SiglipModel)")
+        self.clip_type = HF_CLIP_TYPES[model_type]
+        projection = getattr(model, self.clip_type.image_projection) if self.clip_type.image_projection else None
         self._visual = HFImageTower(model.vision_model, projection)
         super().__init__(model, name)
         self.image_processor = image_processor
@@ -82,9 +83,9 @@ class HFEncoder(Encoder):
         except OSError as e:
             raise OSError(f"encoder {name!r}: cannot read its config ({e}); offline, point hf: at a local "
                           f"directory or download the model into the HF cache first") from None
-        if config.model_type not in FAMILIES:
+        if config.model_type not in HF_CLIP_TYPES:
             raise ValueError(f"encoder {name!r}: model type {config.model_type!r} is not supported; valid: "
-                             f"{sorted(FAMILIES)} (transformers CLIPModel / SiglipModel)")
+                             f"{sorted(HF_CLIP_TYPES)} (transformers CLIPModel / SiglipModel)")
         if config.model_type == "siglip" and not getattr(config.vision_config, "vision_use_head", True):
             raise ValueError(f"encoder {name!r}: vision_use_head is false, so the model has no pooled image "
                              f"embedding to retrieve with")
@@ -102,7 +103,7 @@ class HFEncoder(Encoder):
 
     @property
     def dim(self) -> int:
-        return int(self.family.dim(self.model.config))
+        return int(self.clip_type.dim(self.model.config))
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -114,7 +115,7 @@ class HFEncoder(Encoder):
 
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        encoded = self.tokenizer(list(texts), padding=self.family.text_padding, truncation=True,
+        encoded = self.tokenizer(list(texts), padding=self.clip_type.text_padding, truncation=True,
                                  max_length=max_length, return_tensors="pt")
         # the keys the tokenizer returns are the ones the model was trained with (SigLIP: no attention mask)
         return {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}

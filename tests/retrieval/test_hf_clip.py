@@ -18,7 +18,7 @@ from dxrag.core.retrieval.hf_clip import MARKER_FILE, HFEncoder
 from dxrag.core.retrieval.index import IndexMismatchError, load_index
 from dxrag.core.retrieval.retriever import Retriever, build_retriever
 
-FAMILIES = ["clip", "siglip"]
+CLIP_TYPES = ["clip", "siglip"]  # the model types of core/retrieval/hf_clip.py HF_CLIP_TYPES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +29,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CLIP_TYPES)
 def test_embeddings_are_unit_norm_and_the_models_own_features(family, tiny_hf_dir, make_pairs):
     encoder = Encoder.load(f"hf:{tiny_hf_dir(family)}")
     assert isinstance(encoder, HFEncoder) and encoder.name == f"hf:{tiny_hf_dir(family)}"
@@ -52,7 +52,7 @@ def test_embeddings_are_unit_norm_and_the_models_own_features(family, tiny_hf_di
     assert not np.allclose(img[0], img[1], atol=1e-3) and not np.allclose(txt[0], txt[1], atol=1e-3)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=CLIP_TYPES)
 def trained(request, tiny_hf_dir, make_pairs, toy_dataset, tmp_path_factory):
     """family, a contrastively trained tiny HF encoder saved and reloaded, and the retriever it built."""
     encoder = Encoder.load(f"hf:{tiny_hf_dir(request.param)}")
@@ -91,7 +91,7 @@ def test_index_of_an_hf_encoder_refuses_another_encoder(trained, tiny_hf_dir, ti
             load_index(out / "index" / "text", other)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CLIP_TYPES)
 def test_query_tower_over_hf_encoder_starts_frozen_and_trains(family, tiny_hf_dir, make_pairs, tmp_path):
     encoder = Encoder.load(f"hf:{tiny_hf_dir(family)}")
     images, _, _ = make_pairs(2)
