@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 PROB_TOLERANCE = 1e-3
 
-# Value kinds: "id" non-empty string, "text" string (may be empty), "rank" integer >= 1, "score" finite number,
-# "probs" map answer -> probability, "ranking" list of integers >= 1.
-_KIND_WANT = {
+# Value types, the second half of a column spec (readers._SPECS): "id" non-empty string, "text" string (may be
+# empty), "rank" integer >= 1, "score" finite number, "probs" map answer -> probability, "ranking" list of
+# integers >= 1.
+_VALUE_WANT = {
     "id": "a non-empty string",
     "text": "a string",
     "rank": "an integer >= 1",
@@ -40,34 +41,34 @@ def _first(mask: np.ndarray) -> int | None:
 def _check_values(raw: RawTable, spec: dict[str, str], required: Sequence[str]) -> None:
     """Nulls in required columns, empty ids, ranks < 1, non-finite scores, probs that are not distributions."""
     for name, col in raw.columns.items():
-        kind = spec[name]
+        vtype = spec[name]
         if name in required and col.null_count:
             row = _first(~pc.is_valid(col).to_numpy(zero_copy_only=False))
-            raise raw.fail(row, name, f"missing value; expected {_KIND_WANT[kind]}")
-        if kind == "id" and name not in _BLANK_ON_SET:
+            raise raw.fail(row, name, f"missing value; expected {_VALUE_WANT[vtype]}")
+        if vtype == "id" and name not in _BLANK_ON_SET:
             row = _first_blank(raw, name)
             if row is not None:
-                raise raw.fail(row, name, f"empty string; expected {_KIND_WANT[kind]}")
-        elif kind == "rank":
+                raise raw.fail(row, name, f"empty string; expected {_VALUE_WANT[vtype]}")
+        elif vtype == "rank":
             rank = col.to_numpy()
             row = _first(rank < 1)
             if row is not None:
-                raise raw.fail(row, name, f"{int(rank[row])} is not a valid rank; expected {_KIND_WANT[kind]}")
-        elif kind == "score":
+                raise raw.fail(row, name, f"{int(rank[row])} is not a valid rank; expected {_VALUE_WANT[vtype]}")
+        elif vtype == "score":
             values = col.to_numpy(zero_copy_only=False)
             row = _first(~np.isfinite(values) & pc.is_valid(col).to_numpy(zero_copy_only=False))
             if row is not None:
-                raise raw.fail(row, name, f"{values[row]} is not {_KIND_WANT[kind]}")
-        elif kind == "probs":
+                raise raw.fail(row, name, f"{values[row]} is not {_VALUE_WANT[vtype]}")
+        elif vtype == "probs":
             raw.probs = ProbsColumn.from_arrow(col)
             check_distributions(raw.probs, raw, _set_rows(raw))
-        elif kind == "ranking":
+        elif vtype == "ranking":
             flat = pc.list_flatten(col).to_numpy()
             if (flat < 1).any():
                 lengths = pc.list_value_length(col).fill_null(0).to_numpy()
                 owner = np.repeat(np.arange(len(lengths)), lengths)
                 row = int(owner[np.argmax(flat < 1)])
-                raise raw.fail(row, name, f"{col[row].as_py()} holds a rank < 1; expected {_KIND_WANT[kind]}")
+                raise raw.fail(row, name, f"{col[row].as_py()} holds a rank < 1; expected {_VALUE_WANT[vtype]}")
 
 
 def encode_strings(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -125,7 +126,7 @@ def check_blank_labels(raw: RawTable, types: np.ndarray | None) -> None:
         blank &= np.asarray(types) != ANSWER_TYPES.index(SET)
     row = _first(blank)
     if row is not None:
-        raise raw.fail(row, LABEL, f"empty string; expected {_KIND_WANT['id']} (an empty gold label is the empty set, "
+        raise raw.fail(row, LABEL, f"empty string; expected {_VALUE_WANT['id']} (an empty gold label is the empty set, "
                                    f"valid only on a row whose answer_type is set)")
 
 
@@ -175,8 +176,8 @@ def _set_rows(raw: RawTable) -> np.ndarray | None:
     col = raw.columns.get(ANSWER_TYPE)
     if col is None:
         return None
-    kind = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
-    return pc.fill_null(pc.equal(kind, SET), False).to_numpy(zero_copy_only=False)
+    types = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
+    return pc.fill_null(pc.equal(types, SET), False).to_numpy(zero_copy_only=False)
 
 
 def check_distributions(probs: ProbsColumn, raw: RawTable, set_rows: np.ndarray | None = None) -> None:

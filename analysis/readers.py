@@ -23,7 +23,7 @@ from ..core.base.jsonl import iter_jsonl
 from ..core.base.tables import (ANSWER_REQUIRED, ANSWER_TYPE, CONTEXT_REQUIRED, ERROR, HEAD, ITEM_ID, LABEL,
                                 PREDICTION, PROBS, QUERY_ID, RANK, RANKING, RERANK_REQUIRED, RETRIEVAL_SCORE, SELECTOR,
                                 SUFFIXES, SYSTEM, TableError, probs_type)
-from .checks import _KIND_WANT, ProbsColumn, _check_values, encode_strings
+from .checks import _VALUE_WANT, ProbsColumn, _check_values, encode_strings
 
 # the loaders' messages keep the logger name users and benchmarks configure (dxrag.analysis.tables)
 log = logging.getLogger(__package__ + ".tables")
@@ -93,9 +93,9 @@ class RawTable:
         return TableError(f"{self.locate(int(row))}: field '{field}': {message}")
 
 
-def _bad(where: str, field: str, value: Any, kind: str) -> TableError:
+def _bad(where: str, field: str, value: Any, vtype: str) -> TableError:
     shown = value if isinstance(value, str) else json.dumps(value, default=repr)
-    return TableError(f"{where}: field '{field}': expected {_KIND_WANT[kind]}, got {type(value).__name__} "
+    return TableError(f"{where}: field '{field}': expected {_VALUE_WANT[vtype]}, got {type(value).__name__} "
                       f"{shown[:60]!r}")
 
 
@@ -106,39 +106,39 @@ def _check_probs_object(value: Any, where: str, field: str) -> list[tuple[str, f
     for key, p in value.items():
         if not isinstance(key, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TableError(f"{where}: field '{field}': entry {key!r}: {p!r} is not a number; expected "
-                             f"{_KIND_WANT['probs']}")
+                             f"{_VALUE_WANT['probs']}")
         out.append((key, float(p)))
     return out
 
 
-def _convert_value(value: Any, kind: str, where: str, field: str) -> Any:
-    """Checks one JSON value against its kind; returns the arrow-ready value (None for null)."""
+def _convert_value(value: Any, vtype: str, where: str, field: str) -> Any:
+    """Checks one JSON value against its value type; returns the arrow-ready value (None for null)."""
     if value is None:
         return None
-    if kind in ("id", "text"):
+    if vtype in ("id", "text"):
         if not isinstance(value, str):
-            raise _bad(where, field, value, kind)
+            raise _bad(where, field, value, vtype)
         return value
-    if kind == "rank":
+    if vtype == "rank":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(where, field, value, kind)
+            raise _bad(where, field, value, vtype)
         return value
-    if kind == "score":
+    if vtype == "score":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad(where, field, value, kind)
+            raise _bad(where, field, value, vtype)
         return float(value)
-    if kind == "probs":
+    if vtype == "probs":
         return _check_probs_object(value, where, field)
-    if kind == "ranking":
+    if vtype == "ranking":
         if not isinstance(value, list) or any(isinstance(r, bool) or not isinstance(r, int) for r in value):
-            raise _bad(where, field, value, kind)
+            raise _bad(where, field, value, vtype)
         return value
-    raise AssertionError(kind)
+    raise AssertionError(vtype)
 
 
-def _arrow_type(kind: str) -> pa.DataType:
+def _arrow_type(vtype: str) -> pa.DataType:
     return {"id": pa.string(), "text": pa.string(), "rank": pa.int64(), "score": pa.float64(),
-            "probs": _PROBS_TYPE, "ranking": pa.list_(pa.int64())}[kind]
+            "probs": _PROBS_TYPE, "ranking": pa.list_(pa.int64())}[vtype]
 
 
 def _wanted(spec: dict[str, str], required: Sequence[str], columns: Sequence[str] | None) -> list[str]:
@@ -165,7 +165,7 @@ _MAX_PROBS_KEYS = 256  # probs with more distinct answers than this are read lin
 
 def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
                       wanted: Sequence[str]) -> RawTable | None:
-    """The table via pyarrow.json, or None when a column is missing or has another type than its kind (the line
+    """The table via pyarrow.json, or None when a column is missing or has another type than its value type (the line
     pass then reports it). Nested probs objects arrive as a struct with one field per answer seen anywhere in the
     file (absent keys null); they are turned into the map column here. A null probability therefore reads as an
     absent entry on this path."""
@@ -191,19 +191,19 @@ def _read_jsonl_arrow(path: Path, spec: dict[str, str], required: Sequence[str],
             if name in required:
                 return None
             continue
-        col, kind = table.column(name), spec[name]
+        col, vtype = table.column(name), spec[name]
         if name in required and col.null_count:
             return None
         if pa.types.is_null(col.type) or col.null_count == len(col):  # every row null or absent: as if not there
             continue
-        if kind == "probs":
+        if vtype == "probs":
             if not pa.types.is_struct(col.type) or col.type.num_fields > _MAX_PROBS_KEYS or not all(
                     pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in col.type):
                 return None
             col = _probs_from_struct(col)
             if col is None:
                 return None
-        elif kind == "ranking":
+        elif vtype == "ranking":
             if not (pa.types.is_list(col.type) and (pa.types.is_integer(col.type.value_type)
                                                     or pa.types.is_null(col.type.value_type))):
                 return None
@@ -295,25 +295,25 @@ def _read_csv(path: Path, spec: dict[str, str], required: Sequence[str]) -> RawT
         raise TableError(f"{path}: empty file: a header but no data rows")
     locate = _Locator(path, record_lines=_csv_record_lines)
     columns = {}
-    for name, kind in spec.items():
+    for name, vtype in spec.items():
         if name not in df.columns:
             continue
         cells = df[name].to_numpy(dtype=object)
-        if kind in ("id", "text"):
+        if vtype in ("id", "text"):
             arr = pa.array(cells, type=pa.string())
-        elif kind == "rank":
+        elif vtype == "rank":
             ok = df[name].str.fullmatch(_INT_RE).to_numpy(dtype=bool)
             if not ok.all():
                 row = int(np.argmin(ok))
-                raise TableError(f"{locate(row)}: field '{name}': expected {_KIND_WANT[kind]}, got {cells[row]!r}")
+                raise TableError(f"{locate(row)}: field '{name}': expected {_VALUE_WANT[vtype]}, got {cells[row]!r}")
             arr = pa.array(pd.to_numeric(df[name].str.strip()).to_numpy(dtype=np.int64), type=pa.int64())
-        elif kind == "score":
+        elif vtype == "score":
             blank = (df[name].str.strip() == "").to_numpy(dtype=bool)
             nums = pd.to_numeric(df[name].where(~blank, "nan"), errors="coerce").to_numpy(dtype=float)
             bad = ~blank & ~np.isfinite(nums)
             if bad.any():
                 row = int(np.argmax(bad))
-                raise TableError(f"{locate(row)}: field '{name}': expected {_KIND_WANT[kind]}, got {cells[row]!r}")
+                raise TableError(f"{locate(row)}: field '{name}': expected {_VALUE_WANT[vtype]}, got {cells[row]!r}")
             arr = pa.array(nums, type=pa.float64(), mask=blank)
         else:  # probs / ranking: JSON in a cell, empty = null
             parsed = []
@@ -325,28 +325,28 @@ def _read_csv(path: Path, spec: dict[str, str], required: Sequence[str]) -> RawT
                     value = json.loads(cell)
                 except json.JSONDecodeError as e:
                     raise TableError(f"{locate(row)}: field '{name}': not valid JSON ({e.msg}); expected "
-                                     f"{_KIND_WANT[kind]} written as JSON") from None
-                parsed.append(_convert_value(value, kind, locate(row), name))
-            arr = pa.array(parsed, type=_arrow_type(kind))
+                                     f"{_VALUE_WANT[vtype]} written as JSON") from None
+                parsed.append(_convert_value(value, vtype, locate(row), name))
+            arr = pa.array(parsed, type=_arrow_type(vtype))
         columns[name] = pa.chunked_array([arr])
     return RawTable(path, columns, len(df), locate)
 
 
-def _parquet_kind_ok(kind: str, t: pa.DataType) -> bool:
+def _parquet_type_ok(vtype: str, t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
-    if kind in ("id", "text"):
+    if vtype in ("id", "text"):
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-    if kind == "rank":
+    if vtype == "rank":
         return pa.types.is_integer(t)
-    if kind == "score":
+    if vtype == "score":
         return pa.types.is_integer(t) or pa.types.is_floating(t)
-    if kind == "probs":
-        return (pa.types.is_map(t) and _parquet_kind_ok("id", t.key_type)
-                and _parquet_kind_ok("score", t.item_type)) or _parquet_kind_ok("id", t)
-    if kind == "ranking":
+    if vtype == "probs":
+        return (pa.types.is_map(t) and _parquet_type_ok("id", t.key_type)
+                and _parquet_type_ok("score", t.item_type)) or _parquet_type_ok("id", t)
+    if vtype == "ranking":
         return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-    raise AssertionError(kind)
+    raise AssertionError(vtype)
 
 
 def _read_parquet(path: Path, spec: dict[str, str], required: Sequence[str], columns: Sequence[str] | None,
@@ -365,24 +365,24 @@ def _read_parquet(path: Path, spec: dict[str, str], required: Sequence[str], col
     wanted = [c for c in _wanted(spec, required, columns) if c in names]
     for name in wanted:
         t = schema.field(name).type
-        if not _parquet_kind_ok(spec[name], t):
-            raise TableError(f"{path}: field '{name}': column has type {t}; expected {_KIND_WANT[spec[name]]}")
+        if not _parquet_type_ok(spec[name], t):
+            raise TableError(f"{path}: field '{name}': column has type {t}; expected {_VALUE_WANT[spec[name]]}")
     read_dict = [c for c in dictionary if c in wanted and not pa.types.is_dictionary(schema.field(c).type)]
     table = pq.read_table(path, columns=wanted, read_dictionary=read_dict or None)
     if table.num_rows == 0:
         raise TableError(f"{path}: empty file: no rows")
     cols = {}
     for name in wanted:
-        col, kind = table.column(name), spec[name]
-        if kind == "probs" and not pa.types.is_map(col.type):
+        col, vtype = table.column(name), spec[name]
+        if vtype == "probs" and not pa.types.is_map(col.type):
             col = _probs_from_json_strings(col, _Locator(path), name)
-        elif kind == "probs" and col.type != _PROBS_TYPE:
+        elif vtype == "probs" and col.type != _PROBS_TYPE:
             col = col.cast(_PROBS_TYPE)
-        elif kind == "rank" and col.type != pa.int64():
+        elif vtype == "rank" and col.type != pa.int64():
             col = col.cast(pa.int64())
-        elif kind == "score" and col.type != pa.float64():
+        elif vtype == "score" and col.type != pa.float64():
             col = col.cast(pa.float64())
-        elif kind == "ranking" and col.type != pa.list_(pa.int64()):
+        elif vtype == "ranking" and col.type != pa.list_(pa.int64()):
             col = col.cast(pa.list_(pa.int64()))
         cols[name] = col
     return RawTable(path, cols, table.num_rows, _Locator(path))
@@ -398,22 +398,22 @@ def _probs_from_json_strings(col: pa.ChunkedArray, locate: _Locator, name: str) 
             value = json.loads(cell)
         except json.JSONDecodeError as e:
             raise TableError(f"{locate(row)}: field '{name}': not valid JSON ({e.msg}); expected "
-                             f"{_KIND_WANT['probs']}") from None
+                             f"{_VALUE_WANT['probs']}") from None
         out.append(_check_probs_object(value, locate(row), name))
     return pa.chunked_array([pa.array(out, type=_PROBS_TYPE)])
 
 
-def read_raw(path: str | os.PathLike, kind: str, columns: Sequence[str] | None = None,
+def read_raw(path: str | os.PathLike, table: str, columns: Sequence[str] | None = None,
              dictionary: Sequence[str] = (), required: Sequence[str] | None = None) -> RawTable:
-    """Reads a table file (format by suffix) with per-value type checks; `kind` is contexts, answers or rerank.
+    """Reads a table file (format by suffix) with per-value type checks; `table` is contexts, answers or rerank.
 
     `columns` limits the optional columns read (Parquet reads only those); `dictionary` names string columns to
     read dictionary-encoded from Parquet (cheap integer codes for low-cardinality columns). `required`: the columns
-    that must be there (default: the kind's); `()` reads one more column of a table already validated, and from
+    that must be there (default: the table's); `()` reads one more column of a table already validated, and from
     Parquet only that column.
     """
     path = Path(path)
-    spec, required = _SPECS[kind], (_REQUIRED[kind] if required is None else tuple(required))
+    spec, required = _SPECS[table], (_REQUIRED[table] if required is None else tuple(required))
     if not path.is_file():
         raise TableError(f"{path}: file not found")
     suffix = path.suffix.lower()

@@ -25,7 +25,7 @@ from ..core.base.tables import (ANSWER_COLUMNS, ANSWER_REQUIRED, ANSWER_TYPE, CO
                                 TableError, probs_type, write_table)
 from ..core.base.answers import (ANSWER_TYPES, CLOSED, DEFAULT_SETTINGS, OPEN, SET, AnswerSettings,  # noqa: F401
                                  normalize_answer, score_rows)
-from .checks import (_KIND_WANT, PROB_TOLERANCE, ProbsColumn, _first, check_blank_labels,  # noqa: F401
+from .checks import (_VALUE_WANT, PROB_TOLERANCE, ProbsColumn, _first, check_blank_labels,  # noqa: F401
                      check_distributions, encode_strings)
 from .contexts import SHORT_POLICIES, ContextTable, RankMatrix, _row_types, load_contexts, rank_matrices  # noqa: F401
 from .readers import (_SPECS, RawTable, _read_jsonl_arrow, _read_jsonl_lines, _wanted, read_raw)  # noqa: F401
@@ -131,6 +131,6 @@ def load_rerank(path: str | os.PathLike) -> RerankTable:
     empty = np.array([not r for r in df[RANKING]]) & (df[ERROR].str.strip() == "").to_numpy()
     row = _first(empty)
     if row is not None:
-        raise raw.fail(row, RANKING, f"empty ranking without an error; expected {_KIND_WANT['ranking']}, or a "
+        raise raw.fail(row, RANKING, f"empty ranking without an error; expected {_VALUE_WANT['ranking']}, or a "
                                      f"non-empty '{ERROR}' for a failed query")
     return RerankTable(raw=raw, frame=df)
