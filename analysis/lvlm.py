@@ -1,4 +1,4 @@
-"""The frontier-LVLM selector: `lvlm-rerank` asks a chat-completions endpoint to rank each query's k candidates.
+"""The frontier-LVLM selector: `lvlm-rerank` asks a chat-completions endpoint to rank each query's k retrieved items.
 
 Any OpenAI-compatible endpoint; usable answers cached on disk by request content (endpoint, model, messages,
 parameters), so a rerun, under any --out, pays only for what failed; bounded threads; retries by the openai client
@@ -53,25 +53,26 @@ def _image_url(path: Path) -> dict[str, Any]:
 
 
 def build_messages(question: str, options: list[str], query_image: Path,
-                   candidates: list[tuple[str, Path]]) -> list[dict[str, Any]]:
-    """The listwise prompt: query image and question, then candidate i (1-based) as its image and report text."""
+                   cases: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    """The listwise prompt: query image and question (with its answer options), then retrieved item i (1-based) as
+    "reference case i": its image and report text."""
     content: list[dict[str, Any]] = [
         {"type": "text", "text": f"Question about the query image: {question}\n"
                                  + (f"Answer options: {', '.join(options)}\n" if options else "") + "Query image:"},
         _image_url(query_image)]
-    for i, (text, image) in enumerate(candidates, 1):
+    for i, (text, image) in enumerate(cases, 1):
         content.append({"type": "text", "text": f"Reference case {i}. Report: {text}"})
         content.append(_image_url(image))
     content.append({"type": "text", "text": (
-        f'Answer with JSON only: {{"ranking": [...]}}, listing all {len(candidates)} reference case numbers '
-        f"(1 to {len(candidates)}), most useful first.")})
+        f'Answer with JSON only: {{"ranking": [...]}}, listing all {len(cases)} reference case numbers '
+        f"(1 to {len(cases)}), most useful first.")})
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
 def parse_ranking(text: str, n: int) -> list[int] | None:
-    """1-based candidate numbers, best first, from a model's reply: JSON in code fences or amid prose, a
-    {"ranking": [...]} object or a bare list. Invalid and repeated entries are dropped and the missing candidates
-    appended in retriever order. None when the reply holds no usable candidate number."""
+    """1-based reference-case numbers (the query's retrieved items in rank order), best first, from a model's reply:
+    JSON in code fences or amid prose, a {"ranking": [...]} object or a bare list. Invalid and repeated entries are
+    dropped and the missing cases appended in retriever order. None when the reply holds no usable case number."""
     if not text:
         return None
     found: list[Any] | None = None
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--out", required=True, type=Path, help="rerank file to write (.jsonl, .csv or .parquet)")
     p.add_argument("--system", action="append", help="context system(s) to rerank (default: all)")
-    p.add_argument("--k", type=int, help="candidates per query: ranks 1..k (default: each system's largest rank)")
+    p.add_argument("--k", type=int, help="retrieved items per query: ranks 1..k (default: each system's largest rank)")
     p.add_argument("--limit", type=int, help="only the first N queries of each system")
     p.add_argument("--cache", type=Path, help="response cache directory, keyed by request content (default: "
                                               "$XDG_CACHE_HOME/dxrag/lvlm-rerank, else ~/.cache/dxrag/lvlm-rerank)")
@@ -325,17 +326,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lvlm-rerank: error: {where}: field '{QUERY_ID}': {qid!r} is not a query of {args.dataset}",
                       file=sys.stderr)
                 return 2
-            cands = []
+            cases = []
             for c in cols:
                 item = corpus.get(item_ids[int(m.row[i, c])] or "")
                 if item is None:
                     print(f"lvlm-rerank: error: {table.raw.locate(int(m.row[i, c]))}: field '{ITEM_ID}': "
                           f"{item_ids[int(m.row[i, c])]!r} is not a corpus item of {args.dataset}", file=sys.stderr)
                     return 2
-                cands.append((item.text, dataset.image_path(item.image)))
+                cases.append((item.text, dataset.image_path(item.image)))
             q = queries[qid]
             jobs.append((m.system, qid, [c + 1 for c in cols],
-                         build_messages(q.question, list(q.candidates), dataset.image_path(q.image), cands)))
+                         build_messages(q.question, list(q.candidates), dataset.image_path(q.image), cases)))
 
     client = openai.OpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout, max_retries=args.max_retries)
     cache = ResponseCache(args.cache or default_cache_dir())

@@ -157,8 +157,8 @@ def hf_files(root: Path) -> dict[str, list[Path]]:
             continue
         rel = path.relative_to(root)
         stem = path.name.split("-")[0].split(".")[0].lower()
-        candidates = [stem, *(p.lower() for p in reversed(rel.parts[:-1]))]
-        split = next((SPLIT_NAMES[c] for c in candidates if c in SPLIT_NAMES), None)
+        names = [stem, *(p.lower() for p in reversed(rel.parts[:-1]))]  # the file's, then its folders' inwards out
+        split = next((SPLIT_NAMES[c] for c in names if c in SPLIT_NAMES), None)
         (files[split].append(path) if split else unknown.append(str(rel)))
     if unknown:
         raise DatasetError(f"{root}: cannot tell the split of {unknown[:5]}; name files or folders by split "
