@@ -258,9 +258,11 @@ def install(name: str, force: bool = False, log=None) -> Path:
     say(f"{name}: verifying {len(paths)} payload file(s), {src.size / 1e6:.1f} MB")
     verify(src, paths)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory.parent))
+    for stale in remove_stale(name):
+        say(f"{name}: removed {stale.name}, left by an install that did not finish")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=directory.parent))
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.work-", dir=directory.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.work-{os.getpid()}-", dir=directory.parent))
         try:
             payload = _joined(src, paths, work) if src.joined else paths
             say(f"{name}: converting ({src.recipe})")
@@ -283,6 +285,44 @@ def install(name: str, force: bool = False, log=None) -> Path:
         raise
     say(f"{name}: installed in {directory}")
     return directory
+
+
+def remove_stale(name: str) -> list[Path]:
+    """Remove the hidden `.NAME.tmp-PID-*`, `.NAME.work-PID-*` and `.NAME.old-PID` folders that a killed install of
+    `name` left beside the cache entry; a folder whose process is still running (an install going on beside this one)
+    is kept. Folders from before the PID was part of the name are removed once older than a day. Returns what went."""
+    parent = weights_dir(name).parent
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        for kind in ("tmp", "work", "old"):
+            prefix = f".{name}.{kind}-"
+            if not entry.name.startswith(prefix):
+                continue
+            pid = entry.name[len(prefix):].split("-")[0]
+            if pid.isdigit():
+                stale = not _pid_alive(int(pid))
+            else:
+                import time
+
+                stale = time.time() - entry.stat().st_mtime > 86400
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _make_readable(directory: Path) -> None:

@@ -225,3 +225,30 @@ def test_real_gguf_conversion_knows_paris(name):
         logp = model(ids).logits[0, -1].float().log_softmax(-1)
     paris, berlin = tok(" Paris").input_ids[0], tok(" Berlin").input_ids[0]
     assert logp[paris] - logp[berlin] > 4
+
+
+def test_killed_install_leftovers_are_cleaned_by_the_next_install(fake, tmp_path):
+    """A SIGKILL mid-install leaves hidden `.NAME.tmp-PID-*` folders that nothing else removes: the next install of
+    that name removes those of dead processes (and old PID-less ones), keeps a live install's, and says so."""
+    import os
+    import subprocess
+    import time
+
+    root = tmp_path / "home" / "weights"
+    root.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [root / f".fake.tmp-{dead.pid}-abc", root / f".fake.work-{dead.pid}-def", root / f".fake.old-{dead.pid}",
+             root / ".fake.tmp-xyz"]
+    live = root / f".fake.tmp-{os.getppid()}-ghi"
+    recent_pidless = root / ".fake.tmp-recent"
+    other = root / f".other.tmp-{dead.pid}-abc"
+    for d in stale + [live, recent_pidless, other]:
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "half.bin").write_bytes(b"x")
+    day_old = time.time() - 2 * 86400
+    os.utime(root / ".fake.tmp-xyz", (day_old, day_old))
+    said = []
+    weights.install("fake", log=said.append)
+    assert _leftovers(tmp_path / "home") == sorted(["fake", live.name, recent_pidless.name, other.name])
+    assert sum("did not finish" in line for line in said) == len(stale)
