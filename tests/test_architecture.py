@@ -72,7 +72,7 @@ def _within(module: str, package: str) -> bool:
 def test_the_scan_sees_the_known_imports():
     """The scanner resolves relative imports (a rule that checks nothing would pass every test below)."""
     found = {m for _, m, _ in _imports("dxrag.core.stages", MODULES["dxrag.core.stages"])}
-    assert {"dxrag.core.base.fusion", "dxrag.analysis.report", "dxrag.core.tasks"} <= found
+    assert {"dxrag.core.base.answers", "dxrag.analysis.report", "dxrag.core.tasks"} <= found
     found = {m for _, m, _ in _imports("dxrag.analysis.tables", MODULES["dxrag.analysis.tables"])}
     assert {"dxrag.core.base.tables", "dxrag.core.base.answers", "pandas"} <= found
 

@@ -19,7 +19,7 @@ from .. import distributed
 from ..base.fsutil import atomic_dir
 from ..base.answers import normalize_closed
 from ..base.records import CorpusItem, Query
-from .model import Reader, ReaderError, ScoreRequest, predictions
+from .model import Reader, ReaderError, ScoreRequest, TargetRequest, predictions
 from .settings import AlignSettings, FinetuneSettings
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,11 @@ def accuracy(reader: Reader, requests: Sequence[ScoreRequest], image_root: str |
     return float(np.mean([normalize_closed(p) == normalize_closed(r.query.label) for p, r in zip(preds, requests)]))
 
 
-def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike,
+def finetune(reader: Reader, examples: Sequence[TargetRequest], image_root: str | os.PathLike,
              config: FinetuneSettings, val_requests: Sequence[ScoreRequest] = (), seed: int = 0,
              checkpoint_dir: str | os.PathLike | None = None, projector_only: bool = False) -> FinetuneHistory:
-    """Train the reader in place on (query, context) pairs; loss = cross-entropy of the gold answer's tokens.
+    """Train the reader in place on (query, context) targets (`Task.training_requests`, core/tasks.py); loss =
+    cross-entropy of the gold answer's tokens (`Reader.answer_loss`).
     `projector_only`: only the family's projector trains (the alignment stage, `align_settings`).
 
     With `reader.config.lora` set, fresh LoRA adapters are added (unless present) and only they train; with
@@ -103,7 +104,7 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
             order.extend(rng.permutation(len(examples)).tolist())
         picked, order = order[:config.batch_size], order[config.batch_size:]
         closed = rng.random(len(picked)) < config.closed_book_fraction
-        batch = [(examples[i][0], None if drop else examples[i][1]) for i, drop in zip(picked, closed)]
+        batch = [TargetRequest(examples[i].query, None) if drop else examples[i] for i, drop in zip(picked, closed)]
         loss = reader.answer_loss(distributed.shard(batch), image_root)  # under torchrun: this rank's share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,11 +132,12 @@ def align_settings(align: AlignSettings) -> FinetuneSettings:
                             checkpoint_every=align.checkpoint_every)
 
 
-def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[tuple[Query, None]]:
+def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[TargetRequest]:
     """LLaVA stage 1's data: each corpus image, closed-book, asked `question`, answered by its corpus text (an open
     answer: its tokens and the end token are the target)."""
-    return [(Query(id=f"caption-{item.id}", image=item.image, question=question, candidates=(), label=item.text.strip(),
-                   metadata={"answer_type": "open"}), None) for item in corpus if item.text.strip()]
+    return [TargetRequest(Query(id=f"caption-{item.id}", image=item.image, question=question, candidates=(),
+                                label=item.text.strip(), metadata={"answer_type": "open"}), None)
+            for item in corpus if item.text.strip()]
 
 
 def _resume_key(config: FinetuneSettings, seed: int) -> dict:

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dxrag.core.reader.finetune import accuracy, finetune  # noqa: E402
-from dxrag.core.reader.model import (Reader, ReaderError, ScoreRequest,  # noqa: E402
+from dxrag.core.reader.model import (Reader, ReaderError, ScoreRequest, TargetRequest,  # noqa: E402
                                      predictions)
 from dxrag.core.reader.settings import FinetuneSettings, LoraSettings, ReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
@@ -188,7 +188,7 @@ def test_save_load_round_trip_gives_identical_scores(tiny_reader, toy_dataset, t
 def test_finetune_with_context_beats_closed_book(toy_dataset):
     """Toy task where the context's text states the answer: the fine-tuned reader reads it, closed-book cannot."""
     reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset, seed=1)
-    examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
+    examples = [TargetRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     val = [ScoreRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["val"]]
     wrong = [ScoreRequest(q, context_for(toy_dataset, q, shift=2)) for q in toy_dataset.queries["val"]]
     before = accuracy(reader, val, toy_dataset.root)
@@ -206,7 +206,7 @@ def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
     reader = Reader.from_config(config, dataset=toy_dataset)
     reader.add_lora(config.lora)
     before = {k: v.clone() for k, v in reader.model.state_dict().items()}
-    examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
+    examples = [TargetRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     history = finetune(reader, examples, toy_dataset.root, FinetuneSettings(steps=5, eval_every=0, lr=1e-2))
     after = {k: v for k, v in reader.model.state_dict().items()}
     changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}
@@ -226,7 +226,7 @@ def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
 
 
 def test_interrupted_finetune_resumes_to_the_same_result(toy_dataset, tmp_path, monkeypatch):
-    examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
+    examples = [TargetRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     config = FinetuneSettings(steps=8, batch_size=4, eval_every=0, checkpoint_every=3)
     ckpt = tmp_path / "ckpt"
     fresh = lambda: Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset)  # noqa: E731
