@@ -2,7 +2,7 @@
 
 Per model: per-context scoring prompts/s on the generic path and, where the family has one, the fast path (and their
 ratio), the cost of a multi-label context (14 per-label questions sharing their prompt prefix, `share_prefix`) in
-closed questions, LoRA fine-tune steps/s (`core.reader.finetune.finetune` itself), and the peak GPU memory of each
+closed questions, LoRA fine-tune steps/s (`core.training.finetune.finetune` itself), and the peak GPU memory of each
 phase, at the batch sizes of the run config named per model (reader.batch_size, reader.finetune.batch_size and its
 gradient_checkpointing; LoRA r 8). Models:
 
@@ -221,7 +221,7 @@ def measure(name: str, args, device, dtype) -> dict:
     import torch
 
     from dxrag.core.config import load_config
-    from dxrag.core.reader.finetune import finetune
+    from dxrag.core.training.finetune import finetune
     from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
     from dxrag.core.reader.settings import LoraSettings
     from dxrag.core.tasks import Task

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from dxrag.core.reader.finetune import finetune
+    from dxrag.core.training.finetune import finetune
     from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
     from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings
 
@@ -175,7 +175,7 @@ def family_bench(args) -> dict:
     import torch
 
     from dxrag.core.reader.families import FAMILIES
-    from dxrag.core.reader.finetune import finetune
+    from dxrag.core.training.finetune import finetune
     from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
     from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings, TinyReaderSettings
 

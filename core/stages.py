@@ -21,7 +21,7 @@ from .predictions import PredictionLog, read_logs
 from .base.records import Answer, ContextPrediction, Query
 from .base.answers import CLOSED
 from .tasks import Task, run_requests
-from .training.runs import RunDir
+from .run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def dataset(ctx: RunContext) -> Dataset:
 
 def encoder(ctx: RunContext, ds: Dataset):
     """The retriever's encoder, after the optional contrastive stage on the corpus; saved in the run directory."""
-    from .retrieval.contrastive import pretrain_contrastive
+    from .training.contrastive import pretrain_contrastive
     from .retrieval.encoders import Encoder
 
     cfg = ctx.cfg.retriever
@@ -207,7 +207,7 @@ def align(ctx: RunContext, ds: Dataset, model) -> None:
     training only the projector; the aligned projector is kept in the run directory (`aligned-projector`)."""
     from safetensors.torch import load_file, save_file
 
-    from .reader.finetune import align_settings, caption_examples, finetune
+    from .training.finetune import align_settings, caption_examples, finetune
 
     settings = ctx.cfg.reader.align
     if settings is None:
@@ -235,7 +235,7 @@ def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
     """The reader fine-tuned on single-context prompts from the untrained retriever (top-n of each head per training
     query), validated on the val queries' top image context; built from a recipe and its projector aligned first
     when the config asks for it."""
-    from .reader.finetune import finetune
+    from .training.finetune import finetune
     from .reader.model import Reader
 
     cfg, seed = reader_base(ctx), ctx.cfg.seed

@@ -18,7 +18,7 @@ from dxrag.core.base.dataset import load_dataset  # noqa: E402
 from dxrag.core.config import load_config  # noqa: E402
 from dxrag.core.reader.requests import GenerateRequest, ScoreRequest, TargetRequest  # noqa: E402
 from dxrag.core.tasks import Task  # noqa: E402
-from dxrag.core.training.runs import RunDir  # noqa: E402
+from dxrag.core.run import RunDir  # noqa: E402
 from dxrag.core.training.distill import ReaderJudge  # noqa: E402
 
 from task_fixtures import multilabel_dataset, open_vqa_dataset  # noqa: E402
@@ -66,7 +66,8 @@ def _users(tmp_path: Path, data: Path, monkeypatch, answer_type: str):
     each user built them: (predict, distillation, fine-tuning targets, fine-tuning validation)."""
     ds = stages.answerable(load_dataset(data))
     ds.queries["test"] = ds.queries["train"]  # predict on the training queries: the same queries in every user
-    cfg = load_config(REPO / "configs" / "embedded.yaml", {"inference.top_n": 1, "reader.finetune.contexts_per_head": 1})
+    cfg = load_config(REPO / "configs" / "embedded.yaml",
+                      {"inference.top_n": 1, "reader.finetune.contexts_per_head": 1})
     ctx = stages.RunContext(cfg, RunDir(tmp_path / "run"), tmp_path / "report")
     retriever = Retriever(ds)
     n = len(ds.queries["train"])
@@ -98,7 +99,7 @@ def _users(tmp_path: Path, data: Path, monkeypatch, answer_type: str):
         caught["examples"], caught["val"] = list(examples), list(val_requests)
         return SimpleNamespace(to_json=lambda: {})
 
-    monkeypatch.setattr("dxrag.core.reader.finetune.finetune", finetune)
+    monkeypatch.setattr("dxrag.core.training.finetune.finetune", finetune)
     monkeypatch.setattr("dxrag.core.reader.model.Reader.from_config", lambda *a, **k: Recorder())
     ds.queries["val"] = ds.queries["train"]  # validate on the same queries
     q.frozen["val"], q.exclude["val"] = q.frozen["train"], q.exclude["train"]

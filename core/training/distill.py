@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..base.records import CorpusItem, Query
 from ..tasks import Task, run_requests
-from .runs import load_arrays, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_arrays, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ReaderJudge:
 
     def restore_from(self, checkpoint_dir: Path) -> bool:
         """Restore the cache saved with a checkpoint; False when there is none."""
-        arrays = load_arrays(checkpoint_dir) if (Path(checkpoint_dir) / "state.json").exists() else None
+        arrays = load_arrays(checkpoint_dir) if has_checkpoint(checkpoint_dir) else None
         if arrays is None or "judge_query" not in arrays:
             return False
         self.restore(arrays)
@@ -219,22 +219,37 @@ def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return order[pos * batch_size:(pos + 1) * batch_size]
 
 
+def resume_key(task: DistillTask, batch_size: int, lr: float, weight_decay: float, refresh_every: int,
+               seed: int) -> dict:
+    """The settings a resumed distillation must share with the interrupted one (checked against its checkpoint; the
+    step count may grow: no schedule depends on it)."""
+    return {"head": task.tower.head, "alpha": getattr(task.tower, "alpha", None), "candidates": task.candidates,
+            "tau_gold": task.tau_gold, "tau_retriever": task.tau_retriever, "prior_tilt": task.prior_tilt,
+            "inconsistency_weighting": task.inconsistency_weighting,
+            "inconsistency_factor": task.inconsistency_factor, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "refresh_every": refresh_every, "seed": seed}
+
+
 def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight_decay: float, refresh_every: int,
                seed: int, checkpoint_dir: Path | None = None, checkpoint_every: int = 50,
                on_step: Callable[[int], None] | None = None) -> dict:
-    """Distil the reader's judgement into one head; resumes from `checkpoint_dir` when a checkpoint is there."""
+    """Distil the reader's judgement into one head; resumes from `checkpoint_dir` when a checkpoint is there
+    (core/training/checkpoint.py; refused when written with other settings, `resume_key`)."""
     params = list(task.tower.trainable_parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     start, history = 0, {"loss": []}
-    if checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
-        tensors, opt_state, state = load_checkpoint(checkpoint_dir)
-        task.tower.trainable.load_state_dict({k[len("tower."):]: v for k, v in tensors.items()
+    settings = resume_key(task, batch_size, lr, weight_decay, refresh_every, seed)
+    if has_checkpoint(checkpoint_dir):
+        ckpt = load_checkpoint(checkpoint_dir, settings)
+        task.tower.trainable.load_state_dict({k[len("tower."):]: v for k, v in ckpt.tensors.items()
                                               if k.startswith("tower.")})
-        task.snapshot.trainable.load_state_dict({k[len("snapshot."):]: v for k, v in tensors.items()
+        task.snapshot.trainable.load_state_dict({k[len("snapshot."):]: v for k, v in ckpt.tensors.items()
                                                  if k.startswith("snapshot.")})
-        optimizer.load_state_dict(opt_state)
-        start, history = state["step"], state["history"]
-        restored = task.judge.restore_from(checkpoint_dir)
+        optimizer.load_state_dict(ckpt.optimizer)
+        start, history = ckpt.state["step"], ckpt.state["history"]
+        restored = ckpt.arrays is not None and "judge_query" in ckpt.arrays
+        if restored:
+            task.judge.restore(ckpt.arrays)
         log.info("resuming distillation of the %s head at step %d (%s)", task.tower.head, start,
                  f"judge cache of {len(task.judge.cache)} pairs restored" if restored else
                  "a checkpoint without a judge cache: scores are recomputed")
@@ -264,7 +279,7 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
             tensors = {f"tower.{k}": v for k, v in task.tower.trainable.state_dict().items()}
             tensors.update({f"snapshot.{k}": v for k, v in task.snapshot.trainable.state_dict().items()})
             save_checkpoint(checkpoint_dir, tensors, optimizer.state_dict(), {"step": done, "history": history},
-                            arrays=task.judge.state_arrays())
+                            settings, arrays=task.judge.state_arrays())
         if on_step is not None:
             on_step(done)
     task.tower.train(False)

@@ -91,7 +91,7 @@ def test_generate_batched_equals_unbatched(reader, toy_dataset):
 
 
 def test_alignment_trains_only_the_projector_and_lowers_the_caption_loss(built, toy_dataset):
-    from dxrag.core.reader.finetune import align_settings, caption_examples, finetune
+    from dxrag.core.training.finetune import align_settings, caption_examples, finetune
     from dxrag.core.reader.settings import AlignSettings
 
     reader = Reader.from_config(settings(built))

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dxrag.core.base.dataset import DatasetMeta, DatasetWriter, load_dataset  # noqa: E402
-from dxrag.core.reader.finetune import finetune  # noqa: E402
+from dxrag.core.training.finetune import finetune  # noqa: E402
 from dxrag.core.reader.model import GenerateRequest, Reader, ReaderError, ScoreRequest, TargetRequest  # noqa: E402,E501
 from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
