@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 @dataclass
 class PretrainSettings:
     """The contrastive stage on the corpus's image-text pairs (`pretrain_contrastive`, core/training/contrastive.py):
-    for the tiny encoder it stands in for a general-purpose pretrained backbone; over real pretrained towers that are not
-    image-text aligned (dxrag-effnet-minilm) it trains their projections LiT-style (`lock_towers`; locked towers are
-    run once, so an epoch costs the projections only). Image <-> text InfoNCE, plus (`image_weight` > 0) an image
+    for the tiny encoder it stands in for a general-purpose pretrained backbone; over real pretrained towers that are
+    not image-text aligned (dxrag-effnet-minilm) it trains their projections LiT-style (`lock_towers`; locked towers
+    are run once, so an epoch costs the projections only). Image <-> text InfoNCE, plus (`image_weight` > 0) an image
     <-> image InfoNCE between two augmented views of each image (random shift of up to `augment_shift` pixels,
     Gaussian noise of std `augment_noise` in normalised units). Without the image term the image embeddings of a
     corpus of similar-looking images collapse into a narrow cone (cosine about 0.99 between all images of the

@@ -24,6 +24,7 @@ from .checkpoint import WEIGHTS_FILE, has_checkpoint, load_checkpoint, save_chec
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class FinetuneHistory:
     """What the caller logs: the loss of every step and validation accuracy at the evaluation steps."""
