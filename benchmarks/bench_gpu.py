@@ -2,7 +2,7 @@
 
 Per model: per-context scoring prompts/s on the generic path and, where the family has one, the fast path (and their
 ratio), the cost of a multi-label context (14 per-label questions sharing their prompt prefix, `share_prefix`) in
-closed questions, LoRA fine-tune steps/s (`core.reader.finetune.finetune` itself), and the peak GPU memory of each
+closed questions, LoRA fine-tune steps/s (`core.training.finetune.finetune` itself), and the peak GPU memory of each
 phase, at the batch sizes of the run config named per model (reader.batch_size, reader.finetune.batch_size and its
 gradient_checkpointing; LoRA r 8). Models:
 
@@ -221,10 +221,10 @@ def measure(name: str, args, device, dtype) -> dict:
     import torch
 
     from dxrag.core.config import load_config
-    from dxrag.core.reader.finetune import finetune
-    from dxrag.core.reader.model import Reader, ScoreRequest
+    from dxrag.core.training.finetune import finetune
+    from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
     from dxrag.core.reader.settings import LoraSettings
-    from dxrag.core.tasks import TaskPrompts
+    from dxrag.core.tasks import Task
 
     shape = SHAPES[name]
     cfg = load_config(REPO / shape["config"])
@@ -278,12 +278,12 @@ def measure(name: str, args, device, dtype) -> dict:
         def multilabel(reader, key):
             # per-label questions of a 14-label task over `batch` contexts, prefix shared, against closed questions
             def run():
-                prompts = TaskPrompts("multilabel", tuple(FINDINGS), {})
+                prompts = Task("multilabel", tuple(FINDINGS), {})
                 k = min(len(requests), batch)
                 asked = [dataclasses.replace(q, candidates=tuple(FINDINGS), label="", label_set=(FINDINGS[0],))
                          for q in queries[:k]]
                 per_label = [ScoreRequest(a, c, share_prefix=True) for q, c in zip(asked, corpus)
-                             for a in prompts.label_queries(q)]
+                             for a in prompts.asked(q)]
                 reader.score(per_label[:len(FINDINGS)], ds.root, progress=False)  # warm-up
                 with Meter(device) as closed:
                     reader.score(requests[:k], ds.root, progress=False)
@@ -300,7 +300,7 @@ def measure(name: str, args, device, dtype) -> dict:
 
         def training():
             reader = Reader(model, processor, ReaderSettings(**settings, lora=LoraSettings(r=8, alpha=16)))
-            examples = [(q, c) for q, c in zip(queries, corpus)]
+            examples = [TargetRequest(q, c) for q, c in zip(queries, corpus)]
             finetune(reader, examples, ds.root, dataclasses.replace(ft, steps=1))  # warm-up (adds the adapters)
             with Meter(device) as m:
                 finetune(reader, examples, ds.root, ft)

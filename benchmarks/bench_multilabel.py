@@ -51,17 +51,17 @@ def measure(ds, fast: bool, n: int, repeats: int) -> dict:
 
     from dxrag.core.reader.model import Reader, ScoreRequest
     from dxrag.core.reader.settings import ReaderSettings
-    from dxrag.core.tasks import TaskPrompts
+    from dxrag.core.tasks import Task
 
     reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu", batch_size=64, fast_path=fast), ds)
     unshared = Reader(reader.model, reader.processor,
                       ReaderSettings(model="tiny", device="cpu", batch_size=64, fast_path=fast, share_prefix=False))
-    prompts = TaskPrompts.of(ds.meta)
+    prompts = Task.of(ds.meta)
     queries = ds.queries["test"][:n]
     closed = [ScoreRequest(dataclasses.replace(q, label=q.candidates[0], label_set=None), c)
               for q, c in zip(queries, ds.corpus)]
     per_label = [ScoreRequest(a, c, share_prefix=True) for q, c in zip(queries, ds.corpus)
-                 for a in prompts.label_queries(q)]
+                 for a in prompts.asked(q)]
     reader.score(closed[:8], ds.root, progress=False)  # warm-up
     timings, scores = {}, {}
     for _ in range(repeats):  # interleaved, so that a burst of load on the shared machine hits every variant

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from dxrag.core.reader.finetune import finetune
-    from dxrag.core.reader.model import Reader, ScoreRequest
+    from dxrag.core.training.finetune import finetune
+    from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
     from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings
 
     torch.set_num_threads(args.threads)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         ds = make_dataset(Path(tmp) / "data", n_corpus=100, n_queries=max(60, args.requests // 2), seed=0)
         reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu", batch_size=64), dataset=ds)
         by_label = {k: [c for c in ds.corpus if c.label == k] for k in LABELS}
-        train = [(q, by_label[q.label][i % 20]) for i, q in enumerate(ds.queries["train"])]
+        train = [TargetRequest(q, by_label[q.label][i % 20]) for i, q in enumerate(ds.queries["train"])]
         finetune(reader, train, ds.root, FinetuneSettings(steps=args.train_steps, eval_every=0))
 
         rng = np.random.default_rng(1)
@@ -175,8 +175,8 @@ def family_bench(args) -> dict:
     import torch
 
     from dxrag.core.reader.families import FAMILIES
-    from dxrag.core.reader.finetune import finetune
-    from dxrag.core.reader.model import Reader, ScoreRequest
+    from dxrag.core.training.finetune import finetune
+    from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
     from dxrag.core.reader.settings import FinetuneSettings, ReaderSettings, TinyReaderSettings
 
     torch.set_num_threads(args.threads)
@@ -189,7 +189,7 @@ def family_bench(args) -> dict:
         requests = [ScoreRequest(queries[i % len(queries)], ds.corpus[int(rng.integers(len(ds.corpus)))])
                     for i in range(args.requests)]
         by_label = {k: [c for c in ds.corpus if c.label == k] for k in LABELS}
-        train = [(q, by_label[q.label][i % 20]) for i, q in enumerate(ds.queries["train"])]
+        train = [TargetRequest(q, by_label[q.label][i % 20]) for i, q in enumerate(ds.queries["train"])]
         for family in families:
             settings = ReaderSettings(model="tiny", device="cpu", batch_size=64,
                                       tiny=TinyReaderSettings(family=family))

@@ -19,7 +19,7 @@ from .base.fsutil import atomic_write_json
 from .predictions import write_tables
 from .base.provenance import provenance
 from .stages import SYSTEMS, RunContext
-from .training.runs import RunDir
+from .run import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,9 @@ from .reader.settings import ReaderSettings
 from .base.dataset import Dataset, load_dataset
 from .predictions import PredictionLog, read_logs
 from .base.records import Answer, ContextPrediction, Query
-from .base.answers import CLOSED, OPEN, SET
-from .base.fusion import fuse, fused_answer, fusion_weights, open_answer
-from .tasks import TaskPrompts
-from .training.runs import RunDir
+from .base.answers import CLOSED
+from .tasks import Task, run_requests
+from .run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,8 @@ def answerable(ds: Dataset) -> Dataset:
     """The dataset with the queries the reader can answer: multi-label queries (one yes/no question per offered
     label), open VQA questions (answered by generation) and closed questions with at least two candidate answers;
     closed questions with fewer are left out (logged)."""
-    prompts = TaskPrompts.of(ds.meta)
-    kept = {split: [q for q in qs if prompts.answer_type(q) != CLOSED or len(q.candidates) >= 2]
+    task = Task.of(ds.meta)
+    kept = {split: [q for q in qs if task.answer_type(q) != CLOSED or len(q.candidates) >= 2]
             for split, qs in ds.queries.items()}
     for split, qs in ds.queries.items():
         if len(kept[split]) < len(qs):
@@ -128,7 +127,7 @@ def dataset(ctx: RunContext) -> Dataset:
 
 def encoder(ctx: RunContext, ds: Dataset):
     """The retriever's encoder, after the optional contrastive stage on the corpus; saved in the run directory."""
-    from .retrieval.contrastive import pretrain_contrastive
+    from .training.contrastive import pretrain_contrastive
     from .retrieval.encoders import Encoder
 
     cfg = ctx.cfg.retriever
@@ -208,7 +207,7 @@ def align(ctx: RunContext, ds: Dataset, model) -> None:
     training only the projector; the aligned projector is kept in the run directory (`aligned-projector`)."""
     from safetensors.torch import load_file, save_file
 
-    from .reader.finetune import align_settings, caption_examples, finetune
+    from .training.finetune import align_settings, caption_examples, finetune
 
     settings = ctx.cfg.reader.align
     if settings is None:
@@ -236,8 +235,8 @@ def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
     """The reader fine-tuned on single-context prompts from the untrained retriever (top-n of each head per training
     query), validated on the val queries' top image context; built from a recipe and its projector aligned first
     when the config asks for it."""
-    from .reader.finetune import finetune
-    from .reader.model import Reader, ScoreRequest
+    from .training.finetune import finetune
+    from .reader.model import Reader
 
     cfg, seed = reader_base(ctx), ctx.cfg.seed
     saved = ctx.run / "reader"
@@ -253,17 +252,17 @@ def reader(ctx: RunContext, ds: Dataset, retriever, q: QueryInputs):
     align(ctx, ds, model)
     ft = cfg.finetune
     items = ds.corpus_by_id()
-    prompts = TaskPrompts.of(ds.meta)
+    task = Task.of(ds.meta)
     hits = retriever.search({h: q.frozen["train"] for h in HEADS}, ft.contexts_per_head, q.exclude["train"])
     # a multi-label query trains on its per-label yes/no questions, an open one on its answer's tokens
-    examples = prompts.training_examples([(query, items[item_id]) for head in HEADS
+    examples = task.training_requests([(query, items[item_id]) for head in HEADS
                                           for query, row in zip(ds.queries["train"], hits[head])
                                           for item_id, _ in row])
     val = ds.queries.get("val", [])
     val_hits = retriever.search({"image": q.frozen["val"]}, 1, q.exclude["val"])["image"] if val else []
     # validation accuracy over the candidate-scored questions (per label for multi-label; open ones left out)
-    val_requests = [ScoreRequest(asked, items[row[0][0]]) for query, row in zip(val, val_hits) if row
-                    for asked in prompts.training_queries(query) if prompts.answer_type(query) != OPEN]
+    val_requests = [r for query, row in zip(val, val_hits) if row
+                    for r in task.validation_requests(query, items[row[0][0]])]
     history = finetune(model, examples, ds.root, ft, val_requests=val_requests, seed=seed,
                        checkpoint_dir=ctx.run / "checkpoints" / "reader")
     if distributed.is_main():
@@ -282,7 +281,7 @@ def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs)
     cfg = ctx.cfg.distill
     towers = {}
     judge = ReaderJudge(model, ds.root, ds.queries["train"], ds.corpus_by_id(), batch_size=ctx.cfg.reader.batch_size,
-                        prompts=TaskPrompts.of(ds.meta))
+                        task=Task.of(ds.meta))
     for head in cfg.heads:
         tower = QueryTower(enc, head, alpha=cfg.alpha)
         path = ctx.run / "heads" / f"{head}.safetensors"
@@ -317,12 +316,10 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     context (core/tasks.py); open questions are answered by greedy generation, one answer per context."""
     from tqdm.auto import tqdm
 
-    from .reader.model import ScoreRequest
-
     cfg = ctx.cfg.inference
     queries = ds.queries[split]
     items = ds.corpus_by_id()
-    prompts = TaskPrompts.of(ds.meta)
+    task = Task.of(ds.meta)
     plog = PredictionLog(log_dir)
     hits = {"rag": retriever.search({h: q.frozen[split] for h in HEADS}, cfg.top_n, q.exclude[split]),
             "joint": retriever.search({h: towers[h].embed(q.pixels[split]) for h in HEADS}, cfg.top_n,
@@ -340,27 +337,12 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
             part = todo[start:start + chunk]
             plans = [(system, queries[qi], [("", "", 0.0)] if system == "closed-book" else
                       interleave({h: hits[system][h][qi] for h in HEADS}, cfg.rank_order)) for system, qi in part]
-            types = [prompts.answer_type(query) for _, query, _ in plans]
-            asked = [prompts.label_queries(query) if kind == SET else [prompts.prompt_query(query)]
-                     for (_, query, _), kind in zip(plans, types)]
-            opened = [kind == OPEN for kind in types]
-            # a context's per-label questions share their prompt up to the question: encoded once (ScoreRequest)
-            requests = [[ScoreRequest(a, items[item_id] if item_id else None, share_prefix=kind == SET)
-                         for _, item_id, _ in ranked for a in ask]
-                        for (_, _, ranked), ask, kind in zip(plans, asked, types)]
-            scores = iter(model.score([r for rs, o in zip(requests, opened) if not o for r in rs], ds.root,
-                                      progress=False))
-            texts = iter(model.generate([r for rs, o in zip(requests, opened) if o for r in rs], ds.root,
-                                        progress=False) if any(opened) else [])
-            for (system, query, ranked), ask, kind in zip(plans, asked, types):
-                if kind == OPEN:
-                    _log_open(plog, system, query, ranked, [next(texts) for _ in ranked], tau)
-                    continue
-                probs = np.stack([np.stack([np.exp(next(scores)) for _ in ask]) for _ in ranked])
-                if kind == SET:
-                    _log_set(plog, prompts, system, query, ranked, probs[:, :, 0], tau)
-                else:
-                    _log_query(plog, system, query, ranked, probs[:, 0], tau)
+            # one routing (core/tasks.py): each query's requests, all of them answered by type in one call each
+            requests = [task.requests(query, [items[item_id] if item_id else None for _, item_id, _ in ranked])
+                        for _, query, ranked in plans]
+            outputs = iter(run_requests(model, [r for rs in requests for r in rs], ds.root))
+            for (system, query, ranked), rs in zip(plans, requests):
+                _log_answers(plog, task, system, query, ranked, [next(outputs) for _ in rs], tau)
             bar.update(len(part))
     finally:
         bar.close()
@@ -369,51 +351,21 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     return read_logs(log_dir)
 
 
-def _log_query(plog: PredictionLog, system: str, query: Query, ranked, probs: np.ndarray, tau: float) -> None:
-    """One closed question's context rows and its final answer (closed-book: the one prompt; else the fused
-    contexts)."""
-    cands = list(query.candidates)
+def _log_answers(plog: PredictionLog, task: Task, system: str, query: Query, ranked, outputs: list,
+                 tau: float) -> None:
+    """One query's context rows and its final answer (`Task.context_answers`, `Task.fused_answer`): closed-book,
+    the one prompt's answer; else the contexts' answers fused with the weights softmax(retrieval score / tau)."""
+    kind = task.answer_type(query)
+    answers = task.context_answers(query, outputs)
     if system == "closed-book":
-        plog.write([], Answer(system, query.id, cands[int(probs[0].argmax())], query.label,
-                              dict(zip(cands, map(float, probs[0]))), answer_type=CLOSED))
+        prediction, probs = answers[0]
+        plog.write([], Answer(system, query.id, prediction, query.label, probs, answer_type=kind))
         return
-    rows = [ContextPrediction(system, query.id, rank, query.label, cands[int(p.argmax())], item_id, head,
-                              float(score), dict(zip(cands, map(float, p))), answer_type=CLOSED)
-            for rank, ((head, item_id, score), p) in enumerate(zip(ranked, probs), 1)]
-    fused = fuse(probs, np.array([s for _, _, s in ranked]), tau)
-    plog.write(rows, Answer(system, query.id, cands[fused_answer(fused, cands)], query.label,
-                            dict(zip(cands, map(float, fused))), answer_type=CLOSED))
-
-
-def _log_set(plog: PredictionLog, prompts: TaskPrompts, system: str, query: Query, ranked, p_yes: np.ndarray,
-             tau: float) -> None:
-    """One multi-label query: per context the predicted set's canonical string, with each offered label's p(yes) in
-    `probs` (what the analysis fuses); the final answer thresholds the per-label p(yes) averaged over the contexts
-    with the fusion weights (softmax of retrieval score / tau), its probs those averages."""
-    offered = prompts.offered(query)
-    if system == "closed-book":
-        plog.write([], Answer(system, query.id, prompts.set_answer(query, p_yes[0]), query.label,
-                              dict(zip(offered, map(float, p_yes[0]))), answer_type=SET))
-        return
-    rows = [ContextPrediction(system, query.id, rank, query.label, prompts.set_answer(query, p), item_id, head,
-                              float(score), dict(zip(offered, map(float, p))), answer_type=SET)
-            for rank, ((head, item_id, score), p) in enumerate(zip(ranked, p_yes), 1)]
-    fused = fuse(p_yes, np.array([s for _, _, s in ranked]), tau)
-    plog.write(rows, Answer(system, query.id, prompts.set_answer(query, fused), query.label,
-                            dict(zip(offered, map(float, fused))), answer_type=SET))
-
-
-def _log_open(plog: PredictionLog, system: str, query: Query, ranked, texts: list[str], tau: float) -> None:
-    """One open question: per context the generated answer; the final answer is the generated answer with the
-    largest total fusion weight (`fusion.open_answer`). No probs."""
-    if system == "closed-book":
-        plog.write([], Answer(system, query.id, texts[0], query.label, answer_type=OPEN))
-        return
-    rows = [ContextPrediction(system, query.id, rank, query.label, text, item_id, head, float(score),
-                              answer_type=OPEN)
-            for rank, ((head, item_id, score), text) in enumerate(zip(ranked, texts), 1)]
-    weights = fusion_weights(np.array([s for _, _, s in ranked]), tau)
-    plog.write(rows, Answer(system, query.id, open_answer(texts, weights), query.label, answer_type=OPEN))
+    rows = [ContextPrediction(system, query.id, rank, query.label, prediction, item_id, head, float(score), probs,
+                              answer_type=kind)
+            for rank, ((head, item_id, score), (prediction, probs)) in enumerate(zip(ranked, answers), 1)]
+    prediction, probs = task.fused_answer(query, outputs, [s for _, _, s in ranked], tau)
+    plog.write(rows, Answer(system, query.id, prediction, query.label, probs, answer_type=kind))
 
 
 def probe(ctx: RunContext, ds: Dataset, split: str, log_dir: Path) -> list[dict]:

@@ -15,7 +15,7 @@ import numpy as np
 from .config import load_config, recorded_config
 from .base.fsutil import atomic_dir
 from .pipeline import run_pipeline
-from .base.answers import normalize_closed
+from .base.answers import AnswerSettings, normalize_closed
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,19 @@ RANGE_COLUMNS = ("closed_book_acc", "closed_book_macro_f1", "rag_acc", "joint_ac
                  "rag_oracle", "closed_book_acc_consistent", "closed_book_acc_inconsistent", "delta_fused")
 
 
+def allow_empty(run_dir: Path, config: dict[str, Any]) -> bool:
+    """Whether the run's dataset allows the empty label set (dataset.yaml `allow_empty`): the dataset built into the
+    run directory, or the directory `data.path` names; False (logged) when neither is there any more."""
+    from .base.dataset import META_FILE, load_meta
+
+    data = config.get("data", {})
+    root = Path(data["path"]) if data.get("kind") == "dir" and data.get("path") else Path(run_dir) / "data"
+    if not (root / META_FILE).is_file():
+        log.warning("%s: the run's dataset %s is gone; re-analysed without the empty label set", run_dir, root)
+        return False
+    return load_meta(root).allow_empty
+
+
 def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     """The sweep-table row of one finished run directory: accuracies and joint-vs-rag counts as the run computed
     them (metrics.json), subset accuracies and inconsistency from the oracle analysis of its tables."""
@@ -35,8 +48,11 @@ def seed_row(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     contexts, answers = run_dir / "predictions" / "contexts.jsonl", run_dir / "predictions" / "answers.jsonl"
     record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["metrics"]
-    fusion = recorded_config(record["config"])["inference"]["fusion"]
-    report = OracleReport.from_tables(contexts, answers=answers, reference="rag", fusion_temperature=fusion["temperature"])
+    config = recorded_config(record["config"])
+    # the pipeline's own fusion rule: its temperature, and the empty-set rule of the run's dataset
+    report = OracleReport.from_tables(contexts, answers=answers, reference="rag",
+                                      fusion_temperature=config["inference"]["fusion"]["temperature"],
+                                      answer_settings=AnswerSettings(allow_empty=allow_empty(run_dir, config)))
     acc = report.subsets().set_index(["system", "method", "subset"])["acc"]
     summary = report.summary().set_index("system")
     answered = report.answers.frame

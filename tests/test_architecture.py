@@ -5,6 +5,8 @@ ones inside functions) and in a fresh interpreter (what an import really loads):
   import time (the table writer imports pandas / pyarrow when called);
 - analysis/ imports nothing of core outside core/base/;
 - core's library (everything but the application layer: pipeline, stages, sweep, cli) never imports analysis/;
+- the library never imports the run config (core/config.py, the YAML mapper of the application): each component's
+  settings dataclass lives beside the component, and only the application and the mapper itself name the config;
 - importing a library module loads no pandas, scipy or pyarrow.
 """
 
@@ -72,7 +74,7 @@ def _within(module: str, package: str) -> bool:
 def test_the_scan_sees_the_known_imports():
     """The scanner resolves relative imports (a rule that checks nothing would pass every test below)."""
     found = {m for _, m, _ in _imports("dxrag.core.stages", MODULES["dxrag.core.stages"])}
-    assert {"dxrag.core.base.fusion", "dxrag.analysis.report", "dxrag.core.tasks"} <= found
+    assert {"dxrag.core.base.answers", "dxrag.analysis.report", "dxrag.core.tasks"} <= found
     found = {m for _, m, _ in _imports("dxrag.analysis.tables", MODULES["dxrag.analysis.tables"])}
     assert {"dxrag.core.base.tables", "dxrag.core.base.answers", "pandas"} <= found
 
@@ -91,6 +93,15 @@ def test_analysis_uses_only_the_contracts_of_core():
 def test_core_library_never_imports_the_analysis():
     assert _violations(lambda name, module, _: _within(name, "dxrag.core") and name not in APPLICATION
                        and _within(module, "dxrag.analysis")) == []
+
+
+def test_the_library_never_imports_the_run_config():
+    """Settings live beside their components (retrieval, reader, data, training): core/retrieval, core/reader,
+    core/data, core/training and every other library module build on them, never on the application's mapper."""
+    found = {m for _, m, _ in _imports("dxrag.core.pipeline", MODULES["dxrag.core.pipeline"])}
+    assert "dxrag.core.config" in found  # the scan sees the application's imports of the config
+    assert _violations(lambda name, module, _: _within(name, "dxrag.core") and name not in APPLICATION
+                       and name != "dxrag.core.config" and _within(module, "dxrag.core.config")) == []
 
 
 @pytest.mark.parametrize("module", ["dxrag.core.reader", "dxrag.core.reader.model", "dxrag.core.tasks",

@@ -25,7 +25,8 @@ from .prompts import LABEL_QUESTION_WORDS, LEGEND_WORDS, PromptRenderer
 from .settings import LoraSettings, ReaderSettings
 from .fast_path import FastPathMixin, _Prompt  # noqa: F401 (importable from here)
 from .generic_path import GenericPathMixin
-from .requests import ReaderError, ScoreRequest, _Forward, _PrefixOnly  # noqa: F401 (importable from here)
+from .requests import (GenerateRequest, ReaderError, ScoreRequest, TargetRequest, _Forward,  # noqa: F401
+                       _PrefixOnly, expect_requests)
 from .shared_prefix import SharedPrefixMixin
 from .tower_cache import TowerCacheMixin, VisionFeatureCache, _freeze, _wanted_images  # noqa: F401
 
@@ -273,6 +274,7 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
         Requests are batched by prompt length and returned in input order. Requests with `share_prefix` are
         scored as prefix + suffix (`ScoreRequest`), by default encoding each distinct prefix once per batch
         (`_score_shared`)."""
+        expect_requests(requests, ScoreRequest, "score")
         root = Path(image_root)
         batch_size = batch_size or self.config.batch_size
         cand_ids = [self._candidate_ids(r) for r in requests]
@@ -377,12 +379,13 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
             ids = ids + [self.tokenizer.eos_token_id]
         return ids
 
-    def _target_logprobs(self, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike
+    def _target_logprobs(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing on each query's gold answer tokens (`target_ids`): (B, A) log p of each answer token (0
         where a row has fewer) and the (B, A) token mask."""
-        answers = [self.target_ids(q) for q, _ in examples]
-        logits = self.sequence_logits([(q, c, q.candidates) for q, c in examples], answers, image_root)
+        answers = [self.target_ids(r.query) for r in requests]
+        logits = self.sequence_logits([(r.query, r.context, r.query.candidates) for r in requests], answers,
+                                      image_root)
         A = max(len(a) for a in answers)
         targets = torch.zeros((len(answers), A), dtype=torch.long, device=self.device)
         mask = torch.zeros((len(answers), A), dtype=torch.bool, device=self.device)
@@ -392,34 +395,36 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
         return logp * mask, mask
 
-    def answer_loss(self, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike
-                    ) -> torch.Tensor:
+    def answer_loss(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike) -> torch.Tensor:
         """Mean cross-entropy of the gold answers' tokens (the assistant turn; `target_ids`) given single-context
         prompts."""
-        logp, mask = self._target_logprobs(examples, image_root)
+        expect_requests(requests, TargetRequest, "answer_loss")
+        logp, mask = self._target_logprobs(requests, image_root)
         return -logp.sum() / mask.sum()
 
-    def gold_logprobs(self, requests: Sequence[ScoreRequest], image_root: str | os.PathLike,
+    def gold_logprobs(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike,
                       batch_size: int | None = None) -> np.ndarray:
         """Per request, the mean per-token log p of its query's gold answer (`target_ids`, end token included for
         open questions) given its prompt: the open questions' judgement in retriever distillation. The mean, not the
         sum, keeps the scale of one token whatever the answer's length (for one query, sum = length x mean: the
         ranking of its contexts is the same)."""
+        expect_requests(requests, TargetRequest, "gold_logprobs")
         batch_size = batch_size or self.config.batch_size
         out = np.zeros(len(requests), dtype=np.float64)
         with self._inference():
             for start in range(0, len(requests), batch_size):
                 part = requests[start:start + batch_size]
-                logp, mask = self._target_logprobs([(r.query, r.context) for r in part], image_root)
+                logp, mask = self._target_logprobs(part, image_root)
                 out[start:start + len(part)] = (logp.sum(1) / mask.sum(1)).cpu().numpy()
         return out
 
     # ------------------------------------------------------------------------------------------------ generation
 
-    def generate(self, requests: Sequence[ScoreRequest], image_root: str | os.PathLike, batch_size: int | None = None,
-                 progress: bool | None = None) -> list[str]:
+    def generate(self, requests: Sequence[GenerateRequest], image_root: str | os.PathLike,
+                 batch_size: int | None = None, progress: bool | None = None) -> list[str]:
         """Greedy answers to open questions (the model's own `generate`, at most `generate_max_tokens` new tokens,
         left-padded batches on the generic path), decoded without special tokens and stripped, in input order."""
+        expect_requests(requests, GenerateRequest, "generate")
         root = Path(image_root)
         batch_size = batch_size or self.config.batch_size
         max_new = self.config.generate_max_tokens

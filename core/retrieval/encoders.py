@@ -1,6 +1,6 @@
 """CLIP-style dual encoders behind one contract (`Encoder`): open_clip models by name (built-in, `hf-hub:`,
 `local-dir:`) and transformers CLIPModel / SiglipModel (`hf:`) and their save formats. The short contrastive stage
-(`pretrain_contrastive`) lives in `contrastive`; it stays importable from here.
+(`pretrain_contrastive`) is a training loop: core/training/contrastive.py.
 """
 
 from __future__ import annotations
@@ -444,11 +444,3 @@ def _stack(chunks: list[np.ndarray], dim: int) -> np.ndarray:
         return np.zeros((0, dim), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(chunks).astype(np.float32, copy=False))
 
-
-def __getattr__(name: str):
-    """`pretrain_contrastive` moved to `contrastive` (which imports this module); resolved on first use so that
-    either module can be imported first."""
-    if name == "pretrain_contrastive":
-        from .contrastive import pretrain_contrastive
-        return pretrain_contrastive
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import INDEX_SHORTHANDS, IndexSettings
+from .settings import INDEX_SHORTHANDS, IndexSettings
 from ..base.dataset import Dataset
 from ..base.fsutil import atomic_dir
 

@@ -10,7 +10,7 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
-from ..config import IndexSettings
+from .settings import IndexSettings
 from ..base.dataset import Dataset
 from .encoders import Encoder, ImageLike
 from .heads import HEADS, QueryTower

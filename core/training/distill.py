@@ -7,6 +7,7 @@ The whole loop is `DistillTask` (student tower, frozen judge, loss) + `train_hea
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..base.answers import CLOSED, OPEN, SET
 from ..base.records import CorpusItem, Query
-from .runs import load_arrays, load_checkpoint, save_checkpoint
+from ..tasks import Task, run_requests
+from .checkpoint import has_checkpoint, load_arrays, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,10 @@ class ReaderJudge:
     `predictions(...)` = a code of the reader's answer for each (query, item), scored in batches and cached per
     (query, item) — the reader never changes during distillation.
 
-    By task type (`prompts`, core/tasks.py; None: every query closed, as asked): a closed question scores its
-    candidates (gold = log p of the gold candidate, prediction = the best candidate's index); a multi-label query
-    asks one yes/no question per label (gold = the mean over its labels of log p(the gold yes/no), which ranks
-    contexts like log p(gold set) = the sum, on the scale of one decision; prediction = the predicted set as a
-    bitmask); an open question scores the gold answer's tokens (gold = `Reader.gold_logprobs`, the mean per-token
-    log p; prediction = 0: no answer is generated during distillation, so the inconsistency weighting counts open
-    queries as consistent).
+    What the reader is asked and how its outputs become the gold score and the answer code is the task's
+    (`task`, core/tasks.py: `Task.judge_requests`, `judge_value`, `gold`, `answer_code`; None: a classification
+    task, every query asked as it is): a closed question scores its candidates, a multi-label query asks one yes/no
+    question per label, an open question scores its gold answer's tokens.
 
     The cache is the run's persistent judge cache: saved with every distillation checkpoint (`state_arrays`) and
     restored on resume (`restore`), so a resumed run reuses the very scores the interrupted one computed. A reader's
@@ -44,19 +42,15 @@ class ReaderJudge:
     would let the resumed run drift from the uninterrupted one."""
 
     def __init__(self, reader, image_root: Path, queries: Sequence[Query], items: dict[str, CorpusItem],
-                 batch_size: int = 64, prompts=None):
-        from ..reader.model import ScoreRequest
-
-        self._request = ScoreRequest
+                 batch_size: int = 64, task: Task | None = None):
         self.reader = reader
         self.image_root = Path(image_root)
         self.queries = list(queries)
         self.items = items
         self.batch_size = batch_size
-        self.prompts = prompts
-        self._asked_of: dict[int, list[Query]] = {}  # per query index, built on first use (see `asked`)
-        # (query, item) -> the closed question's log p over its candidates; a multi-label query's (L, 2) log p of
-        # yes/no per label; an open question's (1,) mean per-token gold log p
+        self.task = task if task is not None else Task("classification", (), {})
+        # (query, item) -> `Task.judge_value`: a closed question's log p over its candidates; a multi-label query's
+        # (L, 2) log p of yes/no per label; an open question's (1,) mean per-token gold log p
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self.calls = 0  # (query, item) pairs actually scored
 
@@ -91,47 +85,24 @@ class ReaderJudge:
 
     def restore_from(self, checkpoint_dir: Path) -> bool:
         """Restore the cache saved with a checkpoint; False when there is none."""
-        arrays = load_arrays(checkpoint_dir) if (Path(checkpoint_dir) / "state.json").exists() else None
+        arrays = load_arrays(checkpoint_dir) if has_checkpoint(checkpoint_dir) else None
         if arrays is None or "judge_query" not in arrays:
             return False
         self.restore(arrays)
         return True
 
-    def _type(self, q: int) -> str:
-        return CLOSED if self.prompts is None else self.prompts.answer_type(self.queries[q])
-
-    def asked(self, q: int) -> list[Query]:
-        """What the reader is asked for query `q`: the closed or open query (legend prepended), or a multi-label
-        query's per-label yes/no questions."""
-        if q not in self._asked_of:
-            query = self.queries[q]
-            if self.prompts is None:
-                self._asked_of[q] = [query]
-            elif self.prompts.answer_type(query) == SET:
-                self._asked_of[q] = self.prompts.label_queries(query)
-            else:
-                self._asked_of[q] = [self.prompts.prompt_query(query)]
-        return self._asked_of[q]
-
     def _score_pairs(self, pairs: list[tuple[int, str]]) -> list[np.ndarray]:
-        scored = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) != OPEN]
-        opened = [(k, q, i) for k, (q, i) in enumerate(pairs) if self._type(q) == OPEN]
-        out: list[np.ndarray | None] = [None] * len(pairs)
-        # a multi-label query's per-label questions about one item share their prompt up to the question: one prefix
-        # pass per (query, item) (ScoreRequest.share_prefix), as at prediction time
-        requests = [self._request(a, self.items[i], share_prefix=self._type(q) == SET) for _, q, i in scored
-                    for a in self.asked(q)]
-        scores = iter(self.reader.score(requests, self.image_root, batch_size=self.batch_size, progress=False)
-                      if requests else [])
-        for k, q, i in scored:
-            rows = [np.asarray(next(scores)) for _ in self.asked(q)]
-            out[k] = rows[0] if self._type(q) == CLOSED else np.stack(rows)
-        if opened:
-            gold = self.reader.gold_logprobs([self._request(self.asked(q)[0], self.items[i]) for _, q, i in opened],
-                                             self.image_root, batch_size=self.batch_size)
-            for (k, _, _), g in zip(opened, gold):
-                out[k] = np.array([g])
-        return out  # type: ignore[return-value]
+        """`Task.judge_value` of each (query, item) pair; the requests of all pairs answered in one call per request
+        type (a multi-label query's per-label questions about one item share one prefix pass, as at prediction)."""
+        groups = [(q, [i for _, i in group]) for q, group in itertools.groupby(pairs, key=lambda p: p[0])]
+        requests = [self.task.judge_requests(self.queries[q], [self.items[i] for i in ids]) for q, ids in groups]
+        outputs = run_requests(self.reader, [r for rs in requests for r in rs], self.image_root, self.batch_size)
+        out, pos = [], 0
+        for (q, _), rs in zip(groups, requests):
+            query = self.queries[q]
+            out += [self.task.judge_value(query, o) for o in self.task.per_context(query, outputs[pos:pos + len(rs)])]
+            pos += len(rs)
+        return out
 
     def _scores(self, query_idx: np.ndarray, item_ids: np.ndarray) -> list[list[np.ndarray]]:
         missing = sorted({(int(q), str(i)) for q, row in zip(query_idx, item_ids) for i in row} - self.cache.keys())
@@ -143,34 +114,14 @@ class ReaderJudge:
             self.calls += len(missing)
         return [[self.cache[(int(q), str(i))] for i in row] for q, row in zip(query_idx, item_ids)]
 
-    def _gold(self, q: int, lp: np.ndarray) -> float:
-        kind = self._type(q)
-        if kind == CLOSED:
-            query = self.queries[q]
-            return float(lp[query.candidates.index(query.label)])
-        if kind == SET:
-            gold = [0 if a.label == a.candidates[0] else 1 for a in self.asked(q)]
-            return float(np.mean(lp[np.arange(len(gold)), gold]))
-        return float(lp[0])
-
-    def _prediction(self, q: int, lp: np.ndarray) -> int:
-        kind = self._type(q)
-        if kind == CLOSED:
-            return int(np.argmax(lp))
-        if kind == SET:
-            query = self.queries[q]
-            members = set(self.prompts.predicted_set(query, np.exp(lp[:, 0])))
-            return sum(1 << j for j, label in enumerate(self.prompts.offered(query)) if label in members)
-        return 0
-
     def gold_logprobs(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """(B, K) log p_reader(gold answer | query, item) for each query of `query_idx` and its K items."""
-        return np.array([[self._gold(int(q), lp) for lp in row]
+        return np.array([[self.task.gold(self.queries[int(q)], lp) for lp in row]
                          for q, row in zip(query_idx, self._scores(query_idx, item_ids))], dtype=np.float32)
 
     def predictions(self, query_idx: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """(B, K) a code of the reader's answer given each single item (equal codes: the same answer)."""
-        return np.array([[self._prediction(int(q), lp) for lp in row]
+        return np.array([[self.task.answer_code(self.queries[int(q)], lp) for lp in row]
                          for q, row in zip(query_idx, self._scores(query_idx, item_ids))], dtype=np.int64)
 
 
@@ -268,22 +219,37 @@ def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return order[pos * batch_size:(pos + 1) * batch_size]
 
 
+def resume_key(task: DistillTask, batch_size: int, lr: float, weight_decay: float, refresh_every: int,
+               seed: int) -> dict:
+    """The settings a resumed distillation must share with the interrupted one (checked against its checkpoint; the
+    step count may grow: no schedule depends on it)."""
+    return {"head": task.tower.head, "alpha": getattr(task.tower, "alpha", None), "candidates": task.candidates,
+            "tau_gold": task.tau_gold, "tau_retriever": task.tau_retriever, "prior_tilt": task.prior_tilt,
+            "inconsistency_weighting": task.inconsistency_weighting,
+            "inconsistency_factor": task.inconsistency_factor, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "refresh_every": refresh_every, "seed": seed}
+
+
 def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight_decay: float, refresh_every: int,
                seed: int, checkpoint_dir: Path | None = None, checkpoint_every: int = 50,
                on_step: Callable[[int], None] | None = None) -> dict:
-    """Distil the reader's judgement into one head; resumes from `checkpoint_dir` when a checkpoint is there."""
+    """Distil the reader's judgement into one head; resumes from `checkpoint_dir` when a checkpoint is there
+    (core/training/checkpoint.py; refused when written with other settings, `resume_key`)."""
     params = list(task.tower.trainable_parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     start, history = 0, {"loss": []}
-    if checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
-        tensors, opt_state, state = load_checkpoint(checkpoint_dir)
-        task.tower.trainable.load_state_dict({k[len("tower."):]: v for k, v in tensors.items()
+    settings = resume_key(task, batch_size, lr, weight_decay, refresh_every, seed)
+    if has_checkpoint(checkpoint_dir):
+        ckpt = load_checkpoint(checkpoint_dir, settings)
+        task.tower.trainable.load_state_dict({k[len("tower."):]: v for k, v in ckpt.tensors.items()
                                               if k.startswith("tower.")})
-        task.snapshot.trainable.load_state_dict({k[len("snapshot."):]: v for k, v in tensors.items()
+        task.snapshot.trainable.load_state_dict({k[len("snapshot."):]: v for k, v in ckpt.tensors.items()
                                                  if k.startswith("snapshot.")})
-        optimizer.load_state_dict(opt_state)
-        start, history = state["step"], state["history"]
-        restored = task.judge.restore_from(checkpoint_dir)
+        optimizer.load_state_dict(ckpt.optimizer)
+        start, history = ckpt.state["step"], ckpt.state["history"]
+        restored = ckpt.arrays is not None and "judge_query" in ckpt.arrays
+        if restored:
+            task.judge.restore(ckpt.arrays)
         log.info("resuming distillation of the %s head at step %d (%s)", task.tower.head, start,
                  f"judge cache of {len(task.judge.cache)} pairs restored" if restored else
                  "a checkpoint without a judge cache: scores are recomputed")
@@ -313,7 +279,7 @@ def train_head(task: DistillTask, steps: int, batch_size: int, lr: float, weight
             tensors = {f"tower.{k}": v for k, v in task.tower.trainable.state_dict().items()}
             tensors.update({f"snapshot.{k}": v for k, v in task.snapshot.trainable.state_dict().items()})
             save_checkpoint(checkpoint_dir, tensors, optimizer.state_dict(), {"step": done, "history": history},
-                            arrays=task.judge.state_arrays())
+                            settings, arrays=task.judge.state_arrays())
         if on_step is not None:
             on_step(done)
     task.tower.train(False)

@@ -287,7 +287,7 @@ def test_family_config_builds_its_reader_from_a_tiny_stand_in(family_dirs, name,
     import numpy as np
 
     from dxrag.core.config import load_config
-    from dxrag.core.reader.model import Reader, ScoreRequest
+    from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest
 
     path = REPO / "configs" / f"{name}.yaml"
     cfg = load_config(path)
@@ -304,7 +304,7 @@ def test_family_config_builds_its_reader_from_a_tiny_stand_in(family_dirs, name,
     for s in reader.score(requests, ds.root):
         assert np.exp(s).sum() == pytest.approx(1.0, abs=1e-6)
     reader.add_lora(cfg.reader.lora)
-    assert reader.answer_loss([(r.query, r.context) for r in requests], ds.root).item() > 0
+    assert reader.answer_loss([TargetRequest(r.query, r.context) for r in requests], ds.root).item() > 0
 
 
 def test_fixed_size_family_rejects_a_pixel_budget(family_dirs):

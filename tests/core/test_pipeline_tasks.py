@@ -101,6 +101,25 @@ def test_open_vqa_run_generates_answers_for_open_questions(vqa_run):
         assert m["n"] == 20
 
 
+def test_the_sweeps_reanalysis_uses_the_runs_empty_set_rule(multilabel_run, monkeypatch):
+    """`dxrag sweep` / `--expect` re-analyse a run with its dataset's `allow_empty` (the multi-label dataset here
+    allows the empty set), as the pipeline's own report does."""
+    from dxrag.analysis.report import OracleReport
+    from dxrag.core.sweep import seed_row
+
+    seen = []
+    real = OracleReport.from_tables.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.append(kwargs.get("answer_settings"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(OracleReport, "from_tables", classmethod(recording))
+    row = seed_row(Path(multilabel_run["run_dir"]))
+    assert [s.allow_empty for s in seen] == [True]
+    assert row["rag_acc"] == multilabel_run["metrics"]["rag"]["accuracy"]
+
+
 def _fusion_matches_the_pipeline(summary: dict, answer_type: str) -> None:
     """The report's `fusion` selector, recomputed from the logged context rows with the run's temperature and
     empty-set rule, picks the pipeline's fused answer on every query of `answer_type` (one fusion rule, one home)."""

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _context(tmp_path: Path, **probe):
     from dxrag.core.stages import RunContext
-    from dxrag.core.training.runs import RunDir
+    from dxrag.core.run import RunDir
 
     cfg = load_config(REPO / "configs" / "embedded.yaml", {f"probe.{k}": v for k, v in probe.items()})
     return RunContext(cfg, RunDir(tmp_path / "run"), tmp_path / "reports")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dxrag.core.base.records import CorpusItem
-from dxrag.core.reader.model import ScoreRequest
+from dxrag.core.reader.model import ScoreRequest, TargetRequest
 
 
 def requests_for(ds, n=5, candidates=None):
@@ -20,7 +20,9 @@ def requests_for(ds, n=5, candidates=None):
 
 
 def lora_losses(reader, examples, root, steps: int, lr: float) -> list[float]:
-    """The answer loss before each of `steps` AdamW steps on the trainable parameters, then after the last."""
+    """The answer loss of (query, context) `examples` before each of `steps` AdamW steps on the trainable
+    parameters, then after the last."""
+    examples = [TargetRequest(q, c) for q, c in examples]
     optimizer = torch.optim.AdamW([p for p in reader.model.parameters() if p.requires_grad], lr=lr)
     reader.model.train()
     losses = []

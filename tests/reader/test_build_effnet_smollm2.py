@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
+from dxrag.core.reader.model import GenerateRequest, Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_cached_tower_features_equal_the_generic_path(reader, toy_dataset):
 
 
 def test_generate_batched_equals_unbatched(reader, toy_dataset):
-    reqs = requests(toy_dataset)
+    reqs = [GenerateRequest(r.query, r.context) for r in requests(toy_dataset)]
     reader.config.generate_max_tokens = 6
     batched = reader.generate(reqs, toy_dataset.root, batch_size=4)
     assert batched == [reader.generate([r], toy_dataset.root, batch_size=1)[0] for r in reqs]
@@ -91,7 +91,7 @@ def test_generate_batched_equals_unbatched(reader, toy_dataset):
 
 
 def test_alignment_trains_only_the_projector_and_lowers_the_caption_loss(built, toy_dataset):
-    from dxrag.core.reader.finetune import align_settings, caption_examples, finetune
+    from dxrag.core.training.finetune import align_settings, caption_examples, finetune
     from dxrag.core.reader.settings import AlignSettings
 
     reader = Reader.from_config(settings(built))

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dxrag.core.reader.families import FAMILIES  # noqa: E402
-from dxrag.core.reader.model import Reader, ReaderError, ScoreRequest  # noqa: E402
+from dxrag.core.reader.model import GenerateRequest, Reader, ReaderError, ScoreRequest, TargetRequest  # noqa: E402,E501
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings, TinyReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem  # noqa: E402
 
@@ -197,7 +197,7 @@ def test_lora_step_reduces_the_loss_and_save_load_round_trips(toy_dataset, famil
         np.testing.assert_allclose(a, b, atol=1e-6)
 
     reader.add_lora(LoraSettings(r=4, alpha=8))
-    examples = [(q, toy_dataset.corpus[i]) for i, q in enumerate(toy_dataset.queries["train"][:4])]
+    examples = [TargetRequest(q, toy_dataset.corpus[i]) for i, q in enumerate(toy_dataset.queries["train"][:4])]
     params = [p for p in reader.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     reader.model.train()
@@ -279,7 +279,7 @@ def test_answer_tokens_are_the_suffix_after_the_assistant_header(readers):
 def test_generate_batched_equals_unbatched(readers, toy_dataset, family):
     """Greedy generation (open questions) through the model's own generate on left-padded batches."""
     reader = readers(family, generate_max_tokens=4)
-    requests = requests_for(toy_dataset)
+    requests = [GenerateRequest(r.query, r.context) for r in requests_for(toy_dataset)]
     batched = reader.generate(requests, toy_dataset.root, batch_size=5)
     assert batched == [reader.generate([r], toy_dataset.root, batch_size=1)[0] for r in requests]
     assert all(isinstance(t, str) and len(t.split()) <= 4 for t in batched)

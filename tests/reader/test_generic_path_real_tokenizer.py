@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
+from dxrag.core.reader.model import GenerateRequest, Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings  # noqa: E402
 from dxrag.core.base.records import Query  # noqa: E402
 
@@ -127,7 +127,7 @@ def test_generate_is_the_greedy_continuation(smol, toy_dataset):
     for i, text in enumerate(questions):
         q = Query(id=f"open{i}", image=toy_dataset.queries["val"][i].image, question=text, candidates=(),
                   label="", metadata={"answer_type": "open"})
-        requests.append(ScoreRequest(q, None if i == 0 else toy_dataset.corpus[i]))
+        requests.append(GenerateRequest(q, None if i == 0 else toy_dataset.corpus[i]))
     got = smol.generate(requests, toy_dataset.root, batch_size=3)
     tok = smol.tokenizer
     for r, text in zip(requests, got):

@@ -7,8 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.finetune import accuracy, finetune  # noqa: E402
-from dxrag.core.reader.model import (Reader, ReaderError, ScoreRequest,  # noqa: E402
+from dxrag.core.training.checkpoint import CheckpointError  # noqa: E402
+from dxrag.core.training.finetune import accuracy, finetune  # noqa: E402
+from dxrag.core.reader.model import (Reader, ReaderError, ScoreRequest, TargetRequest,  # noqa: E402
                                      predictions)
 from dxrag.core.reader.settings import FinetuneSettings, LoraSettings, ReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem, Query  # noqa: E402
@@ -188,7 +189,7 @@ def test_save_load_round_trip_gives_identical_scores(tiny_reader, toy_dataset, t
 def test_finetune_with_context_beats_closed_book(toy_dataset):
     """Toy task where the context's text states the answer: the fine-tuned reader reads it, closed-book cannot."""
     reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset, seed=1)
-    examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
+    examples = [TargetRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     val = [ScoreRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["val"]]
     wrong = [ScoreRequest(q, context_for(toy_dataset, q, shift=2)) for q in toy_dataset.queries["val"]]
     before = accuracy(reader, val, toy_dataset.root)
@@ -206,7 +207,7 @@ def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
     reader = Reader.from_config(config, dataset=toy_dataset)
     reader.add_lora(config.lora)
     before = {k: v.clone() for k, v in reader.model.state_dict().items()}
-    examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
+    examples = [TargetRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     history = finetune(reader, examples, toy_dataset.root, FinetuneSettings(steps=5, eval_every=0, lr=1e-2))
     after = {k: v for k, v in reader.model.state_dict().items()}
     changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}
@@ -226,7 +227,7 @@ def test_lora_trains_only_adapters_and_saves_safetensors(toy_dataset, tmp_path):
 
 
 def test_interrupted_finetune_resumes_to_the_same_result(toy_dataset, tmp_path, monkeypatch):
-    examples = [(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
+    examples = [TargetRequest(q, context_for(toy_dataset, q)) for q in toy_dataset.queries["train"]]
     config = FinetuneSettings(steps=8, batch_size=4, eval_every=0, checkpoint_every=3)
     ckpt = tmp_path / "ckpt"
     fresh = lambda: Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset)  # noqa: E731
@@ -246,9 +247,9 @@ def test_interrupted_finetune_resumes_to_the_same_result(toy_dataset, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         finetune(interrupted, examples, toy_dataset.root, config, checkpoint_dir=ckpt)
     monkeypatch.setattr(Reader, "answer_loss", real_loss)
-    assert (tmp_path / "ckpt" / "trainable.safetensors").is_file()
+    assert (tmp_path / "ckpt" / "weights.safetensors").is_file()
     resumed = finetune(fresh(), examples, toy_dataset.root, config, checkpoint_dir=ckpt)  # picks up after step 3
-    np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-5)
-    with pytest.raises(ReaderError, match="differ from"):
+    assert resumed.losses == whole.losses  # exact: weights, optimizer, schedule, order and random states restored
+    with pytest.raises(CheckpointError, match=r"differ from .* \(at steps\)"):
         finetune(fresh(), examples, toy_dataset.root, FinetuneSettings(steps=9, batch_size=4),
                  checkpoint_dir=ckpt)

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
+from dxrag.core.reader.model import GenerateRequest, Reader, ScoreRequest, TargetRequest  # noqa: E402
 from dxrag.core.reader.settings import ReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem  # noqa: E402
 
@@ -94,7 +94,8 @@ def test_training_loss_is_the_same_on_both_paths(fast, toy_dataset):
     """Teacher forcing for training (`answer_loss`: prompt + answer tokens in one pass, the processor's per-token
     inputs extended over the answer on the generic path) agrees between the fast and the generic path."""
     generic = Reader(fast.model, fast.processor, dataclasses.replace(fast.config, fast_path=False))
-    examples = [(toy_dataset.queries["train"][0], None), (toy_dataset.queries["train"][1], toy_dataset.corpus[3])]
+    examples = [TargetRequest(toy_dataset.queries["train"][0], None),
+                TargetRequest(toy_dataset.queries["train"][1], toy_dataset.corpus[3])]
     with torch.inference_mode():
         losses = [float(r.answer_loss(examples, toy_dataset.root)) for r in (fast, generic)]
     assert abs(losses[0] - losses[1]) < 1e-4 and 0 < losses[0] < 30, losses
@@ -111,7 +112,7 @@ def test_generate_is_the_greedy_continuation(fast, toy_dataset):
     for i, text in enumerate(["Describe the image.", "What colour dominates this image? Answer in one word."]):
         q = Query(id=f"open{i}", image=toy_dataset.queries["val"][i].image, question=text, candidates=(), label="",
                   metadata={"answer_type": "open"})
-        requests.append(ScoreRequest(q, None if i == 0 else toy_dataset.corpus[i]))
+        requests.append(GenerateRequest(q, None if i == 0 else toy_dataset.corpus[i]))
     got = reader.generate(requests, toy_dataset.root, batch_size=2)
     tok = reader.tokenizer
     for r, text in zip(requests, got):

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 
 from dxrag.core.base.dataset import DatasetError
-from dxrag.core.config import PretrainSettings
-from dxrag.core.retrieval.encoders import (CONFIG_FILE, MODEL_CONFIG_DIR, TINY_MODEL, WEIGHTS_FILE, Encoder,
-                                           pretrain_contrastive)
+from dxrag.core.retrieval.encoders import CONFIG_FILE, MODEL_CONFIG_DIR, TINY_MODEL, WEIGHTS_FILE, Encoder
+from dxrag.core.retrieval.settings import PretrainSettings
+from dxrag.core.training.contrastive import pretrain_contrastive
 
 
 def test_tiny_config_ships_in_package_and_builds_offline(tiny_encoder):

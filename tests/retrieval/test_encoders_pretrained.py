@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dxrag.core.config import PretrainSettings
-from dxrag.core.retrieval.encoders import CONFIG_FILE, PRETRAINED_MODEL, Encoder, pretrain_contrastive
+from dxrag.core.retrieval.settings import PretrainSettings
+from dxrag.core.retrieval.encoders import CONFIG_FILE, PRETRAINED_MODEL, Encoder
+from dxrag.core.training.contrastive import pretrain_contrastive
 from dxrag_test_support import real_weights
 
 pytestmark = pytest.mark.real

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dxrag.core.config import PretrainSettings
-from dxrag.core.retrieval.encoders import TINY_MODEL, Encoder, pretrain_contrastive
+from dxrag.core.retrieval.settings import PretrainSettings
+from dxrag.core.retrieval.encoders import TINY_MODEL, Encoder
+from dxrag.core.training.contrastive import pretrain_contrastive
 from dxrag.core.retrieval.heads import QueryTower
 from dxrag.core.retrieval.hf_clip import MARKER_FILE, HFEncoder
 from dxrag.core.retrieval.index import IndexMismatchError, load_index

@@ -13,7 +13,8 @@ import faiss
 import numpy as np
 import pytest
 
-from dxrag.core.config import ConfigError, IndexSettings, load_config
+from dxrag.core.config import ConfigError, load_config
+from dxrag.core.retrieval.settings import IndexSettings
 from dxrag.core.retrieval.index import (EMBEDDINGS_FILE, MANIFEST_FILE, IndexMismatchError, build_index, exact_search,
                                         index_corpus, load_index, recall_vs_flat, write_index)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dxrag.core.config import IndexSettings
+from dxrag.core.retrieval.settings import IndexSettings
 from dxrag.core.retrieval.encoders import TINY_MODEL
 from dxrag.core.retrieval.heads import HEADS, query_towers
 from dxrag.core.retrieval.index import MANIFEST_FILE, IndexMismatchError

@@ -16,7 +16,7 @@ from dxrag.core.base.records import CorpusItem, Query
 from dxrag.core.retrieval.heads import QueryTower
 from dxrag.core.retrieval.index import build_index
 from dxrag.core.training.distill import DistillTask, ReaderJudge, inconsistent, train_head
-from dxrag.core.training.runs import save_checkpoint
+from dxrag.core.training.checkpoint import save_checkpoint
 
 D_IN, DIM, N_ITEMS, N_QUERIES, K = 16, 8, 80, 64, 10
 CANDIDATES = ("yes", "no")
@@ -249,7 +249,7 @@ def test_judge_cache_round_trips_every_shape_and_dtype(toy):
                    (2, "c003"): np.array([-0.25], dtype=np.float32)}  # an open question's gold
     judge.calls = 3
     again = ReaderJudge(toy.reader, toy.tmp, toy.queries, toy.items)
-    save_checkpoint(toy.tmp / "ck", {"x": torch.zeros(1)}, None, {"step": 1}, arrays=judge.state_arrays())
+    save_checkpoint(toy.tmp / "ck", {"x": torch.zeros(1)}, None, {"step": 1}, {}, arrays=judge.state_arrays())
     assert again.restore_from(toy.tmp / "ck") and again.calls == 3
     assert again.cache.keys() == judge.cache.keys()
     for key, value in judge.cache.items():

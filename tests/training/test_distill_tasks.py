@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dxrag.core.base.records import CorpusItem, Query
-from dxrag.core.tasks import TaskPrompts
+from dxrag.core.tasks import Task
 from dxrag.core.training.distill import ReaderJudge, inconsistent
 
 LABELS = ("opacity", "effusion", "mass")
@@ -39,12 +39,12 @@ class FakeReader:
 
 
 def test_set_gold_is_the_mean_over_labels_and_predictions_code_the_set(tmp_path):
-    prompts = TaskPrompts("multilabel", LABELS, {}, allow_empty=True)
+    prompts = Task("multilabel", LABELS, {}, allow_empty=True)
     queries = [Query("q0", "q.png", "Which?", LABELS, "", label_set=("opacity", "mass")),
                Query("q1", "q.png", "Which?", ("effusion", "opacity"), "", label_set=())]
     items = {i: CorpusItem(i, f"{i}.png", "t") for i in ("c0", "c1")}
     reader = FakeReader()
-    judge = ReaderJudge(reader, tmp_path, queries, items, prompts=prompts)
+    judge = ReaderJudge(reader, tmp_path, queries, items, task=prompts)
     ids = np.array([["c0", "c1"], ["c0", "c1"]], dtype=object)
     gold = judge.gold_logprobs(np.array([0, 1]), ids)
     assert reader.requests == 2 * 3 + 2 * 2  # one request per (query, item, offered label)
@@ -60,13 +60,13 @@ def test_set_gold_is_the_mean_over_labels_and_predictions_code_the_set(tmp_path)
 
 
 def test_open_gold_is_the_readers_answer_score_and_open_queries_count_as_consistent(tmp_path):
-    prompts = TaskPrompts("vqa", ("yes", "no"), {}, allow_empty=False)
+    prompts = Task("vqa", ("yes", "no"), {}, allow_empty=False)
     queries = [Query("o0", "q.png", "What is seen?", (), "a mass", {"answer_type": "open"}),
                Query("c0", "q.png", "Is it?", ("yes", "no"), "no", {"answer_type": "closed"})]
     items = {i: CorpusItem(i, f"{i}.png", "t") for i in ("c0", "c1")}
     reader = FakeReader()
     reader.p_yes.update({("it?", "c0"): 0.7, ("it?", "c1"): 0.4})  # the closed question's "Is it?"
-    judge = ReaderJudge(reader, tmp_path, queries, items, prompts=prompts)
+    judge = ReaderJudge(reader, tmp_path, queries, items, task=prompts)
     ids = np.array([["c0", "c1"], ["c0", "c1"]], dtype=object)
     gold = judge.gold_logprobs(np.array([0, 1]), ids)
     np.testing.assert_allclose(gold[0], [-0.5, -2.0])

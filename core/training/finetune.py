@@ -1,10 +1,10 @@
 """Reader fine-tuning on single-context prompts (query + one retrieved item, or closed-book) with the gold answer as the
-assistant turn: LoRA adapters for pretrained models, every weight for the tiny random-weight reader.
+assistant turn: LoRA adapters for pretrained models, every weight for the tiny random-weight reader; checkpoints in
+the training checkpoint format (core/training/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,17 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..base.fsutil import atomic_dir
 from ..base.answers import normalize_closed
 from ..base.records import CorpusItem, Query
-from .model import Reader, ReaderError, ScoreRequest, predictions
-from .settings import AlignSettings, FinetuneSettings
+from ..reader.model import Reader, ReaderError, ScoreRequest, TargetRequest, predictions
+from ..reader.settings import AlignSettings, FinetuneSettings
+from .checkpoint import WEIGHTS_FILE, has_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
-WEIGHTS_FILE = "trainable.safetensors"
-HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -48,10 +44,11 @@ def accuracy(reader: Reader, requests: Sequence[ScoreRequest], image_root: str |
     return float(np.mean([normalize_closed(p) == normalize_closed(r.query.label) for p, r in zip(preds, requests)]))
 
 
-def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]], image_root: str | os.PathLike,
+def finetune(reader: Reader, examples: Sequence[TargetRequest], image_root: str | os.PathLike,
              config: FinetuneSettings, val_requests: Sequence[ScoreRequest] = (), seed: int = 0,
              checkpoint_dir: str | os.PathLike | None = None, projector_only: bool = False) -> FinetuneHistory:
-    """Train the reader in place on (query, context) pairs; loss = cross-entropy of the gold answer's tokens.
+    """Train the reader in place on (query, context) targets (`Task.training_requests`, core/tasks.py); loss =
+    cross-entropy of the gold answer's tokens (`Reader.answer_loss`).
     `projector_only`: only the family's projector trains (the alignment stage, `align_settings`).
 
     With `reader.config.lora` set, fresh LoRA adapters are added (unless present) and only they train; with
@@ -85,7 +82,7 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
     order: list[int] = []
     first_step = 1
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt and (ckpt / STATE_FILE).exists():
+    if has_checkpoint(ckpt):
         first_step, order = _load_checkpoint(ckpt, config, seed, reader, optimizer, schedule, rng, history)
         log.info("resuming reader fine-tuning at step %d from %s", first_step, ckpt)
 
@@ -103,7 +100,7 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
             order.extend(rng.permutation(len(examples)).tolist())
         picked, order = order[:config.batch_size], order[config.batch_size:]
         closed = rng.random(len(picked)) < config.closed_book_fraction
-        batch = [(examples[i][0], None if drop else examples[i][1]) for i, drop in zip(picked, closed)]
+        batch = [TargetRequest(examples[i].query, None) if drop else examples[i] for i, drop in zip(picked, closed)]
         loss = reader.answer_loss(distributed.shard(batch), image_root)  # under torchrun: this rank's share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,11 +128,12 @@ def align_settings(align: AlignSettings) -> FinetuneSettings:
                             checkpoint_every=align.checkpoint_every)
 
 
-def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[tuple[Query, None]]:
+def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[TargetRequest]:
     """LLaVA stage 1's data: each corpus image, closed-book, asked `question`, answered by its corpus text (an open
     answer: its tokens and the end token are the target)."""
-    return [(Query(id=f"caption-{item.id}", image=item.image, question=question, candidates=(), label=item.text.strip(),
-                   metadata={"answer_type": "open"}), None) for item in corpus if item.text.strip()]
+    return [TargetRequest(Query(id=f"caption-{item.id}", image=item.image, question=question, candidates=(),
+                                label=item.text.strip(), metadata={"answer_type": "open"}), None)
+            for item in corpus if item.text.strip()]
 
 
 def _resume_key(config: FinetuneSettings, seed: int) -> dict:
@@ -146,43 +144,32 @@ def _resume_key(config: FinetuneSettings, seed: int) -> dict:
 
 def _save_checkpoint(out: Path, step: int, order: list[int], config: FinetuneSettings, seed: int, reader: Reader,
                      optimizer, schedule, rng, history: FinetuneHistory) -> None:
-    """Trainable weights (safetensors), optimizer/schedule/sampler state and history, replaced atomically."""
-    from safetensors.torch import save_file
-
-    weights = {n: p.detach().cpu().contiguous() for n, p in reader.model.named_parameters() if p.requires_grad}
-    with atomic_dir(out) as tmp:
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save({"step": step, "order": order, "config": _resume_key(config, seed),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
-        (tmp / HISTORY_FILE).write_text(json.dumps(history.to_json()), encoding="utf-8")
+    """Trainable weights, optimizer and schedule state, the sampler's order and random states, and the history, in
+    one atomically replaced checkpoint folder (core/training/checkpoint.py)."""
+    weights = {n: p for n, p in reader.model.named_parameters() if p.requires_grad}
+    state = {"step": step, "history": history.to_json(), "schedule": schedule.state_dict(),
+             "rng": rng.bit_generator.state}
+    arrays = {"order": np.array(order, dtype=np.int64), "torch_rng": torch.get_rng_state().numpy()}
+    save_checkpoint(out, weights, optimizer.state_dict(), state, _resume_key(config, seed), arrays=arrays)
 
 
 def _load_checkpoint(src: Path, config: FinetuneSettings, seed: int, reader: Reader, optimizer, schedule, rng,
                      history: FinetuneHistory) -> tuple[int, list[int]]:
-    from safetensors.torch import load_file
-
-    state = torch.load(src / STATE_FILE, weights_only=True)
-    if state["config"] != _resume_key(config, seed):
-        raise ReaderError(f"{src / STATE_FILE}: written by a run with settings {state['config']}, which differ from "
-                          f"{_resume_key(config, seed)}; use another checkpoint_dir or the same settings")
-
-    weights = load_file(str(src / WEIGHTS_FILE))
+    ckpt = load_checkpoint(src, _resume_key(config, seed))
     params = dict(reader.model.named_parameters())
-    wrong = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
+    wrong = sorted(set(ckpt.tensors) ^ {n for n, p in params.items() if p.requires_grad})
     if wrong:
         raise ReaderError(f"{src / WEIGHTS_FILE}: trainable parameters differ from this reader's (e.g. {wrong[:3]}); "
                           f"the checkpoint was written with another model or LoRA setting")
     with torch.no_grad():
-        for name, value in weights.items():
+        for name, value in ckpt.tensors.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    rng.bit_generator.state = state["rng"]
-    torch.set_rng_state(state["torch_rng"])
-    saved = json.loads((src / HISTORY_FILE).read_text(encoding="utf-8"))
+    optimizer.load_state_dict(ckpt.optimizer)
+    schedule.load_state_dict(ckpt.state["schedule"])
+    rng.bit_generator.state = ckpt.state["rng"]
+    torch.set_rng_state(torch.from_numpy(ckpt.arrays["torch_rng"]))
+    saved = ckpt.state["history"]
     history.losses[:] = saved["losses"]
     history.val_steps[:] = saved["val_steps"]
     history.val_accuracy[:] = saved["val_accuracy"]
-    return state["step"] + 1, list(state["order"])
+    return ckpt.state["step"] + 1, ckpt.arrays["order"].tolist()

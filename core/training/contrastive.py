@@ -1,6 +1,6 @@
 """The short contrastive stage: CLIP-style pre-training of both towers of an `Encoder` on paired (image, text) rows,
-with optional LiT-style locking of the towers (moved out of `encoders`, which still re-exports
-`pretrain_contrastive`)."""
+with optional LiT-style locking of the towers (the `Encoder`'s locking hooks live in core/retrieval/encoders.py; the
+settings, `PretrainSettings`, in core/retrieval/settings.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import PretrainSettings
-from .encoders import Encoder, ImageLike, Tokens, _to
+from ..retrieval.encoders import Encoder, ImageLike, Tokens, _to
+from ..retrieval.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
 
