@@ -23,7 +23,7 @@ from dxrag.core.training.distill import ReaderJudge  # noqa: E402
 
 from task_fixtures import multilabel_dataset, open_vqa_dataset  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Recorder:
