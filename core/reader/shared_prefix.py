@@ -121,15 +121,18 @@ class SharedPrefixMixin:
 
         chunk = max(1, self.config.batch_size)
         prompts = fwd.mask.shape[0]
+        text_config = self.hf_model.config.get_text_config()
         for part in parts or [range(s, min(s + chunk, len(rows))) for s in range(0, len(rows), chunk)]:
-            T = max(len(tokens[r]) for r in part)
-            inputs = torch.tensor([list(tokens[r]) + [self.pad_id] * (T - len(tokens[r])) for r in part],
+            lengths = [len(tokens[r]) for r in part]
+            T = max(lengths)
+            inputs = torch.tensor([list(tokens[r]) + [self.pad_id] * (T - n) for r, n in zip(part, lengths)],
                                   dtype=torch.long, device=self.device)
-            lengths = torch.tensor([len(tokens[r]) for r in part], device=self.device)
-            cont_mask = (torch.arange(T, device=self.device)[None] < lengths[:, None]).long()
-            every = len(part) == prompts and all(rows[r] == b for b, r in enumerate(part))
-            batch_rows = torch.tensor([rows[r] for r in part], device=self.device)
-            sub = DynamicCache(config=self.hf_model.config.get_text_config())
+            cont_mask = (torch.arange(T, device=self.device)[None] <
+                         torch.tensor(lengths, device=self.device)[:, None]).long()
+            part_rows = [rows[r] for r in part]
+            every = part_rows == list(range(prompts))
+            batch_rows = torch.tensor(part_rows, device=self.device)
+            sub = DynamicCache(config=text_config)
             for layer_idx, layer in enumerate(fwd.cache.layers):  # index_select: faster than [rows] on CPU
                 keys, values = ((layer.keys, layer.values) if every else
                                 (layer.keys.index_select(0, batch_rows), layer.values.index_select(0, batch_rows)))
@@ -220,23 +223,30 @@ class SharedPrefixMixin:
                 keep.append(n)
         order, parts = self._waves(rows, max(1, self.config.batch_size))
         owners, rows, tokens, keep = ([x[n] for n in order] for x in (owners, rows, tokens, keep))
+        # first tokens: one gather per chunk of every continuation's candidates' first tokens at its last position,
+        # (continuation, candidate) padded to the most candidates (the full continuations' rows are not read)
+        counts = [len(cand_ids[j]) for j, _ in owners]
+        width = max(counts)
+        first_ids = torch.tensor([[c[0] for c in cand_ids[j]] + [0] * (width - len(cand_ids[j])) for j, _ in owners],
+                                 device=self.device)
+        picked = np.zeros((len(owners), width))
         seq_lp: list = [np.zeros(len(c)) for c in cand_ids]
         for part, logp, ends in self._continuations(fwd, rows, tokens, keep, parts):
-            # first tokens: one gather per chunk, (continuation, candidate) padded to the most candidates
-            firsts = [i for i, r in enumerate(part) if owners[r][1] is None]
-            if firsts:
-                width = max(len(cand_ids[owners[part[i]][0]]) for i in firsts)
-                ids = [[c[0] for c in cand_ids[owners[part[i]][0]]] for i in firsts]
-                ids = torch.tensor([x + [x[0]] * (width - len(x)) for x in ids], device=self.device)
-                at = torch.tensor([ends[i] - 1 for i in firsts], device=self.device)
-                picked = logp[torch.tensor(firsts, device=self.device), at].gather(1, ids).double().cpu().numpy()
-                for i, values in zip(firsts, picked):
-                    j = owners[part[i]][0]
-                    seq_lp[j] = values[:len(cand_ids[j])]
+            at = torch.tensor(ends, device=self.device) - 1
+            chosen = logp[torch.arange(len(part), device=self.device), at].gather(1, first_ids[part])
+            picked[part] = chosen.double().cpu().numpy()
             for i, r in enumerate(part):
                 j, k = owners[r]
                 if k is not None:  # every token of candidate k, read after the suffix
                     c = cand_ids[j][k]
                     positions = torch.arange(ends[i] - len(c), ends[i], device=self.device)
                     seq_lp[j][k] = float(logp[i, positions, torch.tensor(c, device=self.device)].sum())
-        return [lp - np.logaddexp.reduce(lp) for lp in seq_lp]
+        firsts = [r for r, (_, k) in enumerate(owners) if k is None]
+        done = set()
+        if firsts:  # log-softmax over each request's own candidates (the padding is -inf: it adds nothing)
+            values = np.where(np.arange(width)[None] < np.array(counts)[firsts, None], picked[firsts], -np.inf)
+            values = values - np.logaddexp.reduce(values, axis=1, keepdims=True)
+            for r, v in zip(firsts, values):
+                seq_lp[owners[r][0]] = v[:counts[r]]
+                done.add(owners[r][0])
+        return [lp if j in done else lp - np.logaddexp.reduce(lp) for j, lp in enumerate(seq_lp)]
