@@ -29,6 +29,7 @@ class SharedPrefixMixin:
         (candidates, context); each distinct suffix is tokenized once per reader (`_suffix_ids`: a multi-label
         task's L questions, asked after every context in every call)."""
         cuts: dict[tuple, tuple[str, str] | None] = {}
+        made: dict[tuple, tuple] = {}  # one key object per distinct prefix, shared by its requests
         keys, texts = {}, {}
         for i, r in enumerate(requests):
             if not r.share_prefix:
@@ -39,7 +40,8 @@ class SharedPrefixMixin:
                 cuts[around] = None if pieces is None else (pieces[0], pieces[1][len(r.query.question.strip()):])
             if cuts[around] is not None:
                 prefix, rest = cuts[around]
-                keys[i] = (prefix, tuple(prompt_images(r.query, r.context)))
+                key = (prefix, tuple(prompt_images(r.query, r.context)))
+                keys[i] = made.setdefault(key, key)
                 texts[i] = r.query.question.strip() + rest
         ids = self._suffix_ids
         new = [t for t in dict.fromkeys(texts.values()) if t not in ids]
@@ -204,49 +206,55 @@ class SharedPrefixMixin:
         prefixes = [(requests[j].query, requests[j].context, _PrefixOnly(requests[j].answers)) for j in heads]
         fwd = self._run(prefixes, root, tails=list(common.values()), use_cache=True, features=features,
                         answer_lengths=list(longest.values()))
-        owners, rows, tokens, keep = [], [], [], []
+        # per continuation: its request, its candidate (-1: the request's first tokens), prompt row, tokens and the
+        # positions kept; plain lists of numbers and lists shared by the requests asking the same question, so that a
+        # call of many requests leaves the garbage collector little to track
+        owner, cand, rows, tokens, keep = [], [], [], [], []
         modes: dict[int, bool] = {}  # per candidate list (requests with equal candidates share theirs): full?
+        tails: dict[tuple[int, int], list[int]] = {}  # (suffix, its tokens in the prefix pass) -> the suffix's rest
         for j, (r, cands, suffix) in enumerate(zip(requests, cand_ids, suffixes)):
-            tail = suffix[len(common[keys[j]]):]
+            skip = len(common[keys[j]])
+            tail = tails.get((id(suffix), skip))
+            if tail is None:
+                tail = tails[(id(suffix), skip)] = suffix[skip:]
             full = modes.get(id(cands))
             if full is None:
                 full = modes[id(cands)] = self._mode(r, cands) == "full" and max(len(c) for c in cands) > 1
-            if full:
-                # one continuation per candidate, suffix + candidate: its every token is read after the suffix
-                conts = [(k, tail + c[:-1], len(c)) for k, c in enumerate(cands)]
+            row = row_of[keys[j]]
+            if full:  # one continuation per candidate, suffix + candidate: its every token is read after the suffix
+                for k, c in enumerate(cands):
+                    owner.append(j), cand.append(k), rows.append(row), tokens.append(tail + c[:-1]), keep.append(len(c))
             else:  # first tokens only: one continuation per request, read at the suffix's last position
-                conts = [(None, tail, 1)]
-            for k, t, n in conts:
-                owners.append((j, k))
-                rows.append(row_of[keys[j]])
-                tokens.append(t)
-                keep.append(n)
+                owner.append(j), cand.append(-1), rows.append(row), tokens.append(tail), keep.append(1)
         order, parts = self._waves(rows, max(1, self.config.batch_size))
-        owners, rows, tokens, keep = ([x[n] for n in order] for x in (owners, rows, tokens, keep))
+        owner, cand, rows, tokens, keep = ([x[n] for n in order] for x in (owner, cand, rows, tokens, keep))
         # first tokens: one gather per chunk of every continuation's candidates' first tokens at its last position,
         # (continuation, candidate) padded to the most candidates (the full continuations' rows are not read)
-        counts = [len(cand_ids[j]) for j, _ in owners]
+        counts = [len(cand_ids[j]) for j in owner]
         width = max(counts)
-        first_ids = torch.tensor([[c[0] for c in cand_ids[j]] + [0] * (width - len(cand_ids[j])) for j, _ in owners],
-                                 device=self.device)
-        picked = np.zeros((len(owners), width))
+        firsts_of: dict[int, list[int]] = {}
+        for j in owner:
+            if id(cand_ids[j]) not in firsts_of:
+                firsts_of[id(cand_ids[j])] = [c[0] for c in cand_ids[j]] + [0] * (width - len(cand_ids[j]))
+        first_ids = torch.tensor([firsts_of[id(cand_ids[j])] for j in owner], device=self.device)
+        picked = np.zeros((len(owner), width))
         seq_lp: list = [np.zeros(len(c)) for c in cand_ids]
         for part, logp, ends in self._continuations(fwd, rows, tokens, keep, parts):
             at = torch.tensor(ends, device=self.device) - 1
             chosen = logp[torch.arange(len(part), device=self.device), at].gather(1, first_ids[part])
             picked[part] = chosen.double().cpu().numpy()
             for i, r in enumerate(part):
-                j, k = owners[r]
-                if k is not None:  # every token of candidate k, read after the suffix
+                j, k = owner[r], cand[r]
+                if k >= 0:  # every token of candidate k, read after the suffix
                     c = cand_ids[j][k]
                     positions = torch.arange(ends[i] - len(c), ends[i], device=self.device)
                     seq_lp[j][k] = float(logp[i, positions, torch.tensor(c, device=self.device)].sum())
-        firsts = [r for r, (_, k) in enumerate(owners) if k is None]
+        firsts = [r for r, k in enumerate(cand) if k < 0]
         done = set()
         if firsts:  # log-softmax over each request's own candidates (the padding is -inf: it adds nothing)
             values = np.where(np.arange(width)[None] < np.array(counts)[firsts, None], picked[firsts], -np.inf)
             values = values - np.logaddexp.reduce(values, axis=1, keepdims=True)
             for r, v in zip(firsts, values):
-                seq_lp[owners[r][0]] = v[:counts[r]]
-                done.add(owners[r][0])
+                seq_lp[owner[r]] = v[:counts[r]]
+                done.add(owner[r])
         return [lp if j in done else lp - np.logaddexp.reduce(lp) for j, lp in enumerate(seq_lp)]
