@@ -210,6 +210,14 @@ class SharedPrefixMixin:
         # positions kept; plain lists of numbers and lists shared by the requests asking the same question, so that a
         # call of many requests leaves the garbage collector little to track
         owner, cand, rows, tokens, keep = [], [], [], [], []
+
+        def add(j: int, k: int, row: int, t: list[int], n: int) -> None:
+            owner.append(j)
+            cand.append(k)
+            rows.append(row)
+            tokens.append(t)
+            keep.append(n)
+
         modes: dict[int, bool] = {}  # per candidate list (requests with equal candidates share theirs): full?
         tails: dict[tuple[int, int], list[int]] = {}  # (suffix, its tokens in the prefix pass) -> the suffix's rest
         for j, (r, cands, suffix) in enumerate(zip(requests, cand_ids, suffixes)):
@@ -223,9 +231,9 @@ class SharedPrefixMixin:
             row = row_of[keys[j]]
             if full:  # one continuation per candidate, suffix + candidate: its every token is read after the suffix
                 for k, c in enumerate(cands):
-                    owner.append(j), cand.append(k), rows.append(row), tokens.append(tail + c[:-1]), keep.append(len(c))
+                    add(j, k, row, tail + c[:-1], len(c))
             else:  # first tokens only: one continuation per request, read at the suffix's last position
-                owner.append(j), cand.append(-1), rows.append(row), tokens.append(tail), keep.append(1)
+                add(j, -1, row, tail, 1)
         order, parts = self._waves(rows, max(1, self.config.batch_size))
         owner, cand, rows, tokens, keep = ([x[n] for n in order] for x in (owner, cand, rows, tokens, keep))
         # first tokens: one gather per chunk of every continuation's candidates' first tokens at its last position,
