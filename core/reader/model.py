@@ -116,6 +116,7 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
             self.tower_cache = VisionFeatureCache(self)
         self._pixels: OrderedDict[str, tuple[torch.Tensor, tuple[int, int, int]]] = OrderedDict()
         self._answer_ids: dict[str, list[int]] = {}
+        self._suffix_ids: dict[str, list[int]] = {}  # share_prefix suffix text -> its tokens (`_split`)
         self._grid_offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._render = PromptRenderer(processor)
         self._header = self._assistant_header()
@@ -277,7 +278,9 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
         expect_requests(requests, ScoreRequest, "score")
         root = Path(image_root)
         batch_size = batch_size or self.config.batch_size
-        cand_ids = [self._candidate_ids(r) for r in requests]
+        known: dict[tuple[str, ...], list[list[int]]] = {}  # candidates' tokens, once per distinct candidate tuple
+        cand_ids = [known[r.answers] if r.answers in known else known.setdefault(r.answers, self._candidate_ids(r))
+                    for r in requests]
         # longest prompts first (an out-of-memory batch fails at once); text length stands in for token count
         order = sorted(range(len(requests)), key=lambda i: -requests[i].prompt_size())
         keys, suffixes = self._split(requests)

@@ -121,13 +121,30 @@ def test_shared_prefix_equals_the_unshared_path_and_the_whole_prompt(readers, to
         finally:
             del shared._run
         assert sum(prefix_rows) == 2 + 3  # the two unmarked requests, then the three distinct prefixes
+        # batch 4: the three prefixes in one pass, their continuations in full waves that continue the prefixes'
+        # cache without copying it (every wave must leave it as it was for the next)
+        whole = shared.score(requests, toy_dataset.root, batch_size=4)
         b = unshared.score(requests, toy_dataset.root, batch_size=3)
         c = shared.score([dataclasses.replace(r, share_prefix=False) for r in requests], toy_dataset.root)
-        for x, y, z in zip(a, b, c):
+        for x, y, z, w in zip(a, b, c, whole):
             np.testing.assert_allclose(x, y, atol=1e-4)
             np.testing.assert_allclose(x, z, atol=1e-4)
+            np.testing.assert_allclose(w, y, atol=1e-4)
         # the questions matter: the suffixes are not ignored
         assert np.abs(a[0] - a[1]).max() > 1e-4
+
+
+def test_continuations_run_in_waves_of_whole_chunks():
+    """Every prompt's first continuation, then every prompt's second, ...; chunks hold whole waves (a full wave is
+    every prompt once: continued without a copy of the cache), splitting only a wave longer than a chunk."""
+    waves = Reader._waves
+    assert waves([0, 0, 0, 1, 1, 2], 3) == ([0, 3, 5, 1, 4, 2], [range(0, 3), range(3, 6)])
+    assert waves([0, 0, 0, 1, 1, 2], 4) == ([0, 3, 5, 1, 4, 2], [range(0, 3), range(3, 6)])
+    assert waves([0] * 3, 2) == ([0, 1, 2], [range(0, 2), range(2, 3)])  # three waves of one, two per chunk
+    assert waves([0, 1, 2, 0, 1, 2], 2) == ([0, 1, 2, 3, 4, 5], [range(0, 2), range(2, 3), range(3, 5), range(5, 6)])
+    order, parts = waves([r for r in range(64) for _ in range(14)], 64)  # the benchmark's batch: 14 full waves
+    assert parts == [range(64 * k, 64 * (k + 1)) for k in range(14)] and order[:2] == [0, 14]
+    assert waves([], 4) == ([], [])
 
 
 def test_shared_prefix_falls_back_to_the_whole_prompt_when_the_template_hides_the_question(readers, toy_dataset):
