@@ -1,0 +1,171 @@
+"""Benchmark: EfficientNet-Lite0's forward on CPU under the pin, with the convolution kernels torch picks and with
+`dxrag.core.fast_convs.swap_convs`, side by side in one process, repetitions interleaved.
+
+Variants (one model's weights, four ways to run them):
+  pinned          what dxrag runs today: the pin (AVX2), oneDNN off; torch picks Slow2d below 16 images, NNPACK from 16
+  pinned-nonnpack the pin with NNPACK off too (torch.backends.nnpack): Slow2d (im2col + MKL sgemm) for every layer
+  swapped         the pin + swap_convs: dense layers Slow2d, depthwise layers oneDNN's depthwise kernel (AVX2 cap)
+  onednn          the pin with oneDNN on for every layer (what the pin turned off; not reproducible across CPUs)
+
+Per (image size, batch): the median seconds of a forward (--reps repetitions, variants interleaved), the speedup over
+`pinned`, and the largest |difference| of the pooled 1280-d features from `pinned`'s (and from `pinned-nonnpack`'s),
+next to the largest |feature|. Then, for one setting, the seconds by layer kind (forward hooks). With
+--check-depthwise, each depthwise layer's oneDNN output is compared bitwise with ATen's Slow2d.
+
+Usage: OMP_NUM_THREADS=1 python benchmarks/bench_convs.py [--sizes 64 112] [--batches 1 16 64] [--reps 3]
+       [--model tf_efficientnet_lite0] [--random-weights] [--check-depthwise] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from dxrag.core import cpu_kernels  # noqa: E402
+
+cpu_kernels.pin()
+cpu_kernels.configure_torch()
+
+import torch  # noqa: E402
+
+from dxrag.core.fast_convs import check_depthwise, swap_convs  # noqa: E402
+
+VARIANTS = ("pinned", "pinned-nonnpack", "swapped", "onednn")
+
+
+def load_model(name: str, random_weights: bool):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    source = "random init"
+    if not random_weights and name == "tf_efficientnet_lite0":
+        from dxrag.core.weights import WeightsError, load_into
+        try:
+            load_into(model, "efficientnet-lite0")
+            source = "dxrag weights efficientnet-lite0"
+        except WeightsError as e:
+            print(f"(real weights not loaded: {e}; random init)", file=sys.stderr)
+    return model, source
+
+
+def run(variant: str, models: dict, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One forward of `variant`, timed; the global flags are restored to the pin's afterwards."""
+    model = models["swapped"] if variant == "swapped" else models["native"]
+    nnpack = variant != "pinned-nonnpack"
+    mkldnn = variant == "onednn"
+    with torch.backends.nnpack.flags(enabled=nnpack), torch.backends.mkldnn.flags(enabled=mkldnn), \
+            torch.inference_mode():
+        t = time.perf_counter()
+        y = model(x)
+        return time.perf_counter() - t, y
+
+
+def layer_kind(name: str, module: torch.nn.Conv2d) -> str:
+    if name.startswith("conv_stem"):
+        return "stem"
+    if module.groups > 1:
+        return f"dw {module.kernel_size[0]}x{module.kernel_size[0]} s{module.stride[0]}"
+    return "pw 1x1" if module.kernel_size == (1, 1) else "other"
+
+
+def by_kind(variant: str, models: dict, x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Seconds per forward by layer kind (convolutions by forward hooks; 'rest' = the forward minus them)."""
+    model = models["swapped"] if variant == "swapped" else models["native"]
+    spent: dict[str, float] = collections.defaultdict(float)
+    start: dict[int, float] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kind = layer_kind(name, m)
+            handles.append(m.register_forward_pre_hook(lambda mod, i: start.__setitem__(id(mod), time.perf_counter())))
+            handles.append(m.register_forward_hook(
+                lambda mod, i, o, k=kind: spent.__setitem__(k, spent[k] + time.perf_counter() - start[id(mod)])))
+    total = 0.0
+    try:
+        run(variant, models, x)
+        spent.clear()
+        for _ in range(reps):
+            total += run(variant, models, x)[0]
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: v / reps for k, v in sorted(spent.items())}
+    out["rest"] = total / reps - sum(out.values())
+    out["total"] = total / reps
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--check-depthwise", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    native, source = load_model(args.model, args.random_weights)
+    swapped = copy.deepcopy(native)
+    counts = swap_convs(swapped)
+    models = {"native": native, "swapped": swapped}
+    print(f"{args.model} ({source}); torch {torch.__version__}, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}; swapped {counts}")
+    rows = []
+    print("| size | batch | " + " | ".join(f"{v} s" for v in VARIANTS) + " | swapped vs pinned | swapped vs onednn"
+          " | max abs diff swapped/pinned | swapped/nonnpack | max abs feature |")
+    print("|---" * (len(VARIANTS) + 7) + "|")
+    for size in args.sizes:
+        for batch in args.batches:
+            x = torch.rand(batch, 3, size, size) * 2 - 1
+            times = {v: [] for v in VARIANTS}
+            outs = {}
+            for v in VARIANTS:  # warm-up (oneDNN primitive creation, allocator)
+                run(v, models, x)
+            for _ in range(args.reps):
+                for v in VARIANTS:
+                    dt, outs[v] = run(v, models, x)
+                    times[v].append(dt)
+            med = {v: statistics.median(t) for v, t in times.items()}
+            row = {"size": size, "batch": batch, "seconds": med, "all_seconds": times,
+                   "speedup_vs_pinned": med["pinned"] / med["swapped"],
+                   "speedup_vs_onednn": med["onednn"] / med["swapped"],
+                   "diff_vs_pinned": float((outs["swapped"] - outs["pinned"]).abs().max()),
+                   "diff_vs_nonnpack": float((outs["swapped"] - outs["pinned-nonnpack"]).abs().max()),
+                   "max_abs_feature": float(outs["pinned"].abs().max())}
+            rows.append(row)
+            print(f"| {size} | {batch} | " + " | ".join(f"{med[v]:.3f}" for v in VARIANTS)
+                  + f" | {row['speedup_vs_pinned']:.1f}x | {row['speedup_vs_onednn']:.2f}x | {row['diff_vs_pinned']:.1e}"
+                  f" | {row['diff_vs_nonnpack']:.1e} | {row['max_abs_feature']:.2f} |", flush=True)
+    size, batch = args.sizes[0], args.batches[-1]
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    kinds = {v: by_kind(v, models, x, max(1, args.reps - 1)) for v in VARIANTS}
+    names = sorted({k for d in kinds.values() for k in d} - {"rest", "total"}) + ["rest", "total"]
+    print(f"\nseconds per forward by layer kind, {size}x{size}, batch {batch}:")
+    print("| layer kind | " + " | ".join(VARIANTS) + " |")
+    print("|---" * (len(VARIANTS) + 1) + "|")
+    for k in names:
+        print(f"| {k} | " + " | ".join(f"{kinds[v].get(k, 0.0):.3f}" for v in VARIANTS) + " |")
+    report = {"model": args.model, "weights": source, "torch": torch.__version__, "swapped": counts,
+              "rows": rows, "by_kind": {"size": size, "batch": batch, "seconds": kinds}}
+    if args.check_depthwise:
+        checks = check_depthwise(swapped, torch.rand(batch, 3, size, size) * 2 - 1)
+        worst = max((c["max_abs_diff"] for c in checks), default=0.0)
+        print(f"\ndepthwise oneDNN vs Slow2d: {len(checks)} layers, largest |diff| {worst:.1e}"
+              f" ({sum(c['max_abs_diff'] == 0.0 for c in checks)} bitwise equal)")
+        report["depthwise_check"] = checks
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
