@@ -34,7 +34,7 @@ cpu_kernels.configure_torch()
 
 import torch  # noqa: E402
 
-from dxrag.core.fast_convs import check_depthwise, swap_convs  # noqa: E402
+from dxrag.core.fast_convs import check_depthwise, kernel_flags, swap_convs  # noqa: E402
 
 VARIANTS = ("pinned", "pinned-nonnpack", "swapped", "onednn")
 
@@ -59,8 +59,7 @@ def run(variant: str, models: dict, x: torch.Tensor) -> tuple[float, torch.Tenso
     model = models["swapped"] if variant == "swapped" else models["native"]
     nnpack = variant != "pinned-nonnpack"
     mkldnn = variant == "onednn"
-    with torch.backends.nnpack.flags(enabled=nnpack), torch.backends.mkldnn.flags(enabled=mkldnn), \
-            torch.inference_mode():
+    with kernel_flags(nnpack=nnpack, onednn=mkldnn), torch.inference_mode():
         t = time.perf_counter()
         y = model(x)
         return time.perf_counter() - t, y

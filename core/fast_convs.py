@@ -27,7 +27,8 @@ accuracy), so wiring this in changes every committed result that runs the tower 
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,20 @@ def pinned_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     raise ValueError(f"unknown convolution kind {kind!r}: expected {DENSE!r} or {DEPTHWISE!r}")
 
 
+@contextmanager
+def kernel_flags(*, nnpack: bool, onednn: bool) -> Iterator[None]:
+    """torch's global NNPACK and oneDNN switches set for the block and restored after it (torch's own `flags()`
+    context managers also reset oneDNN's TF32 setting, with a warning on builds without Intel GPU support)."""
+    before = (torch._C._get_nnpack_enabled(), torch.backends.mkldnn.enabled)
+    torch._C._set_nnpack_enabled(nnpack)
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        yield
+    finally:
+        torch._C._set_nnpack_enabled(before[0])
+        torch.backends.mkldnn.enabled = before[1]
+
+
 def swap_convs(model: nn.Module) -> dict[str, int]:
     """Replace `model`'s dense and depthwise Conv2d modules (in place) by `PinnedConv2d` modules sharing their
     parameters; returns how many of each kind were swapped and how many convolutions were left alone."""
@@ -143,7 +158,7 @@ def check_depthwise(model: nn.Module, image: torch.Tensor) -> list[dict[str, Any
 
     def hook(module, inputs, output, name):
         x = module._pad_same(inputs[0]) if module.same else inputs[0]
-        with torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False):
+        with kernel_flags(nnpack=False, onednn=False):
             ref = F.conv2d(x, module.weight, module.bias, module.stride, module.padding, 1, module.groups)
         rows.append({"name": name, "input": tuple(x.shape), "kernel": module.kernel_size[0],
                      "stride": module.stride[0], "max_abs_diff": float((output - ref).abs().max())})
