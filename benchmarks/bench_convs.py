@@ -12,8 +12,15 @@ Per (image size, batch): the median seconds of a forward (--reps repetitions, va
 next to the largest |feature|. Then, for one setting, the seconds by layer kind (forward hooks). With
 --check-depthwise, each depthwise layer's oneDNN output is compared bitwise with ATen's Slow2d.
 
+With --layers it instead times single layers of EfficientNet-Lite0's shapes (batch --batches[-1]) by every candidate
+kernel, in milliseconds (best of --reps), with the largest |difference| from ATen's Slow2d: for depthwise layers
+NNPACK, Slow2d, a shifted sum (k*k multiply-adds of shifted views, NCHW and channels-last), F.unfold + multiply + sum,
+F.unfold + bmm, oneDNN; for 1x1 layers NNPACK, Slow2d, torch.matmul over the (N, C, H*W) view, F.linear over the
+channels-last (N*H*W, C) view (conversion included), oneDNN.
+
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_convs.py [--sizes 64 112] [--batches 1 16 64] [--reps 3]
        [--model tf_efficientnet_lite0] [--random-weights] [--check-depthwise] [--json PATH]
+       OMP_NUM_THREADS=1 python benchmarks/bench_convs.py --layers [--batches 64] [--reps 3]
 """
 
 from __future__ import annotations
@@ -100,6 +107,99 @@ def by_kind(variant: str, models: dict, x: torch.Tensor, reps: int) -> dict[str,
     return out
 
 
+def _out_size(h: int, k: int, s: int, p: int) -> int:
+    return (h + 2 * p - k) // s + 1
+
+
+def dw_shifted(x, w, s, p):
+    """Depthwise convolution as k*k multiply-adds of strided views (the layout of `x` is kept)."""
+    k, (n, c, h, wd) = w.shape[-1], x.shape
+    xp = torch.nn.functional.pad(x, (p, p, p, p))
+    ho, wo = _out_size(h, k, s, p), _out_size(wd, k, s, p)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.zeros((n, c, ho, wo)).contiguous(memory_format=fmt)
+    for i in range(k):
+        for j in range(k):
+            out.addcmul_(xp[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s], w[:, 0, i, j].view(1, -1, 1, 1))
+    return out
+
+
+def dw_unfold_mul(x, w, s, p):
+    k, (n, c, h, wd) = w.shape[-1], x.shape
+    ho, wo = _out_size(h, k, s, p), _out_size(wd, k, s, p)
+    u = torch.nn.functional.unfold(x, k, padding=p, stride=s).view(n, c, k * k, ho * wo)
+    return (u * w.view(1, c, k * k, 1)).sum(2).view(n, c, ho, wo)
+
+
+def dw_unfold_bmm(x, w, s, p):
+    k, (n, c, h, wd) = w.shape[-1], x.shape
+    ho, wo = _out_size(h, k, s, p), _out_size(wd, k, s, p)
+    u = torch.nn.functional.unfold(x, k, padding=p, stride=s).view(n, c, k * k, ho * wo)
+    u = u.permute(1, 2, 0, 3).reshape(c, k * k, n * ho * wo)
+    return torch.bmm(w.view(c, 1, k * k), u).view(c, n, ho, wo).transpose(0, 1)
+
+
+def _conv(nnpack: bool, onednn: bool):
+    def f(x, w, s, p):
+        with kernel_flags(nnpack=nnpack, onednn=onednn):
+            return torch.nn.functional.conv2d(x, w, None, s, p, 1, w.shape[0] if w.shape[1] == 1 else 1)
+    return f
+
+
+def pw_matmul(x, w, s, p):
+    n, c, h, wd = x.shape
+    return torch.matmul(w.view(w.shape[0], c), x.reshape(n, c, h * wd)).view(n, -1, h, wd)
+
+
+def pw_linear_cl(x, w, s, p):
+    n, c, h, wd = x.shape
+    y = torch.nn.functional.linear(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.view(w.shape[0], c))
+    return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
+
+
+DW_CANDIDATES = {"nnpack": _conv(True, False), "slow2d": _conv(False, False), "shifted": dw_shifted,
+                 "shifted-cl": lambda x, w, s, p: dw_shifted(x.contiguous(memory_format=torch.channels_last), w, s, p),
+                 "unfold-mul": dw_unfold_mul, "unfold-bmm": dw_unfold_bmm, "onednn": _conv(False, True)}
+PW_CANDIDATES = {"nnpack": _conv(True, False), "slow2d": _conv(False, False), "matmul": pw_matmul,
+                 "linear-cl": pw_linear_cl, "onednn": _conv(False, True)}
+# (channels in, channels out, size at 64x64 input, kernel, stride): depthwise layers have in == out
+DW_SHAPES = [(32, 32, 32, 3, 1), (96, 96, 32, 3, 2), (144, 144, 16, 3, 1), (144, 144, 16, 5, 2), (240, 240, 8, 5, 1),
+             (480, 480, 4, 5, 1), (672, 672, 4, 5, 2), (1152, 1152, 2, 5, 1)]
+PW_SHAPES = [(32, 16, 32, 1, 1), (96, 24, 16, 1, 1), (240, 80, 4, 1, 1), (1152, 320, 2, 1, 1), (320, 1280, 2, 1, 1)]
+
+
+def layer_table(batch: int, reps: int) -> dict:
+    """Milliseconds per call (best of `reps`, candidates interleaved) and max |diff| from Slow2d, per layer shape."""
+    torch.manual_seed(0)
+    report = {}
+    for label, shapes, cands in (("depthwise", DW_SHAPES, DW_CANDIDATES), ("pointwise 1x1", PW_SHAPES, PW_CANDIDATES)):
+        print(f"\n{label} layers, batch {batch}: ms per call (best of {reps}) / max |diff| from slow2d")
+        print("| cin, cout, size, k, s | " + " | ".join(cands) + " |")
+        print("|---" * (len(cands) + 1) + "|")
+        total = dict.fromkeys(cands, 0.0)
+        rows = []
+        for cin, cout, h, k, st in shapes:
+            x = torch.randn(batch, cin, h, h)
+            w = torch.randn(cout, 1 if label == "depthwise" else cin, k, k) * 0.2
+            with torch.inference_mode():
+                ref = _conv(False, False)(x, w, st, k // 2)
+                best, diff = dict.fromkeys(cands, float("inf")), {}
+                for _ in range(reps):
+                    for name, f in cands.items():
+                        t = time.perf_counter()
+                        y = f(x, w, st, k // 2)
+                        best[name] = min(best[name], time.perf_counter() - t)
+                        diff[name] = float((y - ref).abs().max())
+            for name in cands:
+                total[name] += best[name]
+            rows.append({"shape": [cin, cout, h, k, st], "ms": {n: 1e3 * b for n, b in best.items()}, "diff": diff})
+            print(f"| {cin}, {cout}, {h}, {k}, {st} | "
+                  + " | ".join(f"{1e3 * best[n]:.1f} / {diff[n]:.0e}" for n in cands) + " |", flush=True)
+        print("| sum | " + " | ".join(f"{1e3 * total[n]:.1f}" for n in cands) + " |")
+        report[label] = rows
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
@@ -108,10 +208,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--check-depthwise", action="store_true")
+    ap.add_argument("--layers", action="store_true", help="time single layers by every candidate kernel")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.layers:
+        report = layer_table(args.batches[-1], args.reps)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     native, source = load_model(args.model, args.random_weights)
     swapped = copy.deepcopy(native)
     counts = swap_convs(swapped)
