@@ -18,9 +18,15 @@ NNPACK, Slow2d, a shifted sum (k*k multiply-adds of shifted views, NCHW and chan
 F.unfold + bmm, oneDNN; for 1x1 layers NNPACK, Slow2d, torch.matmul over the (N, C, H*W) view, F.linear over the
 channels-last (N*H*W, C) view (conversion included), oneDNN.
 
+With --probe NPZ it instead times the probe's own `image_features` (core/probe.py: 112 px, batch 64) on the first
+--images test images of a MedMNIST-style .npz (`test_images`, written as PNGs to a temporary directory), pinned against
+swapped, and compares the features; it also compares, on the pinned tower, a batch of 16 with the same images one
+by one.
+
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_convs.py [--sizes 64 112] [--batches 1 16 64] [--reps 3]
        [--model tf_efficientnet_lite0] [--random-weights] [--check-depthwise] [--json PATH]
        OMP_NUM_THREADS=1 python benchmarks/bench_convs.py --layers [--batches 64] [--reps 3]
+       OMP_NUM_THREADS=1 python benchmarks/bench_convs.py --probe pneumoniamnist.npz [--images 200] [--reps 2]
 """
 
 from __future__ import annotations
@@ -200,6 +206,48 @@ def layer_table(batch: int, reps: int) -> dict:
     return report
 
 
+def probe_table(npz: Path, images: int, reps: int) -> dict:
+    """The probe's feature extraction, pinned against swapped, on real images, and the pinned tower's batch
+    dependence."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from dxrag.core import probe
+
+    pinned, swapped = probe.load_encoder(), probe.load_encoder()
+    swap_convs(swapped)
+    with torch.inference_mode():
+        x = torch.rand(16, 3, 112, 112) * 2 - 1
+        batch, alone = pinned(x), torch.cat([pinned(x[i:i + 1]) for i in range(16)])
+        report = {"pinned_batch16_vs_alone": float((batch - alone).abs().max()),
+                  "swapped_batch16_equals_pinned_alone": bool(torch.equal(swapped(x), alone))}
+    print(f"pinned tower, a batch of 16 against the same images one by one: max |diff| "
+          f"{report['pinned_batch16_vs_alone']:.1e}; swapped batch of 16 bitwise equal to pinned one by one: "
+          f"{report['swapped_batch16_equals_pinned_alone']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, a in enumerate(np.load(npz)["test_images"][:images]):
+            paths.append(Path(tmp) / f"{i}.png")
+            Image.fromarray(a).save(paths[-1])
+        seconds: dict[str, list[float]] = {"pinned": [], "swapped": []}
+        feats = {}
+        for _ in range(reps):
+            for name, model in (("pinned", pinned), ("swapped", swapped)):
+                t = time.perf_counter()
+                feats[name] = probe.image_features(model, paths, 112, 64)
+                seconds[name].append(time.perf_counter() - t)
+    report.update({"images": len(paths), "seconds": seconds,
+                   "max_abs_diff": float(np.abs(feats["pinned"] - feats["swapped"]).max()),
+                   "max_abs_feature": float(np.abs(feats["pinned"]).max())})
+    print(f"probe.image_features, {len(paths)} images, 112 px, batch 64: pinned "
+          f"{', '.join(f'{t:.2f}' for t in seconds['pinned'])} s, swapped "
+          f"{', '.join(f'{t:.2f}' for t in seconds['swapped'])}"
+          f" s; max |diff| {report['max_abs_diff']:.1e} (max |feature| {report['max_abs_feature']:.2f})")
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
@@ -209,12 +257,15 @@ def main(argv=None) -> int:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--check-depthwise", action="store_true")
     ap.add_argument("--layers", action="store_true", help="time single layers by every candidate kernel")
+    ap.add_argument("--probe", type=Path, metavar="NPZ", help="time the probe's image_features on real images")
+    ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if args.layers:
-        report = layer_table(args.batches[-1], args.reps)
+    if args.layers or args.probe:
+        report = layer_table(args.batches[-1], args.reps) if args.layers else probe_table(args.probe, args.images,
+                                                                                            args.reps)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         return 0
@@ -248,7 +299,8 @@ def main(argv=None) -> int:
                    "max_abs_feature": float(outs["pinned"].abs().max())}
             rows.append(row)
             print(f"| {size} | {batch} | " + " | ".join(f"{med[v]:.3f}" for v in VARIANTS)
-                  + f" | {row['speedup_vs_pinned']:.1f}x | {row['speedup_vs_onednn']:.2f}x | {row['diff_vs_pinned']:.1e}"
+                  + f" | {row['speedup_vs_pinned']:.1f}x | {row['speedup_vs_onednn']:.2f}x"
+                  f" | {row['diff_vs_pinned']:.1e}"
                   f" | {row['diff_vs_nonnpack']:.1e} | {row['max_abs_feature']:.2f} |", flush=True)
     size, batch = args.sizes[0], args.batches[-1]
     x = torch.rand(batch, 3, size, size) * 2 - 1

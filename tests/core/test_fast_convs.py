@@ -40,6 +40,18 @@ def test_pinned_conv_matches_torch_and_slow2d(layer, batch):
     assert torch.equal(fast, slow)  # dense: the same kernel; depthwise: oneDNN's taps summed in Slow2d's order
 
 
+def test_single_pixel_depthwise_output_is_close_not_bitwise():
+    """A depthwise output of one pixel: Slow2d's gemm is then a dot product MKL reduces in its own order (an ulp off
+    oneDNN's tap-by-tap sum); the pinned kernel stays within 1e-6 of the largest value."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(672, 672, 5, 2, 0, groups=672, bias=False).eval()
+    x = torch.randn(16, 672, 5, 5)
+    with torch.inference_mode():
+        fast, slow = PinnedConv2d.from_conv(conv)(x), slow2d(x, conv)
+    assert fast.shape == (16, 672, 1, 1)
+    assert (fast - slow).abs().max() <= 1e-6 * slow.abs().max()
+
+
 def test_swap_keeps_parameters_and_features_of_a_timm_model():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
