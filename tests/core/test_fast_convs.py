@@ -12,6 +12,16 @@ F = torch.nn.functional
 from dxrag.core.fast_convs import (DENSE, DEPTHWISE, PinnedConv2d, check_depthwise, conv_kind,  # noqa: E402
                                    kernel_flags, swap_convs)
 
+
+
+@pytest.fixture(autouse=True)
+def pinned_kernels():
+    """torch's kernel choice as the pinned pipeline has it (`cpu_kernels.configure_torch`: oneDNN off, NNPACK on), so
+    that `conv(x)` below is what dxrag runs today; restored afterwards."""
+    with kernel_flags(nnpack=True, onednn=False):
+        yield
+
+
 # (in, out, kernel, stride, groups, height): the layer types of EfficientNet-Lite0
 LAYERS = [(3, 32, 3, 2, 1, 33), (32, 16, 1, 1, 1, 16), (96, 96, 3, 2, 96, 16), (144, 144, 3, 1, 144, 8),
           (144, 144, 5, 2, 144, 8), (240, 240, 5, 1, 240, 4), (1152, 320, 1, 1, 1, 2)]
