@@ -12,8 +12,9 @@ Per (image size, batch): the median seconds of a forward (--reps repetitions, va
 next to the largest |feature|. Then, for one setting, the seconds by layer kind (forward hooks). With
 --check-depthwise, each depthwise layer's oneDNN output is compared bitwise with ATen's Slow2d.
 
-With --layers it instead times single layers of EfficientNet-Lite0's shapes (batch --batches[-1]) by every candidate
-kernel, in milliseconds (best of --reps), with the largest |difference| from ATen's Slow2d: for depthwise layers
+With --layers it instead times the tower's distinct depthwise and 1x1 layers, at each --sizes and --batches, by every
+candidate kernel, in milliseconds (best of --reps), with the largest |difference| from ATen's Slow2d, and sums each
+candidate over the tower's layers (a distinct layer times its count): for depthwise layers
 NNPACK, Slow2d, a shifted sum (k*k multiply-adds of shifted views, NCHW and channels-last), F.unfold + multiply + sum,
 F.unfold + bmm, oneDNN; for 1x1 layers NNPACK, Slow2d, torch.matmul over the (N, C, H*W) view, F.linear over the
 channels-last (N*H*W, C) view (conversion included), oneDNN.
@@ -25,7 +26,7 @@ by one.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_convs.py [--sizes 64 112] [--batches 1 16 64] [--reps 3]
        [--model tf_efficientnet_lite0] [--random-weights] [--check-depthwise] [--json PATH]
-       OMP_NUM_THREADS=1 python benchmarks/bench_convs.py --layers [--batches 64] [--reps 3]
+       OMP_NUM_THREADS=1 python benchmarks/bench_convs.py --layers [--sizes 64 112] [--batches 1 16 64] [--reps 3]
        OMP_NUM_THREADS=1 python benchmarks/bench_convs.py --probe pneumoniamnist.npz [--images 200] [--reps 2]
 """
 
@@ -168,41 +169,71 @@ DW_CANDIDATES = {"nnpack": _conv(True, False), "slow2d": _conv(False, False), "s
                  "unfold-mul": dw_unfold_mul, "unfold-bmm": dw_unfold_bmm, "onednn": _conv(False, True)}
 PW_CANDIDATES = {"nnpack": _conv(True, False), "slow2d": _conv(False, False), "matmul": pw_matmul,
                  "linear-cl": pw_linear_cl, "onednn": _conv(False, True)}
-# (channels in, channels out, size at 64x64 input, kernel, stride): depthwise layers have in == out
-DW_SHAPES = [(32, 32, 32, 3, 1), (96, 96, 32, 3, 2), (144, 144, 16, 3, 1), (144, 144, 16, 5, 2), (240, 240, 8, 5, 1),
-             (480, 480, 4, 5, 1), (672, 672, 4, 5, 2), (1152, 1152, 2, 5, 1)]
-PW_SHAPES = [(32, 16, 32, 1, 1), (96, 24, 16, 1, 1), (240, 80, 4, 1, 1), (1152, 320, 2, 1, 1), (320, 1280, 2, 1, 1)]
+UNFOLD_MAX_ELEMENTS = 64 * 2**20  # unfold candidates skipped ("-") where the unfolded input would be larger
 
 
-def layer_table(batch: int, reps: int) -> dict:
-    """Milliseconds per call (best of `reps`, candidates interleaved) and max |diff| from Slow2d, per layer shape."""
+def tower_layers(model, size: int) -> list[tuple[tuple[int, int, int, int, int], int]]:
+    """The model's depthwise and 1x1 convolutions at `size` px: ((in, out, input map, kernel, stride), count), in
+    order of first occurrence. The candidates pad symmetrically (k // 2), which gives the output size of timm's SAME
+    padding on these maps."""
+    seen: dict[tuple[int, int, int, int, int], int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.__setitem__(
+        (mod.in_channels, mod.out_channels, i[0].shape[-1], mod.kernel_size[0], mod.stride[0]),
+        seen.get((mod.in_channels, mod.out_channels, i[0].shape[-1], mod.kernel_size[0], mod.stride[0]), 0) + 1))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d) and (m.groups > 1 or m.kernel_size == (1, 1))]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(seen.items())
+
+
+def layer_table(model, sizes: list[int], batches: list[int], reps: int) -> dict:
+    """Per image size and batch: milliseconds per call of every candidate kernel on each distinct depthwise and 1x1
+    layer of the tower (best of `reps`, candidates interleaved), the max |diff| from Slow2d, and the sum over the
+    tower's layers (each distinct layer times its count)."""
     torch.manual_seed(0)
-    report = {}
-    for label, shapes, cands in (("depthwise", DW_SHAPES, DW_CANDIDATES), ("pointwise 1x1", PW_SHAPES, PW_CANDIDATES)):
-        print(f"\n{label} layers, batch {batch}: ms per call (best of {reps}) / max |diff| from slow2d")
-        print("| cin, cout, size, k, s | " + " | ".join(cands) + " |")
-        print("|---" * (len(cands) + 1) + "|")
-        total = dict.fromkeys(cands, 0.0)
-        rows = []
-        for cin, cout, h, k, st in shapes:
-            x = torch.randn(batch, cin, h, h)
-            w = torch.randn(cout, 1 if label == "depthwise" else cin, k, k) * 0.2
-            with torch.inference_mode():
-                ref = _conv(False, False)(x, w, st, k // 2)
-                best, diff = dict.fromkeys(cands, float("inf")), {}
-                for _ in range(reps):
-                    for name, f in cands.items():
-                        t = time.perf_counter()
-                        y = f(x, w, st, k // 2)
-                        best[name] = min(best[name], time.perf_counter() - t)
-                        diff[name] = float((y - ref).abs().max())
-            for name in cands:
-                total[name] += best[name]
-            rows.append({"shape": [cin, cout, h, k, st], "ms": {n: 1e3 * b for n, b in best.items()}, "diff": diff})
-            print(f"| {cin}, {cout}, {h}, {k}, {st} | "
-                  + " | ".join(f"{1e3 * best[n]:.1f} / {diff[n]:.0e}" for n in cands) + " |", flush=True)
-        print("| sum | " + " | ".join(f"{1e3 * total[n]:.1f}" for n in cands) + " |")
-        report[label] = rows
+    report: dict = {}
+    for size in sizes:
+        layers = tower_layers(model, size)
+        for batch in batches:
+            for label, cands in (("depthwise", DW_CANDIDATES), ("pointwise 1x1", PW_CANDIDATES)):
+                shapes = [(shape, n) for shape, n in layers if (shape[3] == 1) == (label != "depthwise")]
+                print(f"\n{label} layers, {size}x{size}, batch {batch}: ms per call (best of {reps}) / max |diff| "
+                      f"from slow2d")
+                print("| cin, cout, map, k, s (count) | " + " | ".join(cands) + " |")
+                print("|---" * (len(cands) + 1) + "|")
+                total = dict.fromkeys(cands, 0.0)
+                worst = dict.fromkeys(cands, 0.0)
+                rows = []
+                for (cin, cout, h, k, st), count in shapes:
+                    x = torch.randn(batch, cin, h, h)
+                    w = torch.randn(cout, 1 if label == "depthwise" else cin, k, k) * 0.2
+                    big = batch * cin * k * k * _out_size(h, k, st, k // 2) ** 2 > UNFOLD_MAX_ELEMENTS
+                    run_now = {n: f for n, f in cands.items() if not (big and n.startswith("unfold"))}
+                    best, diff = dict.fromkeys(run_now, float("inf")), {}
+                    with torch.inference_mode():
+                        ref = _conv(False, False)(x, w, st, k // 2)
+                        for _ in range(reps):
+                            for name, f in run_now.items():
+                                t = time.perf_counter()
+                                y = f(x, w, st, k // 2)
+                                best[name] = min(best[name], time.perf_counter() - t)
+                                diff[name] = float((y - ref).abs().max())
+                    for name in cands:
+                        total[name] += count * best.get(name, float("nan"))
+                        worst[name] = max(worst[name], diff.get(name, 0.0))
+                    rows.append({"shape": [cin, cout, h, k, st], "count": count,
+                                 "ms": {n: 1e3 * b for n, b in best.items()}, "diff": diff})
+                    print(f"| {cin}, {cout}, {h}, {k}, {st} ({count}) | " + " | ".join(
+                        f"{1e3 * best[n]:.1f} / {diff[n]:.0e}" if n in best else "-" for n in cands) + " |",
+                        flush=True)
+                print("| tower sum / max diff | " + " | ".join(
+                    "-" if total[n] != total[n] else f"{1e3 * total[n]:.0f} / {worst[n]:.0e}" for n in cands) + " |")
+                report.setdefault(str(size), {}).setdefault(str(batch), {})[label] = {
+                    "rows": rows, "sum_ms": {n: 1e3 * t for n, t in total.items()}, "max_diff": worst}
     return report
 
 
@@ -263,9 +294,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if args.layers or args.probe:
-        report = layer_table(args.batches[-1], args.reps) if args.layers else probe_table(args.probe, args.images,
-                                                                                            args.reps)
+    if args.probe:
+        report = probe_table(args.probe, args.images, args.reps)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
+    if args.layers:
+        report = layer_table(load_model(args.model, args.random_weights)[0], args.sizes, args.batches, args.reps)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         return 0

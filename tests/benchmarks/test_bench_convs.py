@@ -33,10 +33,13 @@ def test_bench_convs_tower_and_layers(tmp_path):
     assert all(c["max_abs_diff"] == 0.0 for c in report["depthwise_check"])
     assert "| pw 1x1 |" in run.stdout and "| total |" in run.stdout
     out = tmp_path / "layers.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--layers", "--batches", "2", "--reps", "1", "--json", str(out)],
-                         capture_output=True, text=True, env=ENV)
+    run = subprocess.run([sys.executable, str(BENCH), "--layers", "--sizes", "64", "--batches", "2", "--reps", "1",
+                          "--random-weights", "--json", str(out)], capture_output=True, text=True, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
-    layers = json.loads(out.read_text())
-    assert len(layers["depthwise"]) == 8 and len(layers["pointwise 1x1"]) == 5
-    for row in layers["depthwise"] + layers["pointwise 1x1"]:
+    layers = json.loads(out.read_text())["64"]["2"]
+    dw, pw = layers["depthwise"], layers["pointwise 1x1"]
+    assert sum(r["count"] for r in dw["rows"]) == 16 and sum(r["count"] for r in pw["rows"]) == 32
+    for row in dw["rows"] + pw["rows"]:
         assert row["diff"]["slow2d"] == 0.0 and max(row["diff"].values()) < 1e-4
+    assert dw["max_diff"]["onednn"] == 0.0  # bitwise, as in fast_convs
+    assert all(t > 0 for t in dw["sum_ms"].values()) and all(t > 0 for t in pw["sum_ms"].values())
