@@ -14,10 +14,10 @@ next to the largest |feature|. Then, for one setting, the seconds by layer kind 
 
 With --layers it instead times the tower's distinct depthwise and 1x1 layers, at each --sizes and --batches, by every
 candidate kernel, in milliseconds (best of --reps), with the largest |difference| from ATen's Slow2d, and sums each
-candidate over the tower's layers (a distinct layer times its count): for depthwise layers
-NNPACK, Slow2d, a shifted sum (k*k multiply-adds of shifted views, NCHW and channels-last), F.unfold + multiply + sum,
-F.unfold + bmm, oneDNN; for 1x1 layers NNPACK, Slow2d, torch.matmul over the (N, C, H*W) view, F.linear over the
-channels-last (N*H*W, C) view (conversion included), oneDNN.
+candidate over the tower's layers (a distinct layer times its count). Candidates for depthwise layers: pinned (torch's
+choice under the pin: Slow2d below 16 images, NNPACK from 16), Slow2d, a shifted sum (k*k multiply-adds of shifted
+views, NCHW and channels-last), F.unfold + multiply + sum, F.unfold + bmm, oneDNN; for 1x1 layers: pinned, Slow2d,
+torch.matmul over the (N, C, H*W) view, F.linear over the channels-last (N*H*W, C) view (conversion included), oneDNN.
 
 With --probe NPZ it instead times the probe's own `image_features` (core/probe.py: 112 px, batch 64) on the first
 --images test images of a MedMNIST-style .npz (`test_images`, written as PNGs to a temporary directory), pinned against
@@ -164,10 +164,10 @@ def pw_linear_cl(x, w, s, p):
     return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
 
 
-DW_CANDIDATES = {"nnpack": _conv(True, False), "slow2d": _conv(False, False), "shifted": dw_shifted,
+DW_CANDIDATES = {"pinned": _conv(True, False), "slow2d": _conv(False, False), "shifted": dw_shifted,
                  "shifted-cl": lambda x, w, s, p: dw_shifted(x.contiguous(memory_format=torch.channels_last), w, s, p),
                  "unfold-mul": dw_unfold_mul, "unfold-bmm": dw_unfold_bmm, "onednn": _conv(False, True)}
-PW_CANDIDATES = {"nnpack": _conv(True, False), "slow2d": _conv(False, False), "matmul": pw_matmul,
+PW_CANDIDATES = {"pinned": _conv(True, False), "slow2d": _conv(False, False), "matmul": pw_matmul,
                  "linear-cl": pw_linear_cl, "onednn": _conv(False, True)}
 UNFOLD_MAX_ELEMENTS = 64 * 2**20  # unfold candidates skipped ("-") where the unfolded input would be larger
 
