@@ -66,12 +66,17 @@ def configure_torch() -> None:
     """What the pinned level sets inside torch, once it is imported (no variable reaches it): torch's oneDNN backend
     off, so convolutions run ATen's own kernels (im2col + MKL gemm, reproducible under MKL_CBWR). oneDNN chooses its
     blocking by the CPU's cache sizes and promises equal results only on the same CPU type: under the pin alone an
-    AVX-512 Sapphire Rapids machine still gave other numbers than the machine the committed results come from."""
+    AVX-512 Sapphire Rapids machine still gave other numbers than the machine the committed results come from.
+    NNPACK off too: with oneDNN off, torch sends a convolution over 16 or more images to NNPACK, whose sums are blocked
+    by the CPU's L1 cache size (so another CPU adds in another order) and whose result differs from the same images
+    one by one (2e-5 on EfficientNet-Lite0 features); without it every convolution runs im2col + MKL gemm, the same
+    kernel at every batch size (benchmarks/bench_convs.py, docs/performance.md "Convolutions under the CPU pin")."""
     if (os.environ.get(ENV) or DEFAULT) == "native" or not _x86():
         return
     import torch
 
     torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
 
 
 def record() -> dict[str, Any]:
@@ -84,4 +89,5 @@ def record() -> dict[str, Any]:
         return out
     out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     out["torch_onednn"] = bool(torch.backends.mkldnn.enabled)
+    out["torch_nnpack"] = bool(torch._C._get_nnpack_enabled())
     return out
