@@ -15,7 +15,7 @@ from typing import Any
 from . import cpu_kernels, distributed, stages
 from .config import ConfigError, RunConfig, recorded_config
 from .base.dataset import Dataset
-from .base.fsutil import atomic_write_json
+from .base.fsutil import Busy, atomic_write_json, process_lock
 from .predictions import write_tables
 from .base.provenance import provenance
 from .stages import SYSTEMS, RunContext
@@ -162,6 +162,17 @@ def run_pipeline(cfg: RunConfig, run_dir: Path | None = None, report_dir: Path |
     if not distributed.is_main():  # the main process checks and prepares the run directory
         distributed.barrier()
         return run_stages(cfg, run_dir, report_dir)
+    # one process per run directory: the lock file sits beside it, so that --overwrite may remove the directory
+    lock = run_dir.parent / f".{run_dir.name}.lock"
+    try:
+        with process_lock(lock, f"run directory {run_dir}"):
+            return _prepare_and_run(cfg, run_dir, report_dir, resume, overwrite)
+    except Busy as e:
+        raise ConfigError(str(e)) from None
+
+
+def _prepare_and_run(cfg: RunConfig, run_dir: Path, report_dir: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
+    saved = run_dir / "run.json"
     if saved.exists():
         record = json.loads(saved.read_text(encoding="utf-8"))
         diffs = _config_diff(recorded_config(record["config"]), cfg.to_dict())

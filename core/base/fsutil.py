@@ -41,6 +41,38 @@ def make_temp_dir(out: Path) -> Path:
     return tmp
 
 
+class Busy(RuntimeError):
+    """Another live process holds the lock; the message names its PID."""
+
+
+@contextmanager
+def process_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file `path` (created if needed) while the block runs, or raise `Busy`
+    at once when another process holds it: two processes writing one run directory would interleave checkpoints
+    and stage markers. The holder's PID is written into the file for the message; the OS releases the lock when the
+    holder exits, however it exits, so a leftover file never blocks anyone. A no-op where flock is not available."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise Busy(f"{what} is in use by another dxrag process (PID {holder}); wait for it to finish, or "
+                       f"choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def dir_lock(directory: str | os.PathLike):
     """An exclusive advisory lock (flock) on a directory, held while the block runs: writers that publish into the
     same directory take turns. A no-op where flock is not available."""

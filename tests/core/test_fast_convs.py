@@ -16,8 +16,8 @@ from dxrag.core.fast_convs import (DENSE, DEPTHWISE, PinnedConv2d, check_depthwi
 
 @pytest.fixture(autouse=True)
 def pinned_kernels():
-    """torch's kernel choice as the pinned pipeline has it (`cpu_kernels.configure_torch`: oneDNN off, NNPACK on), so
-    that `conv(x)` below is what dxrag runs today; restored afterwards."""
+    """torch's kernel choice with oneDNN off and NNPACK on (what the pinned pipeline ran before `configure_torch` turned
+    NNPACK off too), so that `conv(x)` below takes NNPACK from 16 images and Slow2d below; restored afterwards."""
     with kernel_flags(nnpack=True, onednn=False):
         yield
 

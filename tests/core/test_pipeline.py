@@ -228,3 +228,17 @@ def test_cli_reports_input_errors_without_traceback(tmp_path, capsys):
     assert main(["run", "--config", str(REPO / "configs" / "embedded.yaml"), "--run-dir", str(tmp_path / "t"),
                  "--report-dir", str(tmp_path / "r"), "--set", "data.kind=dir", "--set", f"data.path={missing}"]) == 2
     assert f"{missing}: not a directory" in capsys.readouterr().err
+
+
+def test_a_second_process_on_one_run_directory_is_refused_before_it_touches_anything(tmp_path):
+    """Two `dxrag run`s on one run directory would interleave checkpoints and stage markers (it happened to a sweep
+    started twice): the second stops at once, naming the directory and the first one's PID, and changes nothing."""
+    from dxrag.core.base.fsutil import process_lock
+
+    cfg = load_config(REPO / "configs" / "embedded.yaml")
+    run_dir = tmp_path / "run"
+    with process_lock(tmp_path / ".run.lock", "the first run"):
+        with pytest.raises(ConfigError, match=rf"run directory {run_dir} is in use by another dxrag process "
+                                              rf"\(PID {os.getpid()}\)"):
+            run_pipeline(cfg, run_dir, tmp_path / "report")
+    assert not run_dir.exists() and not (tmp_path / "report").exists()
