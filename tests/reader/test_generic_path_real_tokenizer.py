@@ -11,14 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.model import GenerateRequest, Reader, ScoreRequest  # noqa: E402
+from dxrag.core.reader.model import Reader, ScoreRequest  # noqa: E402
 from dxrag.core.reader.settings import LoraSettings, ReaderSettings  # noqa: E402
-from dxrag.core.base.records import Query  # noqa: E402
 
 from dxrag_test_support import real_weights  # noqa: E402
 
 from .real_support import smollm2_llava, teacher_forced  # noqa: E402
-from .support import lora_losses, requests_for  # noqa: E402
+from .support import assert_generate_is_greedy, lora_losses, requests_for  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -119,33 +118,8 @@ def test_text_only_logits_equal_the_standalone_llm(smol):
 
 def test_generate_is_the_greedy_continuation(smol, toy_dataset):
     """Batched (left-padded) generation equals a plain greedy loop over the processor's inputs of each prompt."""
-    from dxrag.core.base.dataset import open_image
-    from dxrag.core.reader.prompts import prompt_images, render_prompt
-
-    questions = ["Describe the image.", "What is the colour of the image?", "Is there a lesion? Answer briefly."]
-    requests = []
-    for i, text in enumerate(questions):
-        q = Query(id=f"open{i}", image=toy_dataset.queries["val"][i].image, question=text, candidates=(),
-                  label="", metadata={"answer_type": "open"})
-        requests.append(GenerateRequest(q, None if i == 0 else toy_dataset.corpus[i]))
-    got = smol.generate(requests, toy_dataset.root, batch_size=3)
-    tok = smol.tokenizer
-    for r, text in zip(requests, got):
-        prompt = render_prompt(smol.processor, r.query, r.context)
-        images = [open_image(toy_dataset.root / rel) for rel in prompt_images(r.query, r.context)]
-        inputs = smol.processor(text=[prompt], images=[images], return_tensors="pt", add_special_tokens=False)
-        ids = inputs["input_ids"]
-        new = []
-        with torch.inference_mode():
-            for _ in range(smol.config.generate_max_tokens):
-                nxt = int(smol.hf_model(**{**inputs, "input_ids": ids,
-                                           "attention_mask": torch.ones_like(ids)}).logits[0, -1].argmax())
-                if nxt == tok.eos_token_id:
-                    break
-                new.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        assert text == tok.decode(new, skip_special_tokens=True).strip()
-    assert all(got)
+    assert_generate_is_greedy(smol, toy_dataset, ["Describe the image.", "What is the colour of the image?",
+                                                  "Is there a lesion? Answer briefly."], batch_size=3)
 
 
 def test_lora_step_lowers_the_loss_and_save_load_keeps_the_scores(smol_dir, toy_dataset, tmp_path):

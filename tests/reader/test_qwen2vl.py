@@ -13,14 +13,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dxrag.core.reader.model import GenerateRequest, Reader, ScoreRequest, TargetRequest  # noqa: E402
+from dxrag.core.reader.model import Reader, ScoreRequest, TargetRequest  # noqa: E402
 from dxrag.core.reader.settings import ReaderSettings  # noqa: E402
 from dxrag.core.base.records import CorpusItem  # noqa: E402
 
 from dxrag_test_support import real_weights  # noqa: E402
 
 from .real_support import teacher_forced  # noqa: E402
-from .support import lora_losses  # noqa: E402
+from .support import assert_generate_is_greedy, lora_losses  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -103,34 +103,10 @@ def test_training_loss_is_the_same_on_both_paths(fast, toy_dataset):
 
 def test_generate_is_the_greedy_continuation(fast, toy_dataset):
     """Batched, left-padded generation (M-RoPE positions continue per row) equals a plain greedy loop per prompt."""
-    from dxrag.core.base.dataset import open_image
-    from dxrag.core.reader.prompts import prompt_images, render_prompt
-    from dxrag.core.base.records import Query
-
     reader = Reader(fast.model, fast.processor, dataclasses.replace(fast.config, generate_max_tokens=4))
-    requests = []
-    for i, text in enumerate(["Describe the image.", "What colour dominates this image? Answer in one word."]):
-        q = Query(id=f"open{i}", image=toy_dataset.queries["val"][i].image, question=text, candidates=(), label="",
-                  metadata={"answer_type": "open"})
-        requests.append(GenerateRequest(q, None if i == 0 else toy_dataset.corpus[i]))
-    got = reader.generate(requests, toy_dataset.root, batch_size=2)
-    tok = reader.tokenizer
-    for r, text in zip(requests, got):
-        prompt = render_prompt(reader.processor, r.query, r.context)
-        images = [open_image(toy_dataset.root / rel) for rel in prompt_images(r.query, r.context)]
-        inputs = dict(reader.processor(text=[prompt], images=[images], return_tensors="pt", add_special_tokens=False))
-        new = []
-        with torch.inference_mode():
-            for _ in range(4):
-                nxt = int(reader.hf_model(**inputs).logits[0, -1].argmax())
-                if nxt == tok.eos_token_id:
-                    break
-                new.append(nxt)
-                for key, value in (("input_ids", nxt), ("attention_mask", 1), ("mm_token_type_ids", 0)):
-                    if key in inputs:
-                        inputs[key] = torch.cat([inputs[key], torch.tensor([[value]])], dim=1)
-        assert text == tok.decode(new, skip_special_tokens=True).strip()
-    assert all(got)
+    assert_generate_is_greedy(reader, toy_dataset, ["Describe the image.",
+                                                    "What colour dominates this image? Answer in one word."],
+                              batch_size=2)
 
 
 def test_lora_step_and_adapter_save_load_on_the_fast_path(qwen_dir, toy_dataset, tmp_path):
