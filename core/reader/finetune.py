@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ from ..base.fsutil import atomic_dir
 from ..base.answers import normalize_closed
 from ..base.records import CorpusItem, Query
 from .model import Reader, ReaderError, ScoreRequest, predictions
-from .settings import AlignSettings, FinetuneSettings
+from .settings import FINETUNE_LOSSES, AlignSettings, FinetuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
         raise ReaderError("finetune: no training examples")
     if not 0.0 <= config.closed_book_fraction <= 1.0:
         raise ReaderError(f"finetune: closed_book_fraction {config.closed_book_fraction} must lie in [0, 1]")
+    if config.loss not in FINETUNE_LOSSES:
+        raise ReaderError(f"finetune: loss {config.loss!r} is not one of {list(FINETUNE_LOSSES)}")
     if projector_only:
         if not reader.family.projector:
             raise ReaderError(f"finetune: model type {reader.family.model_type!r} names no projector to align")
@@ -100,11 +103,12 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
                total=config.steps)
     for step in bar:
         if len(order) < config.batch_size:
-            order.extend(rng.permutation(len(examples)).tolist())
+            order.extend(sampling_order(examples, rng, config.balanced_sampling))
         picked, order = order[:config.batch_size], order[config.batch_size:]
         closed = rng.random(len(picked)) < config.closed_book_fraction
         batch = [(examples[i][0], None if drop else examples[i][1]) for i, drop in zip(picked, closed)]
-        loss = reader.answer_loss(distributed.shard(batch), image_root)  # under torchrun: this rank's share
+        objective = reader.candidate_loss if config.loss == "candidates" else reader.answer_loss
+        loss = objective(distributed.shard(batch), image_root)  # under torchrun: this rank's share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(params)
@@ -124,6 +128,20 @@ def finetune(reader: Reader, examples: Sequence[tuple[Query, CorpusItem | None]]
     return history
 
 
+def sampling_order(examples: Sequence[tuple[Query, CorpusItem | None]], rng: np.random.Generator,
+                   balanced: bool) -> list[int]:
+    """The next len(examples) training indices: a permutation (epoch-wise shuffling), or with `balanced` draws with
+    replacement with probability inversely proportional to the frequency of each example's answer (each answer is
+    then drawn equally often in expectation)."""
+    n = len(examples)
+    if not balanced:
+        return rng.permutation(n).tolist()
+    labels = [normalize_closed(q.label) for q, _ in examples]
+    counts = Counter(labels)
+    weights = np.array([1.0 / counts[label] for label in labels])
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum()).tolist()
+
+
 def align_settings(align: AlignSettings) -> FinetuneSettings:
     """The fine-tuning loop's settings for projector alignment (closed-book captions, no validation)."""
     return FinetuneSettings(steps=align.steps, batch_size=align.batch_size, lr=align.lr,
@@ -141,6 +159,9 @@ def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[tuple[
 def _resume_key(config: FinetuneSettings, seed: int) -> dict:
     """The settings a resumed run must share with the interrupted one."""
     key = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "eval_every", "contexts_per_head")}
+    for name, default in (("loss", "answer"), ("balanced_sampling", False)):  # keys of checkpoints written before them
+        if key[name] == default:
+            del key[name]
     return {**key, "seed": seed}
 
 
