@@ -162,9 +162,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# settings added after runs were recorded, with the value that describes what those runs did
+ADDED_FINETUNE_KEYS = {"loss": "answer", "balanced_sampling": False}
+
+
 def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
     """A config as a run recorded it (run.json, a sweep's ranges.json), in today's keys: runs recorded before
-    `inference.fusion` existed fused their contexts with `distill.tau_retriever`, which is what it then means."""
+    `inference.fusion` existed fused their contexts with `distill.tau_retriever`, which is what it then means; runs
+    recorded before `reader.finetune.loss` / `balanced_sampling` existed trained as their defaults do."""
+    finetune = config.get("reader", {}).get("finetune")
+    if isinstance(finetune, dict) and not set(ADDED_FINETUNE_KEYS) <= set(finetune):
+        config = {**config, "reader": {**config["reader"], "finetune": {**ADDED_FINETUNE_KEYS, **finetune}}}
     inference = config.get("inference", {})
     if "fusion" in inference or "tau_retriever" not in config.get("distill", {}):
         return config
