@@ -177,6 +177,13 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
             model = PeftModel.from_pretrained(model, config.adapter, is_trainable=config.lora is not None).eval()
         log.info("reader %s (%s): %s, %.2f M parameters on %s (%s)", config.model, family.model_type,
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
+        half = config.autocast or (dtype in (torch.bfloat16, torch.float16) and config.dtype)
+        if device.type == "cpu" and half and not torch.backends.mkldnn.enabled:
+            # measured (issue 20): a SmolLM2 projector step 215 s under the avx2 pin vs ~5 s native on an AMX CPU
+            log.warning("reader: %s on CPU with oneDNN off (DXRAG_CPU_KERNELS=avx2, the reproducible default): half-"
+                        "precision matmuls fall back to slow reference kernels, tens of times slower than fp32; set "
+                        "DXRAG_CPU_KERNELS=native (numbers then depend on the CPU) or dtype float32 without "
+                        "autocast", half)
         return cls(model, processor, config)
 
     def add_lora(self, settings: LoraSettings) -> None:

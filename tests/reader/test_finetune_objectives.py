@@ -100,3 +100,17 @@ def test_unknown_loss_is_rejected(toy_dataset):
     with pytest.raises(ValueError, match="reader.finetune.loss"):
         ReaderSettings(finetune=FinetuneSettings(loss="focal")).check()
     assert set(LABELS) >= {q.label for q, _ in examples}
+
+
+def test_half_precision_on_cpu_without_onednn_is_warned_about(toy_dataset, monkeypatch, caplog):
+    """Under the reproducible avx2 kernel pin oneDNN is off, and bf16 matmuls on CPU crawl (issue 20: 215 s per
+    projector step instead of ~5 s): the reader says so and what to set."""
+    import logging
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    with caplog.at_level(logging.WARNING):
+        Reader.from_config(ReaderSettings(model="tiny", device="cpu"), dataset=toy_dataset)
+    assert "DXRAG_CPU_KERNELS=native" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        Reader.from_config(ReaderSettings(model="tiny", device="cpu", autocast="bfloat16"), dataset=toy_dataset)
+    assert "DXRAG_CPU_KERNELS=native" in caplog.text
