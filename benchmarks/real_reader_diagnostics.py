@@ -6,8 +6,10 @@ re-weighting is a diagnostic computed after the fact, chosen from the training s
 the run's own answers are the ones its metrics report.
 
     python benchmarks/real_reader_diagnostics.py trained/breastmnist-real-seed0 [more run dirs]
+    python benchmarks/real_reader_diagnostics.py --table trained/breastmnist-real-seed*
 
-Prints one JSON line per (run, split, system).
+Prints one JSON line per (run, split, system); `--table`: a Markdown table of each run's test accuracy and macro-F1
+per system (its metrics.json) with the mean ± standard error over the runs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--table", action="store_true")
     args = p.parse_args()
+    if args.table:
+        print(table(args.runs))
+        return
     for run in args.runs:
         train = _rows(run / "data" / "queries-train.jsonl")
         pi = float(np.mean([q["label"] == "yes" for q in train]))
@@ -55,6 +61,26 @@ def main() -> None:
                                 "prior_reweighted_macro_f1": round(float(f1_score(y, corrected, average="macro")),
                                                                    3)})
                 print(json.dumps(out), flush=True)
+
+
+def table(runs: list[Path]) -> str:
+    metrics = [json.loads((run / "metrics.json").read_text(encoding="utf-8"))["metrics"] for run in runs]
+    systems = [s for s in ("closed-book", "rag", "joint", "probe") if all(s in m for m in metrics)]
+    lines = ["| run | " + " | ".join(f"{s} acc | {s} macro-F1" for s in systems) + " |",
+             "|---|" + "---|---|" * len(systems)]
+    for run, m in zip(runs, metrics):
+        lines.append(f"| {run.name} | " + " | ".join(f"{m[s]['accuracy']:.3f} | {m[s]['macro_f1']:.3f}"
+                                                     for s in systems) + " |")
+
+    def mean_se(values: list[float]) -> str:
+        v = np.array(values)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return f"{v.mean():.3f} ± {se:.3f}"
+
+    lines.append("| mean ± s.e. | " + " | ".join(
+        f"{mean_se([m[s]['accuracy'] for m in metrics])} | {mean_se([m[s]['macro_f1'] for m in metrics])}"
+        for s in systems) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
