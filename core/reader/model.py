@@ -179,7 +179,7 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
         half = config.autocast or (dtype in (torch.bfloat16, torch.float16) and config.dtype)
         if device.type == "cpu" and half and not torch.backends.mkldnn.enabled:
-            # measured (issue 20): a SmolLM2 projector step 215 s under the avx2 pin vs ~5 s native on an AMX CPU
+            # measured (issue 20): a SmolLM2 projector step 215 s under the avx2 pin vs ~7.5 s native on an AMX CPU
             log.warning("reader: %s on CPU with oneDNN off (DXRAG_CPU_KERNELS=avx2, the reproducible default): half-"
                         "precision matmuls fall back to slow reference kernels, tens of times slower than fp32; set "
                         "DXRAG_CPU_KERNELS=native (numbers then depend on the CPU) or dtype float32 without "
@@ -412,7 +412,7 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
         log-probabilities, scored as `score` scores them (first tokens or whole sequences, `scoring`), at the gold
         label. Queries without candidates (open questions) contribute their answer tokens' mean cross-entropy."""
         closed = [i for i, (q, _) in enumerate(examples) if q.candidates and q.answer_type != OPEN]
-        rest = [i for i in range(len(examples)) if i not in set(closed)]
+        rest = sorted(set(range(len(examples))) - set(closed))
         losses = []
         if rest:
             logp, mask = self._target_logprobs([examples[i] for i in rest], image_root)
