@@ -36,6 +36,9 @@ class InferenceSettings:
     """The prediction stage's settings (core/stages.py, `predict`): the run's own, beside the run config."""
 
     top_n: int = 2  # per head: 2 heads x 2 = 4 contexts per query
+    # validation predictions (what the learned context selector trains on) for at most this many validation
+    # queries, a sample fixed by the run's seed; null: every validation query
+    val_queries: int | None = None
     split: str = "test"
     rank_order: list[str] = field(default_factory=lambda: ["image", "text"])  # interleaving of the heads' lists
     fusion: FusionSettings = field(default_factory=FusionSettings)  # how the contexts' answers become one answer
@@ -59,14 +62,33 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# settings added after runs were recorded (section path: {key: the value that describes what those runs did})
+ADDED_KEYS = {("reader", "finetune"): {"loss": "answer", "balanced_sampling": False},
+              ("inference",): {"val_queries": None}}
+
+
 def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
     """A config as a run recorded it (run.json, a sweep's ranges.json), in today's keys: runs recorded before
-    `inference.fusion` existed fused their contexts with `distill.tau_retriever`, which is what it then means."""
+    `inference.fusion` existed fused their contexts with `distill.tau_retriever`, which is what it then means; runs
+    recorded before a setting of `ADDED_KEYS` existed ran as its default does."""
+    for path, added in ADDED_KEYS.items():
+        config = _with_defaults(config, path, added)
     inference = config.get("inference", {})
     if "fusion" in inference or "tau_retriever" not in config.get("distill", {}):
         return config
     fusion = {"temperature": config["distill"]["tau_retriever"]}
     return {**config, "inference": {**inference, "fusion": fusion}}
+
+
+def _with_defaults(config: dict[str, Any], path: tuple[str, ...], added: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the keys of `added` that the section at `path` lacks filled in (a copy; unchanged if none)."""
+    section = config.get(path[0])
+    if not isinstance(section, dict):
+        return config
+    if len(path) > 1:
+        inner = _with_defaults(section, path[1:], added)
+        return config if inner is section else {**config, path[0]: inner}
+    return config if set(added) <= set(section) else {**config, path[0]: {**added, **section}}
 
 
 def _key(where: str, key: str) -> str:
@@ -173,7 +195,7 @@ AT_LEAST = {
     "reader.finetune.contexts_per_head": 1, "reader.finetune.eval_every": 0, "reader.finetune.checkpoint_every": 0,
     "distill.steps": 0, "distill.batch_size": 1, "distill.candidates": 1, "distill.refresh_every": 1,
     "distill.checkpoint_every": 1,
-    "inference.top_n": 1,
+    "inference.top_n": 1, "inference.val_queries": 1,
 }
 
 

@@ -61,7 +61,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
     val_rows = []
     if split != "val" and ds.queries.get("val"):  # validation predictions: what a learned context selector trains on
         val_rows = _timed(timings, "predict-val", stages.predict, ctx, ds, retriever, model, q, towers, "val",
-                          ctx.run / "predictions" / "val")
+                          ctx.run / "predictions" / "val", cfg.inference.val_queries)
     if not distributed.is_main():
         return {}
     rows = rows + _timed(timings, "probe", stages.probe, ctx, ds, split, ctx.run / "predictions" / "probe")

@@ -308,9 +308,10 @@ def distill(ctx: RunContext, ds: Dataset, enc, retriever, model, q: QueryInputs)
 
 
 def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towers, split: str,
-            log_dir: Path) -> list[dict]:
+            log_dir: Path, limit: int | None = None) -> list[dict]:
     """Per-context predictions of closed-book, rag and joint on `split`, logged as they are produced (a rerun skips
-    finished queries); every process of a torchrun group scores its shard. Returns every finished row.
+    finished queries); every process of a torchrun group scores its shard. Returns every finished row. `limit`: only
+    that many of the split's queries, a sample fixed by the run's seed (`inference.val_queries`).
 
     Closed questions score their candidates; multi-label queries ask one yes/no question per offered label per
     context (core/tasks.py); open questions are answered by greedy generation, one answer per context."""
@@ -324,8 +325,10 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     hits = {"rag": retriever.search({h: q.frozen[split] for h in HEADS}, cfg.top_n, q.exclude[split]),
             "joint": retriever.search({h: towers[h].embed(q.pixels[split]) for h in HEADS}, cfg.top_n,
                                       q.exclude[split])}
-    todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in range(len(queries))
-                              if (s, queries[qi].id) not in plog.done])
+    chosen = range(len(queries))
+    if limit is not None and limit < len(queries):
+        chosen = sorted(np.random.default_rng(ctx.cfg.seed).choice(len(queries), limit, replace=False).tolist())
+    todo = distributed.shard([(s, qi) for s in SYSTEMS for qi in chosen if (s, queries[qi].id) not in plog.done])
     tau = ctx.cfg.inference.fusion.temperature
     # prompt passes per context: a multi-label context's L questions share one prefix pass (ScoreRequest.share_prefix)
     per_context = len(ds.meta.labels) if ds.meta.task == "multilabel" and not ctx.cfg.reader.share_prefix else 1

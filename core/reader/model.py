@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..base.answers import OPEN
+from ..base.answers import OPEN, normalize_closed
 from ..base.dataset import Dataset
 from .. import distributed
 from ..base.fsutil import atomic_dir
@@ -179,6 +179,13 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
             model = PeftModel.from_pretrained(model, config.adapter, is_trainable=config.lora is not None).eval()
         log.info("reader %s (%s): %s, %.2f M parameters on %s (%s)", config.model, family.model_type,
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
+        half = config.autocast or (dtype in (torch.bfloat16, torch.float16) and config.dtype)
+        if device.type == "cpu" and half and not torch.backends.mkldnn.enabled:
+            # measured (issue 20): a SmolLM2 projector step 215 s under the avx2 pin vs ~7.5 s native on an AMX CPU
+            log.warning("reader: %s on CPU with oneDNN off (DXRAG_CPU_KERNELS=avx2, the reproducible default): half-"
+                        "precision matmuls fall back to slow reference kernels, tens of times slower than fp32; set "
+                        "DXRAG_CPU_KERNELS=native (numbers then depend on the CPU) or dtype float32 without "
+                        "autocast", half)
         return cls(model, processor, config)
 
     def add_lora(self, settings: LoraSettings) -> None:
@@ -404,6 +411,49 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
         expect_requests(requests, TargetRequest, "answer_loss")
         logp, mask = self._target_logprobs(requests, image_root)
         return -logp.sum() / mask.sum()
+
+    def candidate_loss(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike) -> torch.Tensor:
+        """Mean classification cross-entropy over the examples: -log softmax over each query's candidates of their
+        log-probabilities, scored as `score` scores them (first tokens or whole sequences, `scoring`), at the gold
+        label. Queries without candidates (open questions) contribute their answer tokens' mean cross-entropy."""
+        expect_requests(requests, TargetRequest, "candidate_loss")
+        examples = requests
+        closed = [i for i, r in enumerate(examples) if r.query.candidates and r.query.answer_type != OPEN]
+        rest = sorted(set(range(len(examples))) - set(closed))
+        losses = []
+        if rest:
+            logp, mask = self._target_logprobs([examples[i] for i in rest], image_root)
+            losses.append(-(logp.sum(1) / mask.sum(1)))
+        if closed:
+            requests = [ScoreRequest(examples[i].query, examples[i].context) for i in closed]
+            cands = []
+            for r in requests:
+                ids = self._candidate_ids(r)
+                cands.append([c[:1] for c in ids] if self._mode(r, ids) == "first_token" else ids)
+            gold = []
+            for r in requests:
+                match = [k for k, a in enumerate(r.answers) if normalize_closed(a) == normalize_closed(r.query.label)]
+                if not match:
+                    raise ReaderError(f"{r.describe()}: gold label {r.query.label!r} is not among the candidates "
+                                      f"{list(r.answers)}; the candidates loss needs it there")
+                gold.append(match[0])
+            items = [(r.query, r.context, r.answers) for r in requests]
+            if all(len(c) == 1 for cs in cands for c in cs):  # one pass: the candidates' logits after the prompt
+                logits = self.sequence_logits(items, [cs[g] for cs, g in zip(cands, gold)], image_root)[:, 0]
+                first = torch.log_softmax(logits.float(), dim=-1)
+                seq = [first[b, [c[0] for c in cs]] for b, cs in enumerate(cands)]
+            else:  # one teacher-forced pass per (query, candidate): the sum of the candidate's token log-probs
+                pairs = [(b, k) for b, cs in enumerate(cands) for k in range(len(cs))]
+                answers = [cands[b][k] for b, k in pairs]
+                logits = self.sequence_logits([items[b] for b, _ in pairs], answers, image_root)
+                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                A = lp.shape[1]
+                sums = [lp[i, A - len(a) + torch.arange(len(a), device=self.device),
+                           torch.tensor(a, device=self.device)].sum() for i, a in enumerate(answers)]
+                seq = [torch.stack([sums[i] for i, (b, _) in enumerate(pairs) if b == row]) for row in
+                       range(len(cands))]
+            losses.append(torch.stack([-torch.log_softmax(s, 0)[g] for s, g in zip(seq, gold)]))
+        return torch.cat(losses).mean()
 
     def gold_logprobs(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike,
                       batch_size: int | None = None) -> np.ndarray:

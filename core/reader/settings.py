@@ -54,6 +54,17 @@ class FinetuneSettings:
     contexts_per_head: int = 2  # the pipeline's training prompts: each training query with its top-n items per head
     eval_every: int = 100  # validation accuracy every this many steps (and after the last); 0: only after the last
     checkpoint_every: int = 100
+    # training objective: "answer" (cross-entropy of the gold answer's tokens over the whole vocabulary) or
+    # "candidates" (cross-entropy of the softmax over the candidates' log-probabilities, scored as `Reader.score`
+    # scores them: classification loss, so training matches how answers are chosen; open questions keep "answer")
+    loss: str = "answer"
+    # sample training prompts with probability inversely proportional to their answer's frequency (each answer drawn
+    # equally often; with replacement) instead of epoch-wise shuffling: a reader on a skewed split (BreastMNIST 73 %
+    # "no") otherwise learns the prior before the image
+    balanced_sampling: bool = False
+
+
+FINETUNE_LOSSES = ("answer", "candidates")
 
 
 @dataclass
@@ -115,3 +126,5 @@ class ReaderSettings:
             raise ValueError(f"{where}.generate_max_tokens must be at least 1, got {self.generate_max_tokens}")
         if not 0 <= self.finetune.closed_book_fraction <= 1:
             raise ValueError(f"{where}.finetune.closed_book_fraction must lie in [0, 1]")
+        if self.finetune.loss not in FINETUNE_LOSSES:
+            raise ValueError(f"{where}.finetune.loss {self.finetune.loss!r} is not one of {list(FINETUNE_LOSSES)}")

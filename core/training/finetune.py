@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +20,7 @@ from .. import distributed
 from ..base.answers import normalize_closed
 from ..base.records import CorpusItem, Query
 from ..reader.model import Reader, ReaderError, ScoreRequest, TargetRequest, predictions
-from ..reader.settings import AlignSettings, FinetuneSettings
+from ..reader.settings import FINETUNE_LOSSES, AlignSettings, FinetuneSettings
 from .checkpoint import WEIGHTS_FILE, has_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def finetune(reader: Reader, examples: Sequence[TargetRequest], image_root: str 
         raise ReaderError("finetune: no training examples")
     if not 0.0 <= config.closed_book_fraction <= 1.0:
         raise ReaderError(f"finetune: closed_book_fraction {config.closed_book_fraction} must lie in [0, 1]")
+    if config.loss not in FINETUNE_LOSSES:
+        raise ReaderError(f"finetune: loss {config.loss!r} is not one of {list(FINETUNE_LOSSES)}")
     if projector_only:
         if not reader.family.projector:
             raise ReaderError(f"finetune: model type {reader.family.model_type!r} names no projector to align")
@@ -97,11 +100,12 @@ def finetune(reader: Reader, examples: Sequence[TargetRequest], image_root: str 
                total=config.steps)
     for step in bar:
         if len(order) < config.batch_size:
-            order.extend(rng.permutation(len(examples)).tolist())
+            order.extend(sampling_order(examples, rng, config.balanced_sampling))
         picked, order = order[:config.batch_size], order[config.batch_size:]
         closed = rng.random(len(picked)) < config.closed_book_fraction
         batch = [TargetRequest(examples[i].query, None) if drop else examples[i] for i, drop in zip(picked, closed)]
-        loss = reader.answer_loss(distributed.shard(batch), image_root)  # under torchrun: this rank's share
+        objective = reader.candidate_loss if config.loss == "candidates" else reader.answer_loss
+        loss = objective(distributed.shard(batch), image_root)  # under torchrun: this rank's share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(params)
@@ -119,6 +123,19 @@ def finetune(reader: Reader, examples: Sequence[TargetRequest], image_root: str 
     evaluate(config.steps)
     reader.model.eval()
     return history
+
+
+def sampling_order(examples: Sequence[TargetRequest], rng: np.random.Generator, balanced: bool) -> list[int]:
+    """The next len(examples) training indices: a permutation (epoch-wise shuffling), or with `balanced` draws with
+    replacement with probability inversely proportional to the frequency of each example's answer (each answer is
+    then drawn equally often in expectation)."""
+    n = len(examples)
+    if not balanced:
+        return rng.permutation(n).tolist()
+    labels = [normalize_closed(r.query.label) for r in examples]
+    counts = Counter(labels)
+    weights = np.array([1.0 / counts[label] for label in labels])
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum()).tolist()
 
 
 def align_settings(align: AlignSettings) -> FinetuneSettings:
@@ -139,6 +156,9 @@ def caption_examples(corpus: Sequence[CorpusItem], question: str) -> list[Target
 def _resume_key(config: FinetuneSettings, seed: int) -> dict:
     """The settings a resumed run must share with the interrupted one."""
     key = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "eval_every", "contexts_per_head")}
+    for name, default in (("loss", "answer"), ("balanced_sampling", False)):  # keys of checkpoints written before them
+        if key[name] == default:
+            del key[name]
     return {**key, "seed": seed}
 
 

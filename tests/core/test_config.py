@@ -53,3 +53,21 @@ def test_a_config_without_it_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         cfg = load_config(path)
     assert cfg.inference.fusion.temperature == 0.1 and "inference.fusion.temperature" in caplog.text
+
+
+def test_runs_recorded_before_the_finetune_objective_settings_match_todays_config():
+    """docs/results/embedded-seeds.json was recorded before `reader.finetune.loss` / `balanced_sampling` existed:
+    read in today's keys it is still the embedded config's sweep (so `--expect` keeps checking equality, and old run
+    directories resume), while a config that changes either setting is not."""
+    import json
+
+    from dxrag.core.sweep import swept_config
+
+    root = Path(__file__).resolve().parents[2]
+    recorded = json.loads((root / "docs/results/embedded-seeds.json").read_text(encoding="utf-8"))["config"]
+    assert "loss" not in recorded["reader"]["finetune"]
+    today = load_config(root / "configs/embedded.yaml").to_dict()
+    seeded = {**today, "seed": recorded["seed"], "data": {**today["data"], "seed": recorded["data"]["seed"]}}
+    assert swept_config(recorded) == swept_config(seeded)
+    seeded["reader"]["finetune"]["loss"] = "candidates"
+    assert swept_config(recorded) != swept_config(seeded)

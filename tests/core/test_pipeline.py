@@ -54,6 +54,20 @@ def test_tables_and_metrics(small_run):
     assert (base / "reports" / "summary.csv").exists()
 
 
+def test_val_queries_limits_the_validation_predictions(small_run, tmp_path):
+    """`inference.val_queries`: validation predictions for a seeded sample of that many queries; the test split's
+    predictions are those of the run that predicts every validation query."""
+    _, full = small_run
+    cfg = load_config(REPO / "configs" / "embedded.yaml", {**SMALL, "inference.val_queries": 7})
+    summary = run_pipeline(cfg, tmp_path / "trained", tmp_path / "reports")
+    val = _rows(Path(summary["val_answers"]))
+    every = _rows(Path(full["val_answers"]))
+    assert len({r["query_id"] for r in every}) == 30 and len(val) == 3 * 7
+    kept = {r["query_id"] for r in val}
+    assert len(kept) == 7 and all(r["query_id"] in kept for r in _rows(Path(summary["val_contexts"])))
+    assert _rows(Path(summary["answers"])) == _rows(Path(full["answers"]))
+
+
 def test_rerun_skips_everything(small_run):
     base, summary = small_run
     cfg = load_config(REPO / "configs" / "embedded.yaml", SMALL)
@@ -82,7 +96,8 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("distill.steps", -1), ("inference.top_n", 0), ("distill.batch_size", 0),
                                         ("reader.batch_size", 0), ("retriever.batch_size", 0),
-                                        ("reader.finetune.batch_size", 0), ("distill.candidates", 0)])
+                                        ("reader.finetune.batch_size", 0), ("distill.candidates", 0),
+                                        ("inference.val_queries", 0)])
 def test_counts_are_checked_at_load(key, value):
     with pytest.raises(ConfigError, match=rf"embedded.yaml: {key.replace('.', '[.]')} must be at least \d, got {value}"):
         load_config(REPO / "configs" / "embedded.yaml", {key: value})
