@@ -7,7 +7,9 @@ padded to an 8x8 FFT) and whose blocking over input channels follows the CPU's L
 "Convolutions under the CPU pin".
 
 `swap_convs(model)` replaces the model's eligible `nn.Conv2d` modules (timm's `Conv2dSame` included) by
-`PinnedConv2d`, which shares their parameters (same state-dict keys) and calls one kernel, whatever the batch size:
+`PinnedConv2d`, which shares their parameters (same state-dict keys) and calls one kernel, whatever the batch size
+(an image's features then do not depend on its batch at one thread; with more threads ATen splits a batch across
+them while a single image's gemm gets them all, and the sums are blocked otherwise):
 
 - dense convolutions (groups == 1: the stem, every 1x1): `torch._C._nn.thnn_conv2d`, ATen's Slow2d: per image an
   im2col (data movement only) and one MKL sgemm, which MKL_CBWR=AVX2 makes bitwise equal on every AVX2 Intel CPU
