@@ -6,7 +6,9 @@ too (they must agree to fp32 rounding).
 
     python benchmarks/bench_real_reader.py --npz breastmnist.npz --threads 1 2
 
-Needs `make weights` (efficientnet-lite0, smollm2-135m-instruct). Prints one JSON line per setting.
+Needs `make weights` (efficientnet-lite0, smollm2-135m-instruct). Prints one JSON line per setting. Runs under the
+CPU kernel pin as `dxrag run` does (`DXRAG_CPU_KERNELS=native` measures the unpinned kernels instead; bf16 then needs
+it, since the pin turns oneDNN off).
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from dxrag.core import cpu_kernels
+
+cpu_kernels.pin()  # before numpy and torch load, as in `dxrag run`
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+cpu_kernels.configure_torch()
 
 
 def main() -> None:
