@@ -17,6 +17,7 @@ time), ratio_wall, unshared_ratio (CPU); lm_positions: the language-model positi
 |Δ log p| between shared and unshared scores); per_label_contexts_per_second (from the median CPU time); load (the
 1-minute load average before the path ran).
 Usage: python benchmarks/bench_multilabel.py [--labels 3 14] [--contexts 64] [--repeats 7] [--json PATH]
+       [--model DIR --batch-size 16]   # a real reader instead of the tiny one (fp32)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def build(tmp: Path, n_labels: int, n: int):
     return load_dataset(tmp / f"ml{n_labels}")
 
 
-def measure(ds, fast: bool, n: int, repeats: int) -> dict:
+def measure(ds, fast: bool, n: int, repeats: int, model_name: str = "tiny", batch_size: int = 64) -> dict:
     import statistics
 
     import numpy as np
@@ -62,9 +63,9 @@ def measure(ds, fast: bool, n: int, repeats: int) -> dict:
     from dxrag.core.reader.settings import ReaderSettings
     from dxrag.core.tasks import Task
 
-    reader = Reader.from_config(ReaderSettings(model="tiny", device="cpu", batch_size=64, fast_path=fast), ds)
-    unshared = Reader(reader.model, reader.processor,
-                      ReaderSettings(model="tiny", device="cpu", batch_size=64, fast_path=fast, share_prefix=False))
+    settings = ReaderSettings(model=model_name, device="cpu", dtype="float32", batch_size=batch_size, fast_path=fast)
+    reader = Reader.from_config(settings, ds)
+    unshared = Reader(reader.model, reader.processor, dataclasses.replace(settings, share_prefix=False))
     prompts = Task.of(ds.meta)
     queries = ds.queries["test"][:n]
     closed = [ScoreRequest(dataclasses.replace(q, label=q.candidates[0], label_set=None), c)
@@ -102,7 +103,7 @@ def measure(ds, fast: bool, n: int, repeats: int) -> dict:
     L = len(ds.meta.labels)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(scores["per_label"], scores["unshared"]))
     med = {k: statistics.median(v) for k, v in cpu.items()}
-    return {"path": "fast" if fast else "generic", "contexts": n, "labels": L, "requests_per_context": L,
+    return {"model": model_name, "path": "fast" if fast else "generic", "contexts": n, "labels": L, "requests_per_context": L,
             **{f"{k}_s": round(med[k], 4) for k in ("closed", "per_label", "unshared")},
             **{f"{k}_s_min": round(min(cpu[k]), 4) for k in ("closed", "per_label", "unshared")},
             "ratio": ratio(cpu, "per_label"), "ratio_wall": ratio(wall, "per_label"),
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--model", default="tiny", help="reader.model: tiny (default), or a saved reader directory, e.g. "
+                        "`dxrag reader build effnet-smollm2 --out DIR` (a real LM and its tokenizer)")
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     import torch
 
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for n_labels in args.labels:
             ds = build(Path(tmp), n_labels, args.contexts)
             for fast in (False, True):
-                rows.append(measure(ds, fast, args.contexts, args.repeats))
+                rows.append(measure(ds, fast, args.contexts, args.repeats, args.model, args.batch_size))
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
