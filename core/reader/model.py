@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..base.answers import OPEN, normalize_closed
+from ..base.answers import OPEN
 from ..base.dataset import Dataset
 from .. import distributed
 from ..base.fsutil import atomic_dir
@@ -27,6 +27,7 @@ from .fast_path import FastPathMixin, _Prompt  # noqa: F401 (importable from her
 from .generic_path import GenericPathMixin
 from .requests import (GenerateRequest, ReaderError, ScoreRequest, TargetRequest, _Forward,  # noqa: F401
                        _PrefixOnly, expect_requests)
+from .objectives import ObjectivesMixin
 from .shared_prefix import SharedPrefixMixin
 from .tower_cache import TowerCacheMixin, VisionFeatureCache, _freeze, _wanted_images  # noqa: F401
 
@@ -76,7 +77,7 @@ def _family(model_type: str, where: str) -> Family:
         raise ReaderError(str(e)) from None
 
 
-class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin):
+class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin, ObjectivesMixin):
     """An image-text-to-text LVLM with its processor, scoring candidate answers per (query, context).
 
     Scoring runs the processor and `model(**inputs)` (the generic path, exact for every family in `FAMILIES`), or for
@@ -404,56 +405,6 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
             mask[b, A - len(a):] = True
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
         return logp * mask, mask
-
-    def answer_loss(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike) -> torch.Tensor:
-        """Mean cross-entropy of the gold answers' tokens (the assistant turn; `target_ids`) given single-context
-        prompts."""
-        expect_requests(requests, TargetRequest, "answer_loss")
-        logp, mask = self._target_logprobs(requests, image_root)
-        return -logp.sum() / mask.sum()
-
-    def candidate_loss(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike) -> torch.Tensor:
-        """Mean classification cross-entropy over the examples: -log softmax over each query's candidates of their
-        log-probabilities, scored as `score` scores them (first tokens or whole sequences, `scoring`), at the gold
-        label. Queries without candidates (open questions) contribute their answer tokens' mean cross-entropy."""
-        expect_requests(requests, TargetRequest, "candidate_loss")
-        examples = requests
-        closed = [i for i, r in enumerate(examples) if r.query.candidates and r.query.answer_type != OPEN]
-        rest = sorted(set(range(len(examples))) - set(closed))
-        losses = []
-        if rest:
-            logp, mask = self._target_logprobs([examples[i] for i in rest], image_root)
-            losses.append(-(logp.sum(1) / mask.sum(1)))
-        if closed:
-            requests = [ScoreRequest(examples[i].query, examples[i].context) for i in closed]
-            cands = []
-            for r in requests:
-                ids = self._candidate_ids(r)
-                cands.append([c[:1] for c in ids] if self._mode(r, ids) == "first_token" else ids)
-            gold = []
-            for r in requests:
-                match = [k for k, a in enumerate(r.answers) if normalize_closed(a) == normalize_closed(r.query.label)]
-                if not match:
-                    raise ReaderError(f"{r.describe()}: gold label {r.query.label!r} is not among the candidates "
-                                      f"{list(r.answers)}; the candidates loss needs it there")
-                gold.append(match[0])
-            items = [(r.query, r.context, r.answers) for r in requests]
-            if all(len(c) == 1 for cs in cands for c in cs):  # one pass: the candidates' logits after the prompt
-                logits = self.sequence_logits(items, [cs[g] for cs, g in zip(cands, gold)], image_root)[:, 0]
-                first = torch.log_softmax(logits.float(), dim=-1)
-                seq = [first[b, [c[0] for c in cs]] for b, cs in enumerate(cands)]
-            else:  # one teacher-forced pass per (query, candidate): the sum of the candidate's token log-probs
-                pairs = [(b, k) for b, cs in enumerate(cands) for k in range(len(cs))]
-                answers = [cands[b][k] for b, k in pairs]
-                logits = self.sequence_logits([items[b] for b, _ in pairs], answers, image_root)
-                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                A = lp.shape[1]
-                sums = [lp[i, A - len(a) + torch.arange(len(a), device=self.device),
-                           torch.tensor(a, device=self.device)].sum() for i, a in enumerate(answers)]
-                seq = [torch.stack([sums[i] for i, (b, _) in enumerate(pairs) if b == row]) for row in
-                       range(len(cands))]
-            losses.append(torch.stack([-torch.log_softmax(s, 0)[g] for s, g in zip(seq, gold)]))
-        return torch.cat(losses).mean()
 
     def gold_logprobs(self, requests: Sequence[TargetRequest], image_root: str | os.PathLike,
                       batch_size: int | None = None) -> np.ndarray:
