@@ -11,11 +11,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..base.dataset import DatasetError, open_image
 from ..base.records import CorpusItem, Query
 from .prompts import prompt_images
 from .requests import ReaderError
-from .tower_cache import _wanted_images
+from .tower_cache import _wanted_images, open_wanted
 
 
 @dataclass
@@ -36,12 +35,7 @@ class FastPathMixin:
         field for errors), preprocessing the uncached ones in one call; LRU-cached by path."""
         missing = [p for p in wanted if p not in self._pixels]
         if missing:
-            images = []
-            for path in missing:
-                try:
-                    images.append(open_image(Path(path)))
-                except DatasetError as e:
-                    raise ReaderError(f"{wanted[path]}: {e}") from None
+            images = open_wanted(missing, wanted)
             out = self.processor.image_processor(images=images, return_tensors="pt")
             sizes = out["image_grid_thw"].prod(-1).tolist()
             for path, pixels, (t, h, w) in zip(missing, out["pixel_values"].split(sizes),

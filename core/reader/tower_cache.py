@@ -16,6 +16,17 @@ from ..base.records import CorpusItem, Query
 from .prompts import prompt_images
 from .requests import ReaderError, _Forward
 
+
+def open_wanted(paths: Sequence[str], wanted: dict[str, str]) -> list:
+    """Open each image path; a missing or unreadable one is a ReaderError naming the record field `wanted[path]`."""
+    images = []
+    for path in paths:
+        try:
+            images.append(open_image(Path(path)))
+        except DatasetError as e:
+            raise ReaderError(f"{wanted[path]}: {e}") from None
+    return images
+
 if TYPE_CHECKING:
     from .model import Reader
 
@@ -67,12 +78,7 @@ class VisionFeatureCache:
         reader = self.reader
         for start in range(0, len(missing), batch_size):
             part = missing[start:start + batch_size]
-            images = []
-            for path in part:
-                try:
-                    images.append(open_image(Path(path)))
-                except DatasetError as e:
-                    raise ReaderError(f"{wanted[path]}: {e}") from None
+            images = open_wanted(part, wanted)
             pixels = reader.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             with torch.no_grad():
                 out = reader.family.tower_features(reader.hf_model, pixels.to(reader.device))
