@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -304,8 +305,6 @@ def remove_stale(name: str) -> list[Path]:
             if pid.isdigit():
                 stale = not _pid_alive(int(pid))
             else:
-                import time
-
                 stale = time.time() - entry.stat().st_mtime > 86400
             if stale:
                 shutil.rmtree(entry, ignore_errors=True)
