@@ -1,10 +1,10 @@
-"""Fast convolutions under the CPU pin, with an explicit kernel per layer: a prototype, wired into no model builder.
+"""Fast convolutions under the CPU pin, with an explicit kernel per layer. `pin_convs` applies them wherever dxrag
+loads a model that may hold convolutions (retrieval encoders, the probe's tower, readers), under the pin only.
 
-Under the pin (`cpu_kernels`), torch picks a convolution's kernel by the batch size: below 16 images ATen's Slow2d
-(im2col + MKL sgemm), from 16 images NNPACK, whose 1x1 convolutions go through 8x8 Fourier tiles (a 2x2 feature map
-padded to an 8x8 FFT) and whose blocking over input channels follows the CPU's L1 cache size (NNPACK's
-`nnp_hwinfo.blocking.l1`). That path is most of EfficientNet-Lite0's time on CPU: docs/performance.md,
-"Convolutions under the CPU pin".
+Under the pin (`cpu_kernels`: oneDNN and NNPACK off) torch runs every convolution through ATen's Slow2d (im2col +
+MKL sgemm), a depthwise one channel at a time: most of EfficientNet-Lite0's time on CPU (docs/performance.md,
+"Convolutions under the CPU pin"; NNPACK, which torch would otherwise pick from 16 images, sums in an order that
+depends on the batch and the CPU's L1 cache size).
 
 `swap_convs(model)` replaces the model's eligible `nn.Conv2d` modules (timm's `Conv2dSame` included) by
 `PinnedConv2d`, which shares their parameters (same state-dict keys) and calls one kernel, whatever the batch size
@@ -13,7 +13,7 @@ them while a single image's gemm gets them all, and the sums are blocked otherwi
 
 - dense convolutions (groups == 1: the stem, every 1x1): `torch._C._nn.thnn_conv2d`, ATen's Slow2d: per image an
   im2col (data movement only) and one MKL sgemm, which MKL_CBWR=AVX2 makes bitwise equal on every AVX2 Intel CPU
-  at a fixed thread count. This is the kernel the pinned native path already uses below 16 images.
+  at a fixed thread count. This is the kernel the pin already runs.
 - depthwise convolutions (groups == in == out channels): `torch.mkldnn_convolution`, oneDNN's depthwise kernel
   capped at AVX2 by ONEDNN_MAX_CPU_ISA. Each output value is a sum over the k*k taps of one channel, accumulated tap
   after tap in a register; there is no reduction across channels, so nothing of oneDNN's cache-dependent blocking
@@ -24,9 +24,9 @@ them while a single image's gemm gets them all, and the sums are blocked otherwi
   MKL reduces in its own order, and the two differ by an ulp.
 
 Only inference takes the fast path: where autograd records (a parameter or the input requires grad and grad mode is
-on) a layer runs its original convolution, since oneDNN's weight gradient does reduce across the batch. The numbers
-differ from the pinned native path's in the last bits (a different summation order, not a different level of
-accuracy), so wiring this in changes every committed result that runs the tower with 16 or more images.
+on) a layer runs its original convolution, since oneDNN's weight gradient does reduce across the batch. With NNPACK
+off under the pin, dense layers run the same kernel as before and depthwise ones the same sums, so swapping leaves
+EfficientNet-Lite0's features bitwise equal at 64 px and above (`tests/core/test_fast_convs.py`).
 """
 
 from __future__ import annotations
@@ -152,6 +152,16 @@ def swap_convs(model: nn.Module) -> dict[str, int]:
             setattr(parent, name, PinnedConv2d.from_conv(child))
             counts[kind] += 1
     return counts
+
+
+def pin_convs(model: nn.Module) -> dict[str, int] | None:
+    """`swap_convs(model)` where the CPU pin is on (torch's oneDNN off, `cpu_kernels.configure_torch`): there the
+    depthwise layers otherwise run ATen's Slow2d one channel at a time (EfficientNet-Lite0's tower 3-12x slower);
+    dense layers keep the kernel the pin already runs. Natively (oneDNN on) the model is left as it is: returns
+    None."""
+    if torch.backends.mkldnn.enabled:
+        return None
+    return swap_convs(model)
 
 
 def check_depthwise(model: nn.Module, image: torch.Tensor) -> list[dict[str, Any]]:

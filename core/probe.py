@@ -75,6 +75,7 @@ def load_encoder(name: str = "efficientnet-lite0"):
     the weights cache's ImageNet weights (safetensors)."""
     import timm
 
+    from .fast_convs import pin_convs
     from .weights import WeightsError, load_into
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
@@ -82,6 +83,7 @@ def load_encoder(name: str = "efficientnet-lite0"):
         load_into(model, name)
     except WeightsError as e:
         raise ProbeError(f"probe weights {name!r}: {e}") from None
+    pin_convs(model)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from ..base.dataset import Dataset
 from .. import distributed
 from ..base.fsutil import atomic_dir
 from ..base.records import CorpusItem, Query
+from ..fast_convs import pin_convs
 from .families import FAMILIES, Family, build_tiny, family_of
 from .prompts import LABEL_QUESTION_WORDS, LEGEND_WORDS, PromptRenderer
 from .settings import LoraSettings, ReaderSettings
@@ -173,6 +174,7 @@ class Reader(GenericPathMixin, TowerCacheMixin, FastPathMixin, SharedPrefixMixin
             processor = AutoProcessor.from_pretrained(config.model, **sizes)
             model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
+        pin_convs(model)  # under the CPU pin: a convolutional vision tower's depthwise layers fast (core/fast_convs)
         if config.adapter:
             from peft import PeftModel
 

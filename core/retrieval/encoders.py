@@ -74,6 +74,9 @@ class Encoder:
     """
 
     def __init__(self, model: torch.nn.Module, name: str):
+        from ..fast_convs import pin_convs
+
+        pin_convs(model)  # under the CPU pin: one kernel per convolution, depthwise ones fast (core/fast_convs.py)
         self.model = model
         self.name = name
         self._weights_hash: str | None = None

@@ -113,3 +113,32 @@ def test_conv_kind_leaves_other_convolutions_alone():
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, dilation=2), torch.nn.Conv2d(8, 8, 1))
     assert swap_convs(model) == {DENSE: 1, DEPTHWISE: 0, "left": 1}
     assert type(model[0]) is torch.nn.Conv2d and isinstance(model[1], PinnedConv2d)
+
+
+def test_pin_convs_swaps_under_the_pin_only_and_keeps_the_pinned_features():
+    """`pin_convs` (what encoders, the probe and readers call on load): under the pin (oneDNN and NNPACK off) it swaps,
+    and EfficientNet-Lite0's features stay bitwise what the pin computed before at 64 px; natively it does nothing."""
+    timm = pytest.importorskip("timm")
+    from dxrag.core.fast_convs import pin_convs
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    x = torch.rand(20, 3, 64, 64) * 2 - 1
+    with kernel_flags(nnpack=True, onednn=True):
+        assert pin_convs(model) is None
+    assert not any(isinstance(m, PinnedConv2d) for m in model.modules())
+    with kernel_flags(nnpack=False, onednn=False), torch.inference_mode():
+        before = model(x)
+        assert pin_convs(model) == {DENSE: 33, DEPTHWISE: 16, "left": 0}
+        assert torch.equal(model(x), before)
+
+
+def test_encoders_load_with_pinned_convs():
+    """The retrieval encoder's image tower is swapped on load under the pin (the test session runs pinned)."""
+    pytest.importorskip("open_clip")
+    from dxrag.core.retrieval.encoders import Encoder
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1, groups=4), torch.nn.Conv2d(4, 8, 1))
+    with kernel_flags(nnpack=False, onednn=False):
+        Encoder(model, "test")
+    assert all(isinstance(m, PinnedConv2d) for m in model)
