@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dxrag.analysis.stats import mcnemar_p
 from dxrag.core.sweep import _format_mean_se, compare_sweeps, seed_row
 
 
