@@ -93,7 +93,8 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     for r, f in frames.items():
         pooled_j, pooled_r = int(f["only_joint"].sum()), int(f["only_rag"].sum())
-        print(f"\n- {r}: joint vs rag pooled over seeds: {pooled_j} only joint right, {pooled_r} only rag right; "
+        print(f"\n- {r}: joint vs rag pooled over seeds: {pooled_j} only joint right, {pooled_r} only rag right "
+              f"(exact McNemar p = {mcnemar_p(pooled_j, pooled_r):.3g}); "
               f"closed-book answers a single class on seeds {f.loc[f['closed_book_distinct'] < 2, 'seed'].tolist()}; "
               f"best real selector per seed: {f['rag_best_selector_name'].tolist()}")
     print(f"\nrag answers, {args.b} (b) against {args.a} (a):\n")
