@@ -76,8 +76,24 @@ def run_stages(cfg: RunConfig, run_dir: Path, report_dir: Path) -> dict[str, Any
         summary["report"], summary["compact"] = _timed(timings, "report", stages.report, ctx, contexts, answers,
                                                            *(val_tables or (None, None)), ds.meta.allow_empty)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    summary["invocations"] = _earlier_invocations(ctx.run / "metrics.json") + [
+        {"timings": timings, "wall_s": summary["wall_s"], "reused_stages": reused}]
     atomic_write_json(ctx.run / "metrics.json", summary)
     return summary
+
+
+def _earlier_invocations(metrics_path: Path) -> list[dict[str, Any]]:
+    """The timings of every earlier invocation on this run directory, from its metrics.json, so that re-running a
+    finished run (a sweep's re-analysis) keeps what building each stage cost instead of only the reload times."""
+    try:
+        earlier = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if isinstance(earlier.get("invocations"), list):
+        return earlier["invocations"]
+    if "timings" in earlier:  # written before metrics.json kept its invocations
+        return [{k: earlier.get(k) for k in ("timings", "wall_s", "reused_stages")}]
+    return []
 
 
 INPUTS_FILE = "inputs.json"

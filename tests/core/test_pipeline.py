@@ -74,6 +74,11 @@ def test_rerun_skips_everything(small_run):
     again = run_pipeline(cfg, base / "trained", base / "reports")
     assert again["metrics"] == summary["metrics"]
     assert again["timings"]["reader"] < summary["timings"]["reader"]
+    # metrics.json keeps what building the stages cost, not only the reload times of the latest invocation
+    assert summary["invocations"] == [{"timings": summary["timings"], "wall_s": summary["wall_s"],
+                                       "reused_stages": []}]
+    assert again["invocations"][0] == summary["invocations"][0] and again["invocations"][-1]["reused_stages"]
+    assert json.loads((base / "trained" / "metrics.json").read_text())["invocations"] == again["invocations"]
 
 
 def test_other_config_is_refused(small_run):
