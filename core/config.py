@@ -42,6 +42,10 @@ class InferenceSettings:
     split: str = "test"
     rank_order: list[str] = field(default_factory=lambda: ["image", "text"])  # interleaving of the heads' lists
     fusion: FusionSettings = field(default_factory=FusionSettings)  # how the contexts' answers become one answer
+    # re-weight each prompt's answer distribution by the training split's answer frequencies (core/tasks.py
+    # `Task.with_prior`): undoes the uniform answer prior that reader.finetune.balanced_sampling trains in, so a
+    # reader trained 50/50 answers for the split's own prior (BreastMNIST: 73 % "no"); needs balanced_sampling
+    prior_correction: bool = False
 
 
 @dataclass
@@ -64,7 +68,7 @@ class RunConfig:
 
 # settings added after runs were recorded (section path: {key: the value that describes what those runs did})
 ADDED_KEYS = {("reader", "finetune"): {"loss": "answer", "balanced_sampling": False},
-              ("inference",): {"val_queries": None}}
+              ("inference",): {"val_queries": None, "prior_correction": False}}
 
 
 def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -237,5 +241,9 @@ def _check(cfg: RunConfig, where: str) -> None:
         cfg.probe.check()
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if cfg.inference.prior_correction and not cfg.reader.finetune.balanced_sampling:
+        raise ConfigError(f"{where}: inference.prior_correction undoes the uniform answer prior that "
+                          f"reader.finetune.balanced_sampling trains in; set reader.finetune.balanced_sampling: true "
+                          f"or inference.prior_correction: false")
     if cfg.inference.split not in ("train", "val", "test"):
         raise ConfigError(f"{where}: inference.split must be train, val or test")

@@ -321,6 +321,9 @@ def predict(ctx: RunContext, ds: Dataset, retriever, model, q: QueryInputs, towe
     queries = ds.queries[split]
     items = ds.corpus_by_id()
     task = Task.of(ds.meta)
+    if cfg.prior_correction:
+        task = task.with_prior(ds.queries["train"])
+        log.info("prior correction: answers re-weighted by their training counts + 1 %s", task.answer_prior)
     plog = PredictionLog(log_dir)
     hits = {"rag": retriever.search({h: q.frozen[split] for h in HEADS}, cfg.top_n, q.exclude[split]),
             "joint": retriever.search({h: towers[h].embed(q.pixels[split]) for h in HEADS}, cfg.top_n,

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .base.answers import CLOSED, OPEN, SET
+from .base.answers import CLOSED, OPEN, SET, normalize_closed
 from .base.fusion import fuse, fused_answer, fused_labels, fusion_weights, open_answer
 from .base.dataset import DatasetMeta
 from .base.records import CorpusItem, Query, format_label_set
@@ -44,16 +44,41 @@ class Task:
     outputs become answers.
 
     The legend (dataset.yaml `legend`, written by the converters per dataset, e.g. `dxrag data medmnist --legend`)
-    is prepended to every question the reader is asked (`prompts.with_legend`), whatever the task type."""
+    is prepended to every question the reader is asked (`prompts.with_legend`), whatever the task type.
+
+    `answer_prior` (`with_prior`): weights (training count + 1) by normalised answer that re-weight each prompt's distribution over its
+    candidates before answers are chosen and fused (prediction only; distillation's judge is unaffected)."""
 
     task: str
     labels: tuple[str, ...]
     legend: Mapping[str, str]
     allow_empty: bool = False
+    answer_prior: Mapping[str, float] | None = None
 
     @classmethod
     def of(cls, meta: DatasetMeta) -> "Task":
         return cls(meta.task, tuple(meta.labels), dict(meta.legend), meta.allow_empty)
+
+    def with_prior(self, train: Sequence[Query]) -> "Task":
+        """This task with prior correction (`inference.prior_correction`): a reader fine-tuned with balanced
+        sampling (core/training/finetune.py: every answer drawn equally often) scores as if the answers were
+        uniform, so each prompt's p(answer) is multiplied by that answer's frequency among the gold answers of the
+        training queries' `asked` questions (closed answers and a multi-label query's per-label yes/no, as the
+        fine-tuning examples are) and renormalised: Bayes' rule back to the training split's prior (Saerens et al.,
+        2002). Counts are add-one smoothed, so an answer never seen in training keeps a small weight."""
+        counts: dict[str, int] = {}
+        for query in train:
+            if self.answer_type(query) == OPEN:
+                continue
+            for asked in self.asked(query):
+                label = normalize_closed(asked.label)
+                counts[label] = counts.get(label, 0) + 1
+        return dataclasses.replace(self, answer_prior={label: n + 1.0 for label, n in sorted(counts.items())})
+
+    def _prior_weights(self, candidates: Sequence[str]) -> np.ndarray:
+        """`answer_prior`'s weight (training count + 1) of each candidate; 1 for an answer never seen."""
+        prior = self.answer_prior or {}
+        return np.array([prior.get(normalize_closed(c), 1.0) for c in candidates])
 
     # ------------------------------------------------------------------------------------------ what is asked
 
@@ -108,7 +133,11 @@ class Task:
         """Per context: closed, the distribution over the candidates (n, C); set, each offered label's p(yes)
         (n, L)."""
         probs = np.stack([np.stack([np.exp(lp) for lp in group]) for group in self.per_context(query, outputs)])
-        return probs[:, :, 0] if self.answer_type(query) == SET else probs[:, 0]
+        kind = self.answer_type(query)
+        if self.answer_prior is not None:  # (n contexts, asked questions, candidates), each asked alike
+            probs = probs * self._prior_weights((YES, NO) if kind == SET else query.candidates)
+            probs = probs / probs.sum(axis=-1, keepdims=True)
+        return probs[:, :, 0] if kind == SET else probs[:, 0]
 
     def context_answers(self, query: Query, outputs: Sequence[Any]) -> list[ContextAnswer]:
         """Per context, the answer of the reader's outputs of `requests`: closed, the most probable candidate with

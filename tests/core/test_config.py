@@ -71,3 +71,17 @@ def test_runs_recorded_before_the_finetune_objective_settings_match_todays_confi
     assert swept_config(recorded) == swept_config(seeded)
     seeded["reader"]["finetune"]["loss"] = "candidates"
     assert swept_config(recorded) != swept_config(seeded)
+    seeded["reader"]["finetune"]["loss"] = "answer"
+    seeded["inference"]["prior_correction"] = True
+    assert swept_config(recorded) != swept_config(seeded)
+
+
+def test_prior_correction_needs_balanced_sampling(tmp_path):
+    from dxrag.core.config import ConfigError
+
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(ConfigError, match="reader.finetune.balanced_sampling: true"):
+        load_config(root / "configs/embedded.yaml", {"inference.prior_correction": True})
+    cfg = load_config(root / "configs/embedded.yaml", {"inference.prior_correction": True,
+                                                        "reader.finetune.balanced_sampling": True})
+    assert cfg.inference.prior_correction
