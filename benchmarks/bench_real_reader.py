@@ -1,14 +1,26 @@
-"""Per-context scoring throughput (prompts/s) of the real reader (recipe `effnet-smollm2`: EfficientNet-Lite0 ->
-projector -> SmolLM2-135M-Instruct) on BreastMNIST prompts, with the frozen tower's features cached (`fast_path`:
-"cold" computes each distinct image's features once per pass, "warm" finds them computed, as in a run) and without
-("none": the processor and the tower run on every prompt), per thread count and dtype. The two paths' scores are compared
-too (they must agree to fp32 rounding).
+"""Per-context scoring throughput (prompts/s) of a real reader on BreastMNIST prompts, with the vision tower's
+features computed once per image and without (the processor and the tower run on every prompt), per thread count and
+dtype. The two paths' scores are compared too (they must agree to fp32 rounding). Readers (`--reader`):
+
+- `effnet-smollm2` (the default, the recipe of configs/*-real.yaml): EfficientNet-Lite0 -> projector ->
+  SmolLM2-135M-Instruct. With the cache (`fast_path`): "cold" computes each distinct image's features once per pass,
+  "warm" finds them computed, as in a run (the run directory's vision-features.safetensors); "none" is the generic path.
+- `qwen2vl-2b-tower`: the Qwen2-VL family path with the real Qwen2.5-0.5B language model and tokenizer
+  (core/reader/qwen2vl.py) and a vision tower of Qwen2-VL-2B/7B's size (32 blocks, width 1280, 16 heads: 0.6 B
+  parameters, random weights: no pretrained Qwen2-VL tower installs offline, and the cost depends on the shape only),
+  images at 112x112 (64 patches, 16 tokens). "cold" is the fast path (each distinct image encoded once per pass),
+  "none" the generic path.
+
+The tower's share of a prompt's cost is what the cache can remove: small for EfficientNet-Lite0 before a 135 M LM,
+large for a real VLM's vision transformer.
 
     python benchmarks/bench_real_reader.py --npz breastmnist.npz --threads 1 2
+    python benchmarks/bench_real_reader.py --npz breastmnist.npz --reader qwen2vl-2b-tower --queries 4 --threads 1 \
+        --dtypes float32 --repeats 1
 
-Needs `make weights` (efficientnet-lite0, smollm2-135m-instruct). Prints one JSON line per setting. Runs under the
-CPU kernel pin as `dxrag run` does (`DXRAG_CPU_KERNELS=native` measures the unpinned kernels instead; bf16 then needs
-it, since the pin turns oneDNN off).
+Needs `make weights` (efficientnet-lite0 and smollm2-135m-instruct; qwen2.5-0.5b-instruct for the second reader).
+Prints one JSON line per setting. Runs under the CPU kernel pin as `dxrag run` does (`DXRAG_CPU_KERNELS=native`
+measures the unpinned kernels instead; bf16 then needs it, since the pin turns oneDNN off).
 """
 
 from __future__ import annotations
@@ -29,9 +41,13 @@ import torch  # noqa: E402
 cpu_kernels.configure_torch()
 
 
+READERS = ("effnet-smollm2", "qwen2vl-2b-tower")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--npz", type=Path, required=True, help="breastmnist.npz")
+    p.add_argument("--reader", choices=READERS, default="effnet-smollm2")
     p.add_argument("--work", type=Path, default=None, help="directory for the dataset and the built reader "
                                                             "(default: a temporary one)")
     p.add_argument("--queries", type=int, default=16)
@@ -50,11 +66,18 @@ def main() -> None:
     from dxrag.core.reader.settings import ReaderSettings
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-real-reader-"))
-    data, built = work / "breastmnist", work / "effnet-smollm2"
+    data, built = work / "breastmnist", work / args.reader
     if not data.exists():
         convert_medmnist("breastmnist", data, npz=args.npz, overwrite=True)
     if not built.exists():
-        build_reader(RECIPES["effnet-smollm2"], built)
+        if args.reader == "effnet-smollm2":
+            build_reader(RECIPES["effnet-smollm2"], built)
+        else:
+            from dxrag.core import weights
+            from dxrag.core.reader.qwen2vl import VisionTowerSettings, assemble
+
+            assemble(weights.path("qwen2.5-0.5b-instruct"), built, VisionTowerSettings(
+                depth=32, embed_dim=1280, heads=16, mlp_ratio=4, image_size=112), dtype="float32")
     ds = load_dataset(data)
     queries, corpus = ds.queries["test"][:args.queries], ds.corpus
     rng = np.random.default_rng(0)
@@ -72,16 +95,17 @@ def main() -> None:
                     autocast=dtype.removeprefix("autocast-") if mixed else None, batch_size=args.batch_size))
                 # cold: every pass pays for its distinct images once; warm: the features were computed before
                 # (what a run does: stages.vision_features caches every corpus and query image up front)
-                for mode in ("cold", "warm") if cached else ("none",):
+                cache = reader.tower_cache
+                for mode in ("cold", "warm") if cached and cache is not None else ("cold",) if cached else ("none",):
                     best = float("inf")
                     for _ in range(args.repeats):
-                        if mode == "cold":
-                            reader.tower_cache.features.clear()
+                        if mode == "cold" and cache is not None:
+                            cache.features.clear()
                         t = time.perf_counter()
                         out = reader.score(requests, ds.root, progress=False)
                         best = min(best, time.perf_counter() - t)
                     scores[dtype, cached] = np.array(out)
-                    print(json.dumps({"dtype": dtype, "threads": threads, "feature_cache": mode,
+                    print(json.dumps({"reader": args.reader, "dtype": dtype, "threads": threads, "feature_cache": mode,
                                       "prompts": len(requests), "distinct_images": len(queries) + len(
                                           {r.context.id for r in requests if r.context is not None}),
                                       "seconds": round(best, 2), "prompts_per_s": round(len(requests) / best, 2)}),
