@@ -3,7 +3,8 @@ gives, the AUC of its p(yes) (ranking, whatever the threshold), mean p(yes) on p
 reader trained with `finetune.balanced_sampling`, what its answers would be re-weighted by the training split's prior
 (odds x pi_yes / pi_no: the decision of a reader with the same ranking that had learned the split's prior). The
 re-weighting is a diagnostic computed after the fact, chosen from the training split only (never from the test split);
-the run's own answers are the ones its metrics report.
+the run's own answers are the ones its metrics report. `inference.prior_correction: true` makes it the run's own
+decision (add-one smoothed counts, applied per context before fusion: core/tasks.py `Task.with_prior`).
 
     python benchmarks/real_reader_diagnostics.py trained/breastmnist-real-seed0 [more run dirs]
     python benchmarks/real_reader_diagnostics.py --table trained/breastmnist-real-seed*
