@@ -46,8 +46,9 @@ class Task:
     The legend (dataset.yaml `legend`, written by the converters per dataset, e.g. `dxrag data medmnist --legend`)
     is prepended to every question the reader is asked (`prompts.with_legend`), whatever the task type.
 
-    `answer_prior` (`with_prior`): weights (training count + 1) by normalised answer that re-weight each prompt's distribution over its
-    candidates before answers are chosen and fused (prediction only; distillation's judge is unaffected)."""
+    `answer_prior` (`with_prior`): weights (training count + 1) by normalised answer that re-weight each prompt's
+    distribution over its candidates before answers are chosen and fused (prediction only; distillation's judge is
+    unaffected)."""
 
     task: str
     labels: tuple[str, ...]

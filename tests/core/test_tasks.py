@@ -181,8 +181,8 @@ def test_predict_logs_corrected_answers_under_prior_correction(tmp_path):
 
     ds = stages.answerable(load_dataset(open_vqa_dataset(tmp_path / "data")))
     n = max(len(qs) for qs in ds.queries.values())
-    q = SimpleNamespace(frozen={s: np.zeros((n, 2)) for s in ds.queries}, pixels={s: np.zeros((n, 2)) for s in ds.queries},
-                        exclude={s: [set()] * len(ds.queries[s]) for s in ds.queries})
+    zeros = {s: np.zeros((n, 2)) for s in ds.queries}
+    q = SimpleNamespace(frozen=zeros, pixels=zeros, exclude={s: [set()] * len(ds.queries[s]) for s in ds.queries})
     towers = {h: SimpleNamespace(embed=lambda pixels: pixels) for h in stages.HEADS}
     logs = {}
     for on in (False, True):
